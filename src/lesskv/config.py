@@ -1,0 +1,71 @@
+"""Small value types shared by every part of lesskv: budgets and the low-rank state's size."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from lesskv.errors import LessKVError
+
+DEFAULT_RANK = 8
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many KV pairs a policy may keep per KV head.
+
+    An integer ``>= 1`` is a token count; a value in ``(0, 1)`` is a fraction of the sequence
+    the policy sees (a window for perplexity, a prompt for generation), resolved late because
+    only the caller knows that length.
+    """
+
+    value: float
+
+    def __post_init__(self) -> None:
+        v = self.value
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise LessKVError(f"budget must be a number, got {v!r}")
+        if v <= 0:
+            raise LessKVError(f"budget must be > 0 (a token count >= 1 or a fraction < 1), got {v}")
+        if v >= 1 and v != int(v):
+            raise LessKVError(
+                f"budget {v} is ambiguous: use a whole token count (>= 1) or a fraction in (0, 1)"
+            )
+
+    @classmethod
+    def parse(cls, text: str | float | int | Budget) -> Budget:
+        """Accept ``"102"``, ``"0.1"``, ``"10%"``, numbers, or a Budget."""
+        if isinstance(text, Budget):
+            return text
+        if isinstance(text, str):
+            raw = text.strip()
+            try:
+                value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+            except ValueError:
+                raise LessKVError(f"budget {text!r} is not a number or a percentage") from None
+            if raw.endswith("%") and value >= 1:
+                raise LessKVError(f"budget {text!r} is 100% or more: nothing would be evicted")
+            return cls(int(value) if value >= 1 and value == int(value) else value)
+        return cls(text)
+
+    @property
+    def is_fraction(self) -> bool:
+        return self.value < 1
+
+    def tokens(self, seq_len: int) -> int:
+        """The token count for a sequence of ``seq_len`` tokens (fractions rounded, >= 1)."""
+        if self.is_fraction:
+            return max(1, round(self.value * seq_len))
+        return int(self.value)
+
+    def __str__(self) -> str:
+        return f"{self.value:g}" if self.is_fraction else str(int(self.value))
+
+
+def state_size_in_tokens(rank: int, head_dim: int) -> int:
+    """KV pairs that weigh as much as one head's LESS state (H: R x D, z: R).
+
+    Baseline+ gets this many extra pairs so it is compared with LESS at equal memory
+    (R = 8, D = 64: 520 numbers vs 128 per pair -> 4 pairs).
+    """
+    return max(1, round(rank * (head_dim + 1) / (2 * head_dim)))

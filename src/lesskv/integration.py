@@ -1,0 +1,150 @@
+"""Plugging LESS into Hugging Face decoders through transformers' attention interface.
+
+``enable(model)`` registers one attention implementation, ``"less"``, and gives every
+attention module a :class:`LayerSetup`. ``set_method`` then switches the whole model between
+full attention, a sparse policy (Baseline / Baseline+) and LESS without reloading anything:
+the attention function reads the module's setup on every call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from lesskv import attention as math
+from lesskv.config import DEFAULT_RANK, state_size_in_tokens
+from lesskv.errors import LessKVError
+from lesskv.policies import Policy
+
+ATTN_NAME = "less"
+METHODS = ("full", "baseline", "baseline+", "less")
+
+
+@dataclass
+class LayerSetup:
+    """What one attention layer does: no policy means full attention."""
+
+    policy: Policy | None = None
+    extra_tokens: int = 0
+    kernels: nn.Module | None = None
+
+
+def attention_modules(model: PreTrainedModel) -> list[nn.Module]:
+    """The self-attention modules in layer order (those transformers numbers with layer_idx)."""
+    found = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "head_dim")]
+    found = [m for m in found if hasattr(m, "num_key_value_groups")]
+    if not found:
+        raise LessKVError(
+            f"{type(model).__name__} has no attention modules lesskv can drive "
+            "(it needs transformers' standard attention interface)"
+        )
+    return sorted(found, key=lambda m: m.layer_idx)
+
+
+def enable(model: PreTrainedModel) -> PreTrainedModel:
+    """Route the model's attention through lesskv (full attention until ``set_method``)."""
+    AttentionInterface.register(ATTN_NAME, less_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    if model.config._attn_implementation != ATTN_NAME:
+        model.set_attn_implementation(ATTN_NAME)
+    for module in attention_modules(model):
+        if not hasattr(module, "lesskv"):
+            module.lesskv = LayerSetup()
+    return model
+
+
+def set_method(
+    model: PreTrainedModel,
+    method: str,
+    policy: Policy | None = None,
+    kernels: Sequence[nn.Module] | None = None,
+    rank: int = DEFAULT_RANK,
+) -> None:
+    """Switch every layer to ``full``, ``baseline``, ``baseline+`` (policy + pairs as large
+    as a rank-``rank`` state) or ``less`` (policy + one kernel module per layer)."""
+    if method not in METHODS:
+        raise LessKVError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+    if method != "full" and policy is None:
+        raise LessKVError(f"method {method!r} needs a policy (h2o or lambda) and a budget")
+    modules = attention_modules(enable(model))
+    if method == "less":
+        if kernels is None:
+            raise LessKVError("method 'less' needs trained kernels (--kernels DIR)")
+        if len(kernels) != len(modules):
+            raise LessKVError(f"kernels cover {len(kernels)} layers but the model has {len(modules)}")
+    for i, module in enumerate(modules):
+        extra = state_size_in_tokens(rank, module.head_dim) if method == "baseline+" else 0
+        module.lesskv = LayerSetup(
+            policy=None if method == "full" else policy,
+            extra_tokens=extra,
+            kernels=kernels[i] if method == "less" else None,
+        )
+
+
+@contextmanager
+def using_method(model: PreTrainedModel, method: str, **options) -> Iterator[None]:
+    """``set_method`` for the duration of a block, then back to full attention."""
+    set_method(model, method, **options)
+    try:
+        yield
+    finally:
+        set_method(model, "full")
+
+
+def less_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: query ``(B, Hq, Tq, D)`` post-RoPE, key/value
+    ``(B, Hkv, Tk, D)``; returns ``(B, Tq, Hq, D)``."""
+    setup: LayerSetup = getattr(module, "lesskv", LayerSetup())
+    policy = setup.policy
+    q_len, k_len = query.shape[2], key.shape[2]
+    slots = policy.slots(k_len, setup.extra_tokens) if policy is not None else None
+    if slots is None or slots.total >= k_len:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    if q_len != k_len:
+        raise LessKVError(
+            "lesskv's parallel form scores whole sequences; to decode with eviction pass "
+            "past_key_values=LessCache(...)"
+        )
+    scale = scaling if scaling is not None else module.head_dim**-0.5
+    q = math.group_queries(query, key.shape[1])
+    visible = _visible_keys(attention_mask, q_len, k_len, query.device)
+    logits = math.attention_logits(q, key, scale).masked_fill(~visible, math.NEG_INF)
+    keep = policy.keep_mask(logits, slots, k_len) & visible.squeeze(2)
+    keep = keep.unsqueeze(2)  # broadcast over the query heads of each group
+    out, lse = math.sparse_attention(logits, value, keep)
+    if setup.kernels is not None:
+        phi_q, psi_k = setup.kernels.phi(q), setup.kernels.psi(key)
+        num, den = math.lowrank_parallel(phi_q, psi_k, value, visible & ~keep)
+        out = math.combine(out, lse, num, den)
+    b, hkv, g, t, d = out.shape
+    return out.reshape(b, hkv * g, t, d).transpose(1, 2).contiguous(), None
+
+
+def _visible_keys(
+    attention_mask: torch.Tensor | None, q_len: int, k_len: int, device: torch.device
+) -> torch.Tensor:
+    """Causal and padding visibility as a bool ``(B|1, 1, 1, Tq, Tk)`` grouped-layout mask."""
+    if attention_mask is None:
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+        return mask[None, None, None]
+    if attention_mask.dtype != torch.bool:  # additive float mask
+        attention_mask = attention_mask == 0
+    return attention_mask.unsqueeze(2)

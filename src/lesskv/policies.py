@@ -1,0 +1,157 @@
+"""Sparse KV policies: which pairs a head keeps once its budget is full.
+
+A policy is a small scoring rule over one shared keep/evict mechanism:
+
+* every step the newest token enters the cache; if the cache then holds more than the budget,
+  the *eligible* pair with the lowest score is evicted and never returns;
+* the ``recent`` newest tokens and the first ``sinks`` tokens are never eligible;
+* after attending, the policy updates its scores from that step's attention probabilities
+  (H2O accumulates them; position-only policies ignore them).
+
+The parallel face, :meth:`Policy.keep_mask`, simulates that decoding loop for a whole
+sequence at once (every query row gets the set the cache would hold at that step), so
+teacher-forced evaluation and training see exactly what real decoding sees.
+"""
+
+from __future__ import annotations
+
+from abc import ABC
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from lesskv.config import Budget
+from lesskv.errors import LessKVError
+
+
+@dataclass(frozen=True)
+class Slots:
+    """A budget resolved to token counts: ``total`` kept pairs, of which some are protected."""
+
+    total: int
+    sinks: int
+    recent: int
+
+
+@dataclass(frozen=True)
+class Policy(ABC):
+    budget: Budget
+    name: ClassVar[str]
+    uses_attention: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budget", Budget.parse(self.budget))
+
+    def split(self, total: int) -> Slots:
+        """How a budget of ``total`` pairs divides into protected sinks and recent tokens."""
+        raise NotImplementedError
+
+    def slots(self, seq_len: int, extra: int = 0) -> Slots:
+        """The budget for a sequence of ``seq_len`` tokens, plus ``extra`` pairs (Baseline+)."""
+        return self.split(self.budget.tokens(seq_len) + extra)
+
+    def update_scores(self, scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """New scores (..., T) after queries with attention ``probs`` (..., n_queries, T)."""
+        return scores
+
+    @torch.no_grad()
+    def keep_mask(self, logits: torch.Tensor | None, slots: Slots, seq_len: int) -> torch.Tensor:
+        """Boolean ``(B, Hkv, T, T)``: row i holds the keys the cache keeps at decoding step i.
+
+        ``logits`` are the scaled, causally masked (-inf above the diagonal) attention logits
+        grouped by KV head, ``(B, Hkv, G, T, T)``; the query heads of a group share one kept
+        set, so their probabilities are summed into its scores (GQA).
+        """
+        assert logits is not None, f"{self.name} needs attention logits"
+        b, hkv, _, t, _ = logits.shape
+        total = slots.total
+        causal = torch.ones(t, t, dtype=torch.bool, device=logits.device).tril()
+        if total >= t:
+            return causal.expand(b, hkv, t, t)
+        # Until the cache is full every query sees everything before it.
+        scores = self.update_scores(
+            logits.new_zeros(b, hkv, t), logits[..., :total, :].softmax(-1).sum(2)
+        )
+        # Additive mask of evicted keys (-inf); future keys are already -inf in the logits.
+        evicted = logits.new_zeros(b, hkv, 1, t)
+        rows = logits.new_empty(b, hkv, t - total, t)
+        first, last_eligible = slots.sinks, total - slots.recent  # eligible: [first, last]
+        with _one_thread():
+            for step in range(total, t):
+                idx = scores[..., first : last_eligible + 1].argmin(-1, keepdim=True) + first
+                evicted.scatter_(-1, idx.unsqueeze(-2), float("-inf"))
+                scores.scatter_(-1, idx, float("inf"))  # never chosen again
+                rows[:, :, step - total] = evicted[:, :, 0]
+                if self.uses_attention:
+                    probs = (logits[..., step : step + 1, :] + evicted.unsqueeze(2)).softmax(-1)
+                    scores = self.update_scores(scores, probs.sum(2))
+                last_eligible += 1
+        mask = causal.expand(b, hkv, t, t).clone()
+        mask[:, :, total:] &= rows == 0
+        return mask
+
+
+@dataclass(frozen=True)
+class H2O(Policy):
+    """Heavy-Hitter Oracle: recent tokens plus those with the most accumulated attention."""
+
+    name: ClassVar[str] = "h2o"
+    heavy_ratio: float = 0.5
+
+    def split(self, total: int) -> Slots:
+        heavy = int(total * self.heavy_ratio)
+        return Slots(total=total, sinks=0, recent=max(1, total - heavy))
+
+    def update_scores(self, scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        return scores + probs.sum(-2)
+
+
+@dataclass(frozen=True)
+class LambdaShape(Policy):
+    """Λ-shaped / StreamingLLM: the first ``sinks`` tokens ("attention sinks") plus recent ones."""
+
+    name: ClassVar[str] = "lambda"
+    uses_attention: ClassVar[bool] = False
+    sinks: int = 4
+
+    def split(self, total: int) -> Slots:
+        if total <= self.sinks:
+            raise LessKVError(
+                f"a Λ budget of {total} tokens leaves no room for recent tokens beside "
+                f"{self.sinks} sinks: use a budget larger than {self.sinks}"
+            )
+        return Slots(total=total, sinks=self.sinks, recent=total - self.sinks)
+
+    @torch.no_grad()
+    def keep_mask(self, logits: torch.Tensor | None, slots: Slots, seq_len: int) -> torch.Tensor:
+        """Closed form of the shared simulation: positions decide everything."""
+        pos = torch.arange(seq_len, device=logits.device if logits is not None else None)
+        q, k = pos[:, None], pos[None, :]
+        keep = (k <= q) & ((q < slots.total) | (k < slots.sinks) | (k > q - slots.recent))
+        shape = (logits.shape[0], logits.shape[1]) if logits is not None else (1, 1)
+        return keep.expand(*shape, seq_len, seq_len)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """The eviction loop runs many tiny ops; thread hand-offs would cost more than the math."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (H2O, LambdaShape)}
+
+
+def make_policy(name: str, budget: Budget | str | float, **options) -> Policy:
+    """Build a policy by name (``h2o``, ``lambda``), with a clear error for unknown names."""
+    key = name.strip().lower().replace("λ", "lambda")
+    if key not in POLICIES:
+        raise LessKVError(f"unknown policy {name!r}: choose one of {', '.join(POLICIES)}")
+    return POLICIES[key](Budget.parse(budget), **options)
