@@ -78,14 +78,20 @@ def set_method(
         if kernels is None:
             raise LessKVError("method 'less' needs trained kernels (--kernels DIR)")
         if len(kernels) != len(modules):
-            raise LessKVError(f"kernels cover {len(kernels)} layers but the model has {len(modules)}")
+            raise LessKVError(
+                f"kernels cover {len(kernels)} layers but the model has {len(modules)}"
+            )
     for i, module in enumerate(modules):
-        extra = state_size_in_tokens(rank, module.head_dim) if method == "baseline+" else 0
         module.lesskv = LayerSetup(
             policy=None if method == "full" else policy,
-            extra_tokens=extra,
+            extra_tokens=extra_tokens(method, rank, module.head_dim),
             kernels=kernels[i] if method == "less" else None,
         )
+
+
+def extra_tokens(method: str, rank: int, head_dim: int) -> int:
+    """Pairs Baseline+ gets on top of the budget: as much memory as LESS's state."""
+    return state_size_in_tokens(rank, head_dim) if method == "baseline+" else 0
 
 
 @contextmanager

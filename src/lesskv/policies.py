@@ -54,13 +54,22 @@ class Policy(ABC):
         return self.split(self.budget.tokens(seq_len) + extra)
 
     def update_scores(self, scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        """New scores (..., T) after queries with attention ``probs`` (..., n_queries, T)."""
+        """New scores ``(B, Hkv, T)`` after queries with attention ``probs``
+        ``(B, Hkv, G, n_queries, T)`` (G query heads share the KV head's kept set)."""
         return scores
 
-    @torch.no_grad()
     def keep_mask(self, logits: torch.Tensor | None, slots: Slots, seq_len: int) -> torch.Tensor:
-        """Boolean ``(B, Hkv, T, T)``: row i holds the keys the cache keeps at decoding step i.
+        """Boolean ``(B, Hkv, T, T)``: row i holds the keys the cache keeps at decoding step i."""
+        return keep_mask_from_steps(self.eviction_steps(logits, slots, seq_len))
 
+    @torch.no_grad()
+    def eviction_steps(
+        self, logits: torch.Tensor | None, slots: Slots, seq_len: int
+    ) -> torch.Tensor:
+        """The decoding step at which each token is evicted, ``(B, Hkv, T)`` (T: never).
+
+        This is the whole keep-mask in O(T) memory: token j is kept at step i iff
+        ``j <= i < steps[j]`` (training stores these instead of T x T masks).
         ``logits`` are the scaled, causally masked (-inf above the diagonal) attention logits
         grouped by KV head, ``(B, Hkv, G, T, T)``; the query heads of a group share one kept
         set, so their probabilities are summed into its scores (GQA).
@@ -68,30 +77,27 @@ class Policy(ABC):
         assert logits is not None, f"{self.name} needs attention logits"
         b, hkv, _, t, _ = logits.shape
         total = slots.total
-        causal = torch.ones(t, t, dtype=torch.bool, device=logits.device).tril()
+        steps = torch.full((b, hkv, t), t, dtype=torch.long, device=logits.device)
         if total >= t:
-            return causal.expand(b, hkv, t, t)
+            return steps
         # Until the cache is full every query sees everything before it.
-        scores = self.update_scores(
-            logits.new_zeros(b, hkv, t), logits[..., :total, :].softmax(-1).sum(2)
-        )
+        scores = self.update_scores(logits.new_zeros(b, hkv, t), logits[..., :total, :].softmax(-1))
         # Additive mask of evicted keys (-inf); future keys are already -inf in the logits.
-        evicted = logits.new_zeros(b, hkv, 1, t)
-        rows = logits.new_empty(b, hkv, t - total, t)
+        evicted = logits.new_zeros(b, hkv, 1, 1, t)
         first, last_eligible = slots.sinks, total - slots.recent  # eligible: [first, last]
         with _one_thread():
             for step in range(total, t):
-                idx = scores[..., first : last_eligible + 1].argmin(-1, keepdim=True) + first
-                evicted.scatter_(-1, idx.unsqueeze(-2), float("-inf"))
+                idx = scores[..., first : last_eligible + 1].argmin(-1, keepdim=True)
+                if first:
+                    idx += first
+                steps.scatter_(-1, idx, step)
                 scores.scatter_(-1, idx, float("inf"))  # never chosen again
-                rows[:, :, step - total] = evicted[:, :, 0]
                 if self.uses_attention:
-                    probs = (logits[..., step : step + 1, :] + evicted.unsqueeze(2)).softmax(-1)
-                    scores = self.update_scores(scores, probs.sum(2))
+                    evicted.view(b, hkv, t).scatter_(-1, idx, float("-inf"))
+                    probs = (logits[..., step : step + 1, :] + evicted).softmax(-1)
+                    scores = self.update_scores(scores, probs)
                 last_eligible += 1
-        mask = causal.expand(b, hkv, t, t).clone()
-        mask[:, :, total:] &= rows == 0
-        return mask
+        return steps
 
 
 @dataclass(frozen=True)
@@ -106,7 +112,7 @@ class H2O(Policy):
         return Slots(total=total, sinks=0, recent=max(1, total - heavy))
 
     def update_scores(self, scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        return scores + probs.sum(-2)
+        return scores.add_(probs.sum((-3, -2)))
 
 
 @dataclass(frozen=True)
@@ -126,13 +132,24 @@ class LambdaShape(Policy):
         return Slots(total=total, sinks=self.sinks, recent=total - self.sinks)
 
     @torch.no_grad()
-    def keep_mask(self, logits: torch.Tensor | None, slots: Slots, seq_len: int) -> torch.Tensor:
-        """Closed form of the shared simulation: positions decide everything."""
+    def eviction_steps(
+        self, logits: torch.Tensor | None, slots: Slots, seq_len: int
+    ) -> torch.Tensor:
+        """Closed form of the shared simulation: token j leaves when it falls out of the
+        recent window, at step ``j + recent`` (once the budget is full), unless it is a sink."""
         pos = torch.arange(seq_len, device=logits.device if logits is not None else None)
-        q, k = pos[:, None], pos[None, :]
-        keep = (k <= q) & ((q < slots.total) | (k < slots.sinks) | (k > q - slots.recent))
+        steps = (pos + slots.recent).clamp(min=slots.total)
+        steps = torch.where(pos < slots.sinks, seq_len, steps).clamp(max=seq_len)
         shape = (logits.shape[0], logits.shape[1]) if logits is not None else (1, 1)
-        return keep.expand(*shape, seq_len, seq_len)
+        return steps.expand(*shape, seq_len)
+
+
+def keep_mask_from_steps(steps: torch.Tensor) -> torch.Tensor:
+    """``(B, Hkv, T)`` eviction steps → boolean keep-mask ``(B, Hkv, T, T)``."""
+    t = steps.shape[-1]
+    pos = torch.arange(t, device=steps.device)
+    query, key = pos[:, None], pos[None, :]
+    return (key <= query) & (query < steps.unsqueeze(-2))
 
 
 @contextmanager

@@ -1,0 +1,96 @@
+"""Token-level perplexity of full attention, sparse baselines and LESS on the same windows."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from lesskv import integration
+from lesskv.config import DEFAULT_RANK
+from lesskv.policies import Policy
+
+
+@dataclass
+class PerplexityResult:
+    """One table row; ``budget_tokens`` is what each KV head may hold (the window for full)."""
+
+    method: str
+    policy: str
+    budget: str
+    budget_tokens: int
+    ppl: float
+    nll: float
+    tokens: int
+    windows: int
+    seq_len: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def kept_tokens(method: str, policy: Policy | None, seq_len: int, head_dim: int, rank: int) -> int:
+    """KV pairs per head a method keeps for one window (Baseline+ adds the state's worth)."""
+    if method == "full" or policy is None:
+        return seq_len
+    extra = integration.extra_tokens(method, rank, head_dim)
+    return min(seq_len, policy.slots(seq_len, extra).total)
+
+
+@torch.no_grad()
+def window_nll(model: PreTrainedModel, ids: torch.Tensor) -> float:
+    """Summed next-token NLL of a batch of windows, each predicting tokens 1..T-1."""
+    logits = model(input_ids=ids).logits.float()
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+    ).item()
+
+
+def evaluate_perplexity(
+    model: PreTrainedModel,
+    windows: torch.Tensor,
+    methods: Sequence[str],
+    policy: Policy | None = None,
+    kernels: Sequence[nn.Module] | None = None,
+    rank: int = DEFAULT_RANK,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> list[PerplexityResult]:
+    """Perplexity per method over the same ``windows`` ``(N, T)``; the model ends in full mode."""
+    n, seq_len = windows.shape
+    head_dim = integration.attention_modules(model)[0].head_dim
+    batches = windows.split(batch_size)
+    results = []
+    bar = tqdm(total=len(methods) * n, desc="perplexity", unit="win", disable=not progress)
+    try:
+        for method in methods:
+            integration.set_method(model, method, policy=policy, kernels=kernels, rank=rank)
+            bar.set_postfix(method=method)
+            nll = 0.0
+            for batch in batches:
+                nll += window_nll(model, batch.to(model.device))
+                bar.update(len(batch))
+            tokens = n * (seq_len - 1)
+            results.append(
+                PerplexityResult(
+                    method=method,
+                    policy=policy.name if policy is not None and method != "full" else "none",
+                    budget=str(policy.budget) if policy is not None and method != "full" else "",
+                    budget_tokens=kept_tokens(method, policy, seq_len, head_dim, rank),
+                    ppl=math.exp(nll / tokens),
+                    nll=nll / tokens,
+                    tokens=tokens,
+                    windows=n,
+                    seq_len=seq_len,
+                )
+            )
+    finally:
+        bar.close()
+        integration.set_method(model, "full")
+    return results

@@ -1,0 +1,96 @@
+"""The LESS math against direct formulas, and the parallel form against the recurrent one."""
+
+import torch
+import torch.nn.functional as F
+
+from lesskv import attention as math
+
+
+def random_inputs(b=2, hkv=2, g=3, t=10, d=8, r=4, seed=0):
+    torch.manual_seed(seed)
+    q = torch.randn(b, hkv, g, t, d)
+    k, v = torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+    phi, psi = torch.rand(b, hkv, g, t, r), torch.rand(b, hkv, t, r)
+    return q, k, v, phi, psi
+
+
+def causal(t):
+    return torch.ones(t, t, dtype=torch.bool).tril()
+
+
+def test_sparse_attention_with_causal_mask_equals_sdpa():
+    q, k, v, *_ = random_inputs()
+    b, hkv, g, t, d = q.shape
+    logits = math.attention_logits(q, k, d**-0.5)
+    out, _ = math.sparse_attention(logits, v, causal(t))
+    ref = F.scaled_dot_product_attention(
+        q.reshape(b, hkv * g, t, d),
+        k.repeat_interleave(g, 1),
+        v.repeat_interleave(g, 1),
+        is_causal=True,
+    )
+    assert torch.allclose(out.reshape(b, hkv * g, t, d), ref, atol=1e-6)
+
+
+def test_combination_equals_the_naive_formula():
+    q, k, v, phi, psi = random_inputs()
+    b, hkv, g, t, d = q.shape
+    torch.manual_seed(1)
+    keep = causal(t) & (torch.rand(b, hkv, 1, t, t) > 0.5)
+    keep |= torch.eye(t, dtype=torch.bool)  # each query keeps at least itself
+    evicted = causal(t) & ~keep
+    logits = math.attention_logits(q, k, d**-0.5)
+    out, lse = math.sparse_attention(logits, v, keep)
+    num, den = math.lowrank_parallel(phi, psi, v, evicted)
+    got = math.combine(out, lse, num, den)
+
+    expected = torch.empty_like(got)
+    for idx in torch.cartesian_prod(*(torch.arange(n) for n in (b, hkv, g, t))):
+        bi, h, gi, i = idx.tolist()
+        weights = torch.exp(q[bi, h, gi, i] @ k[bi, h].T / d**0.5) * keep[bi, h, 0, i]
+        lin = (phi[bi, h, gi, i] @ psi[bi, h].T) * evicted[bi, h, 0, i]
+        expected[bi, h, gi, i] = (weights @ v[bi, h] + lin @ v[bi, h]) / (weights.sum() + lin.sum())
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_without_lowrank_mass_the_combination_is_the_sparse_output():
+    q, k, v, phi, psi = random_inputs()
+    logits = math.attention_logits(q, k, q.shape[-1] ** -0.5)
+    out, lse = math.sparse_attention(logits, v, causal(q.shape[3]))
+    num, den = math.lowrank_parallel(phi, psi, v, torch.zeros(1, dtype=torch.bool))
+    assert torch.equal(math.combine(out, lse, num, den), out)
+
+
+def test_recurrent_state_equals_parallel_rows():
+    q, k, v, phi, psi = random_inputs(t=6)
+    evicted = torch.zeros(6, 6, dtype=torch.bool)
+    evicted[5, :3] = True  # by step 5, tokens 0..2 were evicted
+    num_p, den_p = math.lowrank_parallel(phi, psi, v, evicted)
+    state_h = torch.einsum("bhtr,bhtd->bhrd", psi[:, :, :3], v[:, :, :3])
+    state_z = psi[:, :, :3].sum(2)
+    num_r, den_r = math.lowrank_recurrent(phi[..., 5:6, :], state_h, state_z)
+    assert torch.allclose(num_p[..., 5:6, :], num_r, atol=1e-6)
+    assert torch.allclose(den_p[..., 5:6, :], den_r, atol=1e-6)
+
+
+def test_rows_with_nothing_visible_give_zeros_not_nan():
+    q, k, v, phi, psi = random_inputs()
+    logits = math.attention_logits(q, k, 1.0)
+    nothing = torch.zeros(1, dtype=torch.bool)
+    out, lse = math.sparse_attention(logits, v, nothing)
+    num, den = math.lowrank_parallel(phi, psi, v, nothing)
+    got = math.combine(out, lse, num, den)
+    assert not got.isnan().any() and torch.equal(got, torch.zeros_like(got))
+
+
+def test_gradients_flow_through_combine_without_nan():
+    q, k, v, phi, psi = random_inputs()
+    phi.requires_grad_(True)
+    psi.requires_grad_(True)
+    logits = math.attention_logits(q, k, q.shape[-1] ** -0.5)
+    keep = causal(q.shape[3]) & ~torch.ones(10, 10, dtype=torch.bool).tril(-4)
+    out, lse = math.sparse_attention(logits, v, keep)
+    num, den = math.lowrank_parallel(phi, psi, v, causal(10) & ~keep)
+    math.combine(out, lse, num, den).sum().backward()
+    assert phi.grad.isfinite().all() and psi.grad.isfinite().all()
+    assert phi.grad.abs().sum() > 0

@@ -1,0 +1,112 @@
+"""The registered attention on tiny random models of every supported layout."""
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from lesskv import integration
+from lesskv.errors import LessKVError
+from lesskv.kernels import KernelShape, LayerKernels
+from lesskv.policies import make_policy
+
+T = 40
+
+
+def tiny_kernels(model, seed=0):
+    torch.manual_seed(seed)
+    kernels = []
+    for module in integration.attention_modules(model):
+        groups = module.num_key_value_groups
+        kv_heads = model.config.num_key_value_heads
+        shape = KernelShape(kv_heads * groups, kv_heads, module.head_dim, rank=4, hidden=16)
+        layer = LayerKernels(shape).eval()
+        with torch.no_grad():  # make the low-rank part matter, as after training
+            layer.psi_scale.fill_(1.0)
+        kernels.append(layer)
+    return kernels
+
+
+@pytest.fixture
+def ids():
+    torch.manual_seed(0)
+    return torch.randint(0, 97, (2, T))
+
+
+def logits_for(model, ids, method="full", **options):
+    integration.set_method(model, method, **options)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_full_method_equals_the_models_own_sdpa(tiny_model, ids):
+    with torch.no_grad():
+        reference = tiny_model(input_ids=ids).logits
+    assert torch.allclose(logits_for(tiny_model, ids), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["h2o", "lambda"])
+@pytest.mark.parametrize("method", ["baseline", "baseline+", "less"])
+def test_budget_covering_the_window_equals_full(tiny_model, ids, policy, method):
+    with torch.no_grad():
+        reference = tiny_model(input_ids=ids).logits
+    kernels = tiny_kernels(tiny_model)
+    got = logits_for(tiny_model, ids, method, policy=make_policy(policy, T), kernels=kernels)
+    assert torch.allclose(got, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["h2o", "lambda"])
+def test_methods_differ_once_tokens_are_evicted(tiny_model, ids, policy):
+    options = dict(policy=make_policy(policy, 8), kernels=tiny_kernels(tiny_model))
+    full = logits_for(tiny_model, ids)
+    baseline = logits_for(tiny_model, ids, "baseline", **options)
+    plus = logits_for(tiny_model, ids, "baseline+", **options)
+    less = logits_for(tiny_model, ids, "less", **options)
+    # Before the budget fills nothing is evicted, so every method agrees there.
+    for other in (baseline, plus, less):
+        assert torch.allclose(other[:, :8], full[:, :8], atol=1e-5)
+    assert not torch.allclose(baseline[:, 12:], full[:, 12:], atol=1e-3)
+    assert not torch.allclose(plus[:, 12:], baseline[:, 12:], atol=1e-3)
+    assert not torch.allclose(less[:, 12:], baseline[:, 12:], atol=1e-3)
+
+
+def test_switching_back_to_full_restores_the_model(ids):
+    model = make_tiny_model("llama-gqa")
+    full = logits_for(model, ids)
+    logits_for(model, ids, "baseline", policy=make_policy("h2o", 8))
+    assert torch.equal(logits_for(model, ids), full)
+
+
+def test_untrained_kernels_are_nearly_the_baseline(ids):
+    model = make_tiny_model("llama-gqa")
+    kernels = tiny_kernels(model)
+    for layer in kernels:
+        torch.nn.init.constant_(layer.psi_scale, 0.0)
+    policy = make_policy("h2o", 8)
+    baseline = logits_for(model, ids, "baseline", policy=policy)
+    less = logits_for(model, ids, "less", policy=policy, kernels=kernels)
+    assert torch.equal(less, baseline)
+
+
+def test_right_padding_does_not_change_real_positions():
+    model = make_tiny_model("qwen2")
+    policy = make_policy("h2o", 6)
+    torch.manual_seed(1)
+    long, short = torch.randint(0, 97, (1, 30)), torch.randint(0, 97, (1, 20))
+    batch = torch.cat([long, torch.cat([short, torch.zeros(1, 10, dtype=torch.long)], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, 20:] = 0
+    integration.set_method(model, "baseline", policy=policy)
+    with torch.no_grad():
+        together = model(input_ids=batch, attention_mask=mask).logits
+        alone = model(input_ids=short).logits
+    assert torch.allclose(together[1, :20], alone[0], atol=1e-5)
+
+
+def test_bad_setups_are_refused():
+    model = make_tiny_model("llama-mha")
+    with pytest.raises(LessKVError, match="unknown method"):
+        integration.set_method(model, "magic")
+    with pytest.raises(LessKVError, match="needs a policy"):
+        integration.set_method(model, "baseline")
+    with pytest.raises(LessKVError, match="kernels"):
+        integration.set_method(model, "less", policy=make_policy("h2o", 8))

@@ -1,0 +1,110 @@
+"""One test matrix over every policy: the keep-mask must be what real decoding would keep."""
+
+import pytest
+import torch
+
+from lesskv.errors import LessKVError
+from lesskv.policies import H2O, POLICIES, LambdaShape, Policy, make_policy
+
+T = 48
+
+
+def causal_logits(b=2, hkv=2, g=3, t=T, seed=0):
+    torch.manual_seed(seed)
+    logits = torch.randn(b, hkv, g, t, t) * 2
+    return logits.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+
+
+@pytest.fixture(params=sorted(POLICIES))
+def policy(request):
+    return make_policy(request.param, 12)
+
+
+def test_rows_keep_exactly_the_budget(policy):
+    slots = policy.slots(T)
+    mask = policy.keep_mask(causal_logits(), slots, T)
+    counts = mask.sum(-1)
+    expected = torch.arange(T).add(1).clamp(max=slots.total)
+    assert torch.equal(counts, expected.expand_as(counts))
+
+
+def test_mask_is_causal_and_full_before_budget_fills(policy):
+    slots = policy.slots(T)
+    mask = policy.keep_mask(causal_logits(), slots, T)
+    assert not mask.triu(1).any()
+    assert mask[..., : slots.total, : slots.total].equal(
+        torch.ones(slots.total, slots.total, dtype=torch.bool)
+        .tril()
+        .expand_as(mask[..., : slots.total, : slots.total])
+    )
+
+
+def test_recent_window_and_sinks_always_kept(policy):
+    slots = policy.slots(T)
+    mask = policy.keep_mask(causal_logits(), slots, T)
+    for i in range(T):
+        recent = slice(max(0, i - slots.recent + 1), i + 1)
+        assert mask[..., i, recent].all()
+        assert mask[..., i, : min(slots.sinks, i + 1)].all()
+
+
+def test_evicted_tokens_never_return(policy):
+    mask = policy.keep_mask(causal_logits(), policy.slots(T), T)
+    for j in range(T):
+        column = mask[..., j:, j].int()  # from the step token j arrives
+        assert (column.diff(dim=-1) <= 0).all(), f"token {j} came back"
+
+
+def test_budget_at_least_window_keeps_everything(policy):
+    big = type(policy)(T)
+    mask = big.keep_mask(causal_logits(), big.slots(T), T)
+    assert mask.equal(torch.ones(T, T, dtype=torch.bool).tril().expand_as(mask))
+
+
+def test_lambda_closed_form_matches_the_shared_simulation():
+    policy = LambdaShape(10, sinks=3)
+    logits = causal_logits()
+    slots = policy.slots(T)
+    assert policy.eviction_steps(logits, slots, T).equal(
+        Policy.eviction_steps(policy, logits, slots, T)
+    )
+
+
+def reference_h2o(logits, heavy, recent):
+    """A plain loop, one KV head at a time, written from the definition."""
+    b, hkv, g, t, _ = logits.shape
+    total = heavy + recent
+    out = torch.zeros(b, hkv, t, t, dtype=torch.bool)
+    for bi in range(b):
+        for h in range(hkv):
+            kept, scores = [], torch.zeros(t)
+            for i in range(t):
+                kept.append(i)
+                if len(kept) > total:
+                    candidates = [j for j in kept if j <= i - recent]
+                    kept.remove(min(candidates, key=lambda j: (scores[j].item(), j)))
+                out[bi, h, i, kept] = True
+                row = logits[bi, h, :, i, kept].softmax(-1).sum(0)  # summed over the group
+                scores[kept] += row
+    return out
+
+
+def test_h2o_matches_a_plain_reference_loop_with_gqa():
+    logits = causal_logits(b=2, hkv=2, g=3)
+    policy = H2O(10)
+    slots = policy.slots(T)
+    expected = reference_h2o(logits, slots.total - slots.recent, slots.recent)
+    assert policy.keep_mask(logits, slots, T).equal(expected)
+
+
+def test_h2o_kept_set_is_per_kv_head():
+    logits = causal_logits(b=1, hkv=2, g=2)
+    logits[0, 1, :, :, 20] += 8.0  # only KV head 1's queries love token 20
+    mask = H2O(8).keep_mask(logits, H2O(8).slots(T), T)
+    assert mask[0, 1, -1, 20] and not mask[0, 0, -1, 20]
+
+
+@pytest.mark.parametrize(("name", "budget"), [("lambda", 4), ("lambda", 2), ("nope", 8)])
+def test_bad_policy_settings_are_refused(name, budget):
+    with pytest.raises(LessKVError):
+        make_policy(name, budget).slots(T)
