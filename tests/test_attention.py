@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from lesskv import attention as math
+from lesskv.policies import keep_mask_from_steps
 
 
 def random_inputs(b=2, hkv=2, g=3, t=10, d=8, r=4, seed=0):
@@ -36,12 +37,13 @@ def test_combination_equals_the_naive_formula():
     q, k, v, phi, psi = random_inputs()
     b, hkv, g, t, d = q.shape
     torch.manual_seed(1)
-    keep = causal(t) & (torch.rand(b, hkv, 1, t, t) > 0.5)
-    keep |= torch.eye(t, dtype=torch.bool)  # each query keeps at least itself
+    steps = torch.randperm(t).add(1).expand(b, hkv, t).clone()  # token j leaves at steps[j]
+    steps = torch.maximum(steps, torch.arange(t) + 1).clamp(max=t)  # not before it arrives
+    keep = keep_mask_from_steps(steps).unsqueeze(2)
     evicted = causal(t) & ~keep
     logits = math.attention_logits(q, k, d**-0.5)
     out, lse = math.sparse_attention(logits, v, keep)
-    num, den = math.lowrank_parallel(phi, psi, v, evicted)
+    num, den = math.lowrank_parallel(phi, psi, v, steps)
     got = math.combine(out, lse, num, den)
 
     expected = torch.empty_like(got)
@@ -57,15 +59,15 @@ def test_without_lowrank_mass_the_combination_is_the_sparse_output():
     q, k, v, phi, psi = random_inputs()
     logits = math.attention_logits(q, k, q.shape[-1] ** -0.5)
     out, lse = math.sparse_attention(logits, v, causal(q.shape[3]))
-    num, den = math.lowrank_parallel(phi, psi, v, torch.zeros(1, dtype=torch.bool))
+    never = torch.full((2, 2, q.shape[3]), q.shape[3])
+    num, den = math.lowrank_parallel(phi, psi, v, never)
     assert torch.equal(math.combine(out, lse, num, den), out)
 
 
 def test_recurrent_state_equals_parallel_rows():
     q, k, v, phi, psi = random_inputs(t=6)
-    evicted = torch.zeros(6, 6, dtype=torch.bool)
-    evicted[5, :3] = True  # by step 5, tokens 0..2 were evicted
-    num_p, den_p = math.lowrank_parallel(phi, psi, v, evicted)
+    steps = torch.tensor([5, 4, 5, 6, 6, 6]).expand(2, 2, 6)  # by step 5, tokens 0..2 are out
+    num_p, den_p = math.lowrank_parallel(phi, psi, v, steps)
     state_h = torch.einsum("bhtr,bhtd->bhrd", psi[:, :, :3], v[:, :, :3])
     state_z = psi[:, :, :3].sum(2)
     num_r, den_r = math.lowrank_recurrent(phi[..., 5:6, :], state_h, state_z)
@@ -78,7 +80,7 @@ def test_rows_with_nothing_visible_give_zeros_not_nan():
     logits = math.attention_logits(q, k, 1.0)
     nothing = torch.zeros(1, dtype=torch.bool)
     out, lse = math.sparse_attention(logits, v, nothing)
-    num, den = math.lowrank_parallel(phi, psi, v, nothing)
+    num, den = math.lowrank_parallel(phi, psi, v, torch.full((2, 2, 10), 10))
     got = math.combine(out, lse, num, den)
     assert not got.isnan().any() and torch.equal(got, torch.zeros_like(got))
 
@@ -88,9 +90,9 @@ def test_gradients_flow_through_combine_without_nan():
     phi.requires_grad_(True)
     psi.requires_grad_(True)
     logits = math.attention_logits(q, k, q.shape[-1] ** -0.5)
-    keep = causal(q.shape[3]) & ~torch.ones(10, 10, dtype=torch.bool).tril(-4)
-    out, lse = math.sparse_attention(logits, v, keep)
-    num, den = math.lowrank_parallel(phi, psi, v, causal(10) & ~keep)
+    steps = (torch.arange(10) + 4).clamp(max=10).expand(2, 2, 10)  # keep the last 4
+    out, lse = math.sparse_attention(logits, v, keep_mask_from_steps(steps).unsqueeze(2))
+    num, den = math.lowrank_parallel(phi, psi, v, steps)
     math.combine(out, lse, num, den).sum().backward()
     assert phi.grad.isfinite().all() and psi.grad.isfinite().all()
     assert phi.grad.abs().sum() > 0

