@@ -83,10 +83,40 @@ def build_parser() -> argparse.ArgumentParser:
         default="full,baseline,baseline+",
         help="comma-separated: " + ", ".join(["full", "baseline", "baseline+", "less"]),
     )
+    ppl.add_argument(
+        "--kernels",
+        type=Path,
+        default=None,
+        help="trained kernel folder for 'less' (default model: the shipped kernels)",
+    )
     ppl.add_argument("--rank", type=int, default=8, help="LESS rank R (sizes Baseline+)")
     ppl.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     ppl.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
     ppl.set_defaults(run=_run_eval_ppl)
+
+    train = commands.add_parser(
+        "train",
+        help="train LESS kernels for a model, policy and budget",
+        description="Record the frozen model's attention on --data, then fit each layer's "
+        "kernels to what eviction loses. Reruns resume; --layers splits work across processes.",
+    )
+    _add_model_args(train)
+    _add_policy_args(train)
+    _add_data_args(train, default=None)
+    train.add_argument("--sequences", type=int, default=64, help="training windows")
+    train.add_argument("--seq-len", type=int, default=1024, help="window length in tokens")
+    train.add_argument("--epochs", type=int, default=20)
+    train.add_argument("--batch-size", type=int, default=2)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--rank", type=int, default=8, help="LESS rank R")
+    train.add_argument("--hidden", type=int, default=128, help="kernel MLP hidden size")
+    train.add_argument("--layers", default=None, help="train only layers a:b (resumable)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", type=Path, required=True, help="output kernel folder")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace another run's kernels in --out"
+    )
+    train.set_defaults(run=_run_train)
     return parser
 
 
@@ -118,9 +148,8 @@ def _parse_methods(text: str) -> list[str]:
 
 def _run_eval_ppl(args: argparse.Namespace) -> None:
     from lesskv.data import load_texts, token_windows
-
     from lesskv.evaluation.perplexity import evaluate_perplexity
-    from lesskv.models import load_model, max_context
+    from lesskv.models import load_model
     from lesskv.policies import make_policy
 
     if args.data is None:
@@ -130,17 +159,21 @@ def _run_eval_ppl(args: argparse.Namespace) -> None:
     policy.slots(args.seq_len)  # validates the budget against the window before any loading
     if args.windows is not None and args.windows < 1:
         raise LessKVError(f"--windows must be >= 1, got {args.windows}")
-    if "less" in methods:
-        raise LessKVError("method 'less' needs trained kernels, which this version cannot load yet")
-    model, tokenizer = load_model(args.model)
-    if args.seq_len > max_context(model):
-        raise LessKVError(
-            f"--seq-len {args.seq_len} exceeds {args.model}'s context of {max_context(model)}"
-        )
     texts = load_texts(args.data, field=args.field)
+    model, tokenizer = load_model(args.model)
+    check_seq_len(args.seq_len, args.model, model)
+    kernels = None
+    if "less" in methods:
+        kernels = resolve_kernels(args.kernels, args.model, model, policy, args.seq_len)
     windows = token_windows(tokenizer, texts, args.seq_len, max_windows=args.windows)
     results = evaluate_perplexity(
-        model, windows, methods, policy=policy, rank=args.rank, batch_size=args.batch_size
+        model,
+        windows,
+        methods,
+        policy=policy,
+        kernels=kernels,
+        rank=args.rank,
+        batch_size=args.batch_size,
     )
     rows = [r.as_dict() for r in results]
     _print_table(rows, ["method", "policy", "budget_tokens", "ppl", "nll", "tokens"])
@@ -149,9 +182,79 @@ def _run_eval_ppl(args: argparse.Namespace) -> None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
 
+def _run_train(args: argparse.Namespace) -> None:
+    from lesskv.data import load_texts, token_windows
+    from lesskv.models import load_model
+    from lesskv.policies import make_policy
+    from lesskv.train import TrainConfig, parse_layers, train_kernels
+
+    if args.data is None:
+        raise LessKVError("--data is required (a file path, builtin, or hf:NAME)")
+    for name in ("sequences", "epochs", "batch_size", "rank", "hidden"):
+        if getattr(args, name) < 1:
+            raise LessKVError(f"--{name.replace('_', '-')} must be >= 1")
+    policy = make_policy(args.policy, args.budget)
+    policy.slots(args.seq_len)
+    texts = load_texts(args.data, field=args.field)
+    model, tokenizer = load_model(args.model)
+    check_seq_len(args.seq_len, args.model, model)
+    layers = parse_layers(args.layers, model.config.num_hidden_layers)
+    windows = token_windows(tokenizer, texts, args.seq_len, max_windows=args.sequences)
+    config = TrainConfig(
+        model=args.model,
+        policy=policy.name,
+        budget=str(policy.budget),
+        seq_len=args.seq_len,
+        sequences=len(windows),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        rank=args.rank,
+        hidden=args.hidden,
+        seed=args.seed,
+        data=args.data,
+    )
+    command = "lesskv " + " ".join(sys.argv[1:])
+    kernels = train_kernels(
+        model,
+        windows,
+        policy,
+        config,
+        args.out,
+        layers=layers,
+        overwrite=args.overwrite,
+        command=command,
+    )
+    if kernels is None:
+        print(
+            f"layers {args.layers} done; rerun without --layers (or finish the others) "
+            f"to assemble {args.out}"
+        )
+    else:
+        print(f"kernels written to {args.out}")
+
+
+def check_seq_len(seq_len: int, model_name: str, model) -> None:
+    from lesskv.models import max_context
+
+    if seq_len > max_context(model):
+        raise LessKVError(
+            f"--seq-len {seq_len} exceeds {model_name}'s context of {max_context(model)} tokens"
+        )
+
+
+def resolve_kernels(path, model_name, model, policy, seq_len):
+    """Kernels from ``path``, or the shipped ones for the default model and this policy."""
+    from lesskv.kernels import LessKernels
+    from lesskv.pretrained import shipped_kernels
+
+    if path is None:
+        path = shipped_kernels(model_name, policy, seq_len)
+    return list(LessKernels.from_pretrained(path, model, policy=policy.name).layers)
+
+
 def _run_demo(args: argparse.Namespace) -> None:
     from lesskv.data import load_texts, token_windows
-
     from lesskv.evaluation.perplexity import evaluate_perplexity
     from lesskv.models import DEFAULT_MODEL, load_model
     from lesskv.policies import make_policy

@@ -75,16 +75,15 @@ def token_windows(
 
 
 def _token_prefix(tokenizer: Any, texts: list[str], needed: int | None) -> list[int]:
-    """Token ids of the joined text, or of a long enough prefix of it: the prefix grows by
-    doubling until it yields ``needed`` tokens plus a slack that absorbs the cut."""
+    """Token ids of the joined text, or of a prefix of it that grows by doubling until it
+    yields ``needed`` tokens plus a slack; the caller uses at most ``needed``, so the tail
+    tokens that the cut may have changed are never used."""
     chars = None if needed is None else (needed + _PREFIX_SLACK_TOKENS) * _CHARS_PER_TOKEN_GUESS
     while True:
         text, complete = _joined_prefix(texts, chars)
-        ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-        if complete:
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        if complete or len(ids) >= needed + _PREFIX_SLACK_TOKENS:
             return ids
-        if len(ids) >= needed + _PREFIX_SLACK_TOKENS:
-            return ids[:needed]
         chars *= 2
 
 

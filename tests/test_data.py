@@ -1,0 +1,255 @@
+"""Text sources and token windows, on tiny files and a byte-level tokenizer built in code."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from lesskv.data import load_texts, token_windows
+from lesskv.errors import LessKVError
+
+WIKITEXT = Path(__file__).parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+needs_wikitext = pytest.mark.skipif(
+    not WIKITEXT.is_file(), reason=f"WikiText-2 raw test split not found at {WIKITEXT}"
+)
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per UTF-8 byte (byte-level BPE without merges): ASCII text of n characters is
+    exactly n tokens, so window contents can be checked against the text itself."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE({ch: i for i, ch in enumerate(alphabet)}, []))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def write_jsonl(path: Path, records: list) -> str:
+    return write(path, "\n".join(json.dumps(r) for r in records) + "\n")
+
+
+# load_texts
+
+
+def test_builtin_is_pythons_documentation():
+    from pydoc_data.topics import topics
+
+    texts = load_texts("builtin")
+    assert texts == [topics[key] for key in sorted(topics)]
+    # CPython 3.11 ships ~465k characters (about 100k tokens); newer versions ship more.
+    assert len(texts) > 50 and sum(map(len, texts)) > 400_000
+    assert load_texts("builtin", limit=3) == texts[:3]
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".raw", ".TXT"])
+def test_plain_text_file_is_one_document(tmp_path, suffix):
+    text = " = Title = \n\n First line .\n Second line .\n"
+    assert load_texts(write(tmp_path / f"doc{suffix}", text)) == [text]
+
+
+def test_jsonl_one_document_per_line(tmp_path):
+    records = [{"text": "alpha", "id": 1}, {"text": "beta", "id": 2}, {"text": "gamma", "id": 3}]
+    path = write(tmp_path / "docs.jsonl", "\n".join(json.dumps(r) for r in records) + "\n\n")
+    assert load_texts(path) == ["alpha", "beta", "gamma"]
+    assert load_texts(path, limit=2) == ["alpha", "beta"]
+
+
+def test_jsonl_limit_stops_reading(tmp_path):
+    path = write(tmp_path / "docs.jsonl", '{"text": "kept"}\nnot json, never read\n')
+    assert load_texts(path, limit=1) == ["kept"]
+
+
+def test_jsonl_field_chooses_the_key(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"article": "one", "summary": "1"}])
+    assert load_texts(path, field="summary") == ["1"]
+
+
+def test_jsonl_missing_field_lists_the_available_keys(tmp_path):
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"article": "one", "summary": "1"}])
+    with pytest.raises(LessKVError, match=r"no field 'text'.*'article', 'summary'"):
+        load_texts(path)
+
+
+def test_jsonl_bad_line_is_named(tmp_path):
+    path = write(tmp_path / "docs.jsonl", '{"text": "fine"}\n{"text": oops}\n')
+    with pytest.raises(LessKVError, match="line 2 is not valid JSON"):
+        load_texts(path)
+
+
+def test_json_list_of_records(tmp_path):
+    path = write(tmp_path / "docs.json", json.dumps([{"body": "x"}, {"body": "y"}]))
+    assert load_texts(path, field="body") == ["x", "y"]
+    with pytest.raises(LessKVError, match="JSON list of records"):
+        load_texts(write(tmp_path / "obj.json", '{"body": "x"}'))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.txt", "", "holds no text"),
+        ("blank.txt", " \n\n \n", "holds no text"),
+        ("blank.jsonl", '{"text": " "}\n{"text": ""}\n', "holds no text"),
+        ("table.csv", "a,b\n", "unknown file type '.csv'"),
+        ("noext", "text", "unknown file type"),
+    ],
+)
+def test_bad_files(tmp_path, name, content, message):
+    with pytest.raises(LessKVError, match=message):
+        load_texts(write(tmp_path / name, content))
+
+
+def test_missing_file_directory_and_binary(tmp_path):
+    with pytest.raises(LessKVError, match="does not exist"):
+        load_texts(str(tmp_path / "missing.txt"))
+    with pytest.raises(LessKVError, match="is a directory"):
+        load_texts(str(tmp_path))
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00text")
+    with pytest.raises(LessKVError, match="not UTF-8"):
+        load_texts(str(tmp_path / "binary.txt"))
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(LessKVError, match="limit"):
+        load_texts("builtin", limit=0)
+    with pytest.raises(LessKVError, match="plain text"):
+        load_texts(write(tmp_path / "a.txt", "words"), field="body")
+
+
+# hf: sources, with a stand-in for the datasets package (no network in tests)
+
+
+class FakeDataset:
+    def __init__(self, rows: dict[str, list]):
+        self.rows = rows
+        self.column_names = list(rows)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.rows.values())))
+
+    def __getitem__(self, items: slice) -> dict[str, list]:
+        return {key: values[items] for key, values in self.rows.items()}
+
+
+@pytest.fixture
+def fake_datasets(monkeypatch):
+    calls = []
+
+    def load_dataset(name, config=None, *, split):
+        calls.append((name, config, split))
+        if name == "missing":
+            raise FileNotFoundError("Dataset 'missing' doesn't exist on the Hub")
+        return FakeDataset({"text": ["a", "", "b", "c"], "label": [0, 1, 0, 1]})
+
+    monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=load_dataset))
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("source", "call"),
+    [
+        ("hf:wikitext/wikitext-2-raw-v1:test", ("wikitext", "wikitext-2-raw-v1", "test")),
+        ("hf:wikitext", ("wikitext", None, "train")),
+        ("hf:allenai/c4/en:validation", ("allenai/c4", "en", "validation")),
+        ("hf:Salesforce/wikitext/:test", ("Salesforce/wikitext", None, "test")),
+    ],
+)
+def test_hf_source_names(fake_datasets, source, call):
+    assert load_texts(source) == ["a", "", "b", "c"]
+    assert fake_datasets == [call]
+
+
+def test_hf_source_limit_and_field(fake_datasets):
+    assert load_texts("hf:x", limit=3) == ["a", "", "b"]
+    with pytest.raises(LessKVError, match=r"no field 'body'.*'text', 'label'"):
+        load_texts("hf:x", field="body")
+    with pytest.raises(LessKVError, match="does not hold strings"):
+        load_texts("hf:x", field="label")
+
+
+def test_hf_source_errors(fake_datasets, monkeypatch):
+    with pytest.raises(LessKVError, match="cannot load dataset 'hf:missing'"):
+        load_texts("hf:missing")
+    with pytest.raises(LessKVError, match="bad dataset"):
+        load_texts("hf:a/b/c/d")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(LessKVError, match="pip install datasets"):
+        load_texts("hf:wikitext")
+
+
+# token_windows
+
+
+def test_windows_are_consecutive_exact_and_drop_the_remainder(byte_tokenizer):
+    texts = ["The first document.", "A second one, a bit longer.", "Third"]
+    joined = "\n\n".join(texts)  # 54 characters = 54 tokens
+    windows = token_windows(byte_tokenizer, texts, 10)
+    assert windows.dtype == torch.long and windows.shape == (5, 10)
+    assert byte_tokenizer.decode(windows.flatten()) == joined[:50]
+    for i, window in enumerate(windows):
+        assert byte_tokenizer.decode(window) == joined[10 * i : 10 * (i + 1)]
+
+
+def test_max_windows_caps_the_count(byte_tokenizer):
+    windows = token_windows(byte_tokenizer, ["x" * 100], 8, max_windows=3)
+    assert windows.shape == (3, 8)
+
+
+def test_too_little_text_says_how_many_tokens(byte_tokenizer):
+    with pytest.raises(LessKVError, match="only 8 tokens.*window of 64"):
+        token_windows(byte_tokenizer, ["hello", "x"], 64)
+
+
+@pytest.mark.parametrize(("seq_len", "max_windows"), [(1, None), (0, None), (8, 0)])
+def test_bad_window_arguments(byte_tokenizer, seq_len, max_windows):
+    with pytest.raises(LessKVError, match="at least"):
+        token_windows(byte_tokenizer, ["some text here"], seq_len, max_windows=max_windows)
+
+
+def test_few_windows_tokenise_only_a_prefix(byte_tokenizer):
+    texts = load_texts("builtin")
+    seen: list[int] = []
+
+    def spy(text, **kwargs):
+        seen.append(len(text))
+        return byte_tokenizer(text, **kwargs)
+
+    few = token_windows(spy, texts, 128, max_windows=4)
+    assert max(seen) < 20_000 < sum(map(len, texts))
+    assert torch.equal(few, token_windows(byte_tokenizer, texts[:40], 128)[:4])
+
+
+@needs_wikitext
+def test_wikitext_windows(byte_tokenizer):
+    text = WIKITEXT.read_text(encoding="utf-8")
+    windows = token_windows(byte_tokenizer, load_texts(str(WIKITEXT)), 1024, max_windows=12)
+    assert windows.shape == (12, 1024)
+    expected = text.encode()[: 12 * 1024].decode(errors="replace")
+    assert byte_tokenizer.decode(windows.flatten()) == expected
+
+
+@pytest.mark.slow
+@needs_wikitext
+def test_wikitext_windows_with_the_default_tokenizer():
+    from lesskv.models import load_model
+
+    _, tokenizer = load_model()
+    texts = load_texts(str(WIKITEXT))
+    every = token_windows(tokenizer, texts, 1024)
+    assert every.shape == (296, 1024)  # 303k tokens in the test split
+    assert torch.equal(token_windows(tokenizer, texts, 1024, max_windows=12), every[:12])
+    decoded = tokenizer.decode(every.flatten())
+    assert decoded.startswith(" \n = Robert Boulter = \n")
+    assert texts[0].startswith(decoded)  # byte-level BPE: windows are the file's text, in order

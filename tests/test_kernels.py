@@ -1,0 +1,57 @@
+"""Kernel shapes, non-negativity, and checkpoints that refuse to be misused."""
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from lesskv.errors import LessKVError
+from lesskv.kernels import CONFIG_FILE, WEIGHTS_FILE, KernelMeta, LessKernels
+
+
+def kernels_for(model, policy="h2o", **fields):
+    meta = KernelMeta.for_model(
+        model, "tiny", policy=policy, budget="8", rank=4, hidden=16, **fields
+    )
+    torch.manual_seed(0)
+    return LessKernels(meta)
+
+
+def test_feature_maps_are_non_negative_with_grouped_shapes():
+    model = make_tiny_model("llama-gqa")
+    layer = kernels_for(model).layers[0].eval()
+    q, k = torch.randn(2, 2, 3, 5, 16), torch.randn(2, 2, 5, 16)
+    phi, psi = layer.phi(q), layer.psi(k)
+    assert phi.shape == (2, 2, 3, 5, 4) and psi.shape == (2, 2, 5, 4)
+    assert (phi >= 0).all() and (psi >= 0).all()
+
+
+def test_round_trip(tmp_path):
+    model = make_tiny_model("llama-gqa")
+    kernels = kernels_for(model)
+    kernels.save_pretrained(tmp_path)
+    loaded = LessKernels.from_pretrained(tmp_path, model, policy="h2o")
+    for a, b in zip(kernels.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert loaded.meta == kernels.meta
+
+
+def test_other_model_or_policy_is_refused(tmp_path):
+    kernels_for(make_tiny_model("llama-gqa")).save_pretrained(tmp_path)
+    with pytest.raises(LessKVError, match="trained for"):
+        LessKernels.from_pretrained(tmp_path, make_tiny_model("llama-mha"))
+    with pytest.raises(LessKVError, match="policy 'h2o', not 'lambda'"):
+        LessKernels.from_pretrained(tmp_path, make_tiny_model("llama-gqa"), policy="lambda")
+
+
+def test_corrupt_or_partial_checkpoints_name_the_file(tmp_path):
+    kernels_for(make_tiny_model("llama-gqa")).save_pretrained(tmp_path)
+    weights = tmp_path / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(LessKVError, match=WEIGHTS_FILE):
+        LessKernels.from_pretrained(tmp_path)
+    (tmp_path / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(LessKVError, match=CONFIG_FILE):
+        LessKernels.from_pretrained(tmp_path)
+    (tmp_path / CONFIG_FILE).unlink()
+    with pytest.raises(LessKVError, match="missing"):
+        LessKernels.from_pretrained(tmp_path)

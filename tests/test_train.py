@@ -1,0 +1,88 @@
+"""Kernel training end to end on a tiny random model."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from lesskv import integration
+from lesskv.errors import LessKVError
+from lesskv.kernels import LessKernels
+from lesskv.policies import make_policy
+from lesskv.train import TrainConfig, parse_layers, train_kernels
+
+T = 64
+
+
+def setup(epochs=12, **overrides):
+    model = make_tiny_model("llama-gqa")
+    torch.manual_seed(0)
+    windows = torch.randint(0, 97, (24, T))
+    config = TrainConfig(
+        model="tiny",
+        policy="h2o",
+        budget="8",
+        seq_len=T,
+        sequences=24,
+        epochs=epochs,
+        rank=4,
+        hidden=32,
+        lr=1e-2,
+        **overrides,
+    )
+    return model, windows, make_policy("h2o", 8), config
+
+
+def test_training_beats_baseline_plus_on_validation(tmp_path):
+    model, windows, policy, config = setup()
+    kernels = train_kernels(model, windows, policy, config, tmp_path, progress=False)
+    for layer, loss in kernels.meta.val_loss.items():
+        assert loss < kernels.meta.baseline_plus_val_loss[layer], f"layer {layer}"
+    loaded = LessKernels.from_pretrained(tmp_path, model, policy="h2o")
+    assert loaded.meta.val_loss == kernels.meta.val_loss
+    assert not (tmp_path / "activations").exists()
+
+
+def test_gradients_reach_only_kernel_parameters(tmp_path):
+    model, windows, policy, config = setup(epochs=1)
+    kernels = train_kernels(model, windows, policy, config, tmp_path, progress=False)
+    integration.set_method(model, "less", policy=policy, kernels=list(kernels.layers))
+    model(input_ids=windows[:1]).logits.sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in kernels.parameters())
+
+
+def test_interrupted_training_resumes_to_the_same_result(tmp_path):
+    model, windows, policy, config = setup(epochs=2)
+    whole = train_kernels(model, windows, policy, config, tmp_path / "a", progress=False)
+    first = train_kernels(
+        model, windows, policy, config, tmp_path / "b", layers=[1], progress=False
+    )
+    assert first is None  # layer 0 still missing: nothing assembled yet
+    assert not (tmp_path / "b" / "kernels.safetensors").exists()
+    resumed = train_kernels(model, windows, policy, config, tmp_path / "b", progress=False)
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_another_runs_folder_is_refused_unless_overwritten(tmp_path):
+    model, windows, policy, config = setup(epochs=1)
+    train_kernels(model, windows, policy, config, tmp_path, progress=False)
+    _, _, _, other = setup(epochs=2)
+    with pytest.raises(LessKVError, match="another training run"):
+        train_kernels(model, windows, policy, other, tmp_path, progress=False)
+    train_kernels(model, windows, policy, other, tmp_path, overwrite=True, progress=False)
+    assert json.loads((tmp_path / "run.json").read_text())["epochs"] == 2
+
+
+@pytest.mark.parametrize("spec", ["5", "0:9", "3:1", "x"])
+def test_layer_ranges_out_of_bounds_are_refused(spec):
+    with pytest.raises(LessKVError, match="--layers"):
+        parse_layers(spec, 4)
+
+
+def test_layer_ranges():
+    assert parse_layers(None, 3) == [0, 1, 2]
+    assert parse_layers("1:", 3) == [1, 2]
+    assert parse_layers("2", 3) == [2]
