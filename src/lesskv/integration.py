@@ -36,6 +36,7 @@ class LayerSetup:
     kernels: nn.Module | None = None
     # Sees (module, query, key, value) on every call: how training records post-RoPE states.
     observer: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    cache: object | None = None  # the LessCache of the current call, if any
 
 
 def attention_modules(model: PreTrainedModel) -> list[nn.Module]:
@@ -59,7 +60,16 @@ def enable(model: PreTrainedModel) -> PreTrainedModel:
     for module in attention_modules(model):
         if not hasattr(module, "lesskv"):
             module.lesskv = LayerSetup()
+            module.register_forward_pre_hook(_remember_cache, with_kwargs=True)
     return model
+
+
+def _remember_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """The attention function is not given the cache; a LessCache reaches it through here."""
+    from lesskv.cache import LessCache
+
+    cache = kwargs.get("past_key_values")
+    module.lesskv.cache = cache if isinstance(cache, LessCache) else None
 
 
 def set_method(
@@ -125,6 +135,12 @@ def less_attention(
     setup: LayerSetup = getattr(module, "lesskv", LayerSetup())
     if setup.observer is not None:
         setup.observer(module, query, key, value)
+    scale = scaling if scaling is not None else module.head_dim**-0.5
+    if setup.cache is not None:  # decoding with real eviction
+        from lesskv.cache import attend
+
+        layer = setup.cache.layers[module.layer_idx]
+        return _heads_last(attend(layer, query, key, value, attention_mask, scale)), None
     policy = setup.policy
     q_len, k_len = query.shape[2], key.shape[2]
     slots = policy.slots(k_len, setup.extra_tokens) if policy is not None else None
@@ -137,7 +153,6 @@ def less_attention(
             "lesskv's parallel form scores whole sequences; to decode with eviction pass "
             "past_key_values=LessCache(...)"
         )
-    scale = scaling if scaling is not None else module.head_dim**-0.5
     q = math.group_queries(query, key.shape[1])
     visible = _visible_keys(attention_mask, q_len, k_len, query.device)
     logits = math.attention_logits(q, key, scale).masked_fill(~visible, math.NEG_INF)
@@ -148,8 +163,13 @@ def less_attention(
         phi_q, psi_k = setup.kernels.phi(q), setup.kernels.psi(key)
         num, den = math.lowrank_parallel(phi_q, psi_k, value, steps)
         out = math.combine(out, lse, num, den)
+    return _heads_last(out), None
+
+
+def _heads_last(out: torch.Tensor) -> torch.Tensor:
+    """Grouped ``(B, Hkv, G, T, D)`` → transformers' ``(B, T, Hq, D)``."""
     b, hkv, g, t, d = out.shape
-    return out.reshape(b, hkv * g, t, d).transpose(1, 2).contiguous(), None
+    return out.reshape(b, hkv * g, t, d).transpose(1, 2).contiguous()
 
 
 def _visible_keys(

@@ -1,0 +1,292 @@
+"""``LessCache``: a transformers ``Cache`` that really evicts, and keeps LESS's state.
+
+Each layer holds a fixed number of slots per KV head (the budget): keys, values, the real
+position of the token in each slot, the policy's score, and whether the slot holds a token at
+all. A decoding step writes the new token into the slot of the pair the policy evicts, in
+place, and folds the evicted pair into the low-rank state (``H += ψ(k)ᵀv``, ``z += ψ(k)``,
+fp32). Storage is O(budget + R) per head however long generation runs.
+
+A multi-token call (the prompt, or a chunk of it) attends over the slots plus the new tokens
+(full attention for the first call, as in the reference code), then compresses back to the
+budget: recent tokens and sinks are kept, the rest by score, and everything dropped is folded.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from lesskv import attention as math_ops
+from lesskv.config import Budget
+from lesskv.errors import LessKVError
+from lesskv.kernels import LayerKernels, LessKernels
+from lesskv.policies import Policy, make_policy
+
+NEG_INF, POS_INF = float("-inf"), float("inf")
+
+
+class LessLayer(CacheLayerMixin):
+    """One layer's slots and state; the attention function drives it through ``attend``."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, policy: Policy, kernels: LayerKernels | None, rank: int) -> None:
+        super().__init__()
+        self.policy, self.kernels, self.rank = policy, kernels, rank
+        self.seen = 0  # tokens seen, padding included: what positions and masks count
+        self.budget = 0  # slots per KV head, fixed at the first call (fractions need a length)
+
+    # -- transformers' layer interface -------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, hkv, q, d = key_states.shape
+        self.budget = self.policy.slots(q).total
+        dev, dt = key_states.device, key_states.dtype
+        self.keys = key_states.new_zeros(b, hkv, self.budget, d)
+        self.values = value_states.new_zeros(b, hkv, self.budget, d)
+        self.positions = torch.full((b, hkv, self.budget), -1, dtype=torch.long, device=dev)
+        self.scores = torch.zeros(b, hkv, self.budget, dtype=torch.float32, device=dev)
+        self.valid = torch.zeros(b, hkv, self.budget, dtype=torch.bool, device=dev)
+        self.real_seen = torch.zeros(b, dtype=torch.long, device=dev)  # non-padding tokens
+        self.state_h = torch.zeros(b, hkv, self.rank, d, dtype=torch.float32, device=dev)
+        self.state_z = torch.zeros(b, hkv, self.rank, dtype=torch.float32, device=dev)
+        self.dtype, self.device = dt, dev
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Single tokens go straight into a slot (evicting first); chunks are attended in full
+        and compressed afterwards by ``attend``."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[-2] == 1 and self.seen > 0:
+            self._insert_one(key_states, value_states)
+            self.seen += 1
+            return self.keys, self.values
+        return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise LessKVError(
+            "an eviction cache cannot be cropped (assisted/speculative decoding needs that); "
+            "use plain greedy, sampling or beam search"
+        )
+
+    def reset(self) -> None:
+        self.is_initialized, self.seen = False, 0
+
+    def _per_batch(self) -> list[str]:
+        names = ["keys", "values", "positions", "scores", "valid", "real_seen"]
+        return [*names, "state_h", "state_z"]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            for name in self._per_batch():
+                setattr(self, name, getattr(self, name)[indices.to(self.device)])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            for name in self._per_batch():
+                setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+
+    # -- eviction ----------------------------------------------------------------------------
+    def _protected(self, positions: torch.Tensor, newest: torch.Tensor) -> torch.Tensor:
+        """Recent tokens (relative to each row's newest real position) and sinks."""
+        slots = self.policy.split(self.budget)
+        recent_start = (newest - slots.recent + 1).view(-1, 1, 1)
+        return (positions >= recent_start) | (positions < slots.sinks)
+
+    def _fold(self, keys: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> None:
+        """Add ``ψ(k)ᵀ v`` of pairs ``(B, Hkv, N, D)`` (``weight`` 0 skips one) to the state."""
+        if self.kernels is None:
+            return
+        psi = self.kernels.psi(keys).float() * weight.unsqueeze(-1)
+        self.state_h += torch.einsum("bhnr,bhnd->bhrd", psi, values.float())
+        self.state_z += psi.sum(2)
+
+    def _insert_one(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        newest = self.real_seen  # real position of the incoming token
+        priority = self.scores.masked_fill(self._protected(self.positions, newest), POS_INF)
+        priority = priority.masked_fill(~self.valid, NEG_INF)  # empty slots fill first
+        slot = priority.argmin(-1, keepdim=True)  # (B, Hkv, 1)
+        index = slot.unsqueeze(-1).expand(-1, -1, 1, key.shape[-1])
+        was_valid = self.valid.gather(-1, slot).float()
+        self._fold(self.keys.gather(2, index), self.values.gather(2, index), was_valid)
+        self.keys.scatter_(2, index, key)
+        self.values.scatter_(2, index, value)
+        self.positions.scatter_(-1, slot, newest.view(-1, 1, 1).expand_as(slot))
+        self.scores.scatter_(-1, slot, 0.0)
+        self.valid.scatter_(-1, slot, True)
+        self.real_seen = self.real_seen + 1
+
+    def compress(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        scores: torch.Tensor,
+        new_valid: torch.Tensor,
+    ) -> None:
+        """After a chunk: keep ``budget`` of slots + chunk tokens, fold the others.
+
+        ``keys/values``: slots then chunk, ``(B, Hkv, budget + q, D)``; ``scores`` the same
+        layout; ``new_valid`` ``(B, q)`` marks the chunk's real (non-padding) tokens.
+        """
+        b, hkv, _, d = keys.shape
+        q = new_valid.shape[1]
+        new_positions = self.real_seen.unsqueeze(1) + new_valid.long().cumsum(1) - 1
+        positions = torch.cat([self.positions, new_positions[:, None].expand(b, hkv, q)], -1)
+        valid = torch.cat([self.valid, new_valid[:, None].expand(b, hkv, q)], -1)
+        self.real_seen = self.real_seen + new_valid.long().sum(1)
+        priority = scores.masked_fill(self._protected(positions, self.real_seen - 1), POS_INF)
+        priority = priority.masked_fill(~valid, NEG_INF)
+        kept = priority.topk(self.budget, dim=-1, sorted=False).indices.sort(-1).values
+        dropped = torch.ones_like(valid).scatter_(-1, kept, False) & valid
+        self._fold(keys, values, dropped.float())
+        index = kept.unsqueeze(-1).expand(-1, -1, -1, d)
+        self.keys, self.values = keys.gather(2, index), values.gather(2, index)
+        self.positions, self.valid = positions.gather(-1, kept), valid.gather(-1, kept)
+        self.scores = scores.gather(-1, kept)
+        self.seen += q
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held: kept K/V and the LESS state (only counted when kernels are attached)."""
+        kv = self.keys.numel() * self.keys.element_size() * 2 if self.is_initialized else 0
+        state = 0
+        if self.is_initialized and self.kernels is not None:
+            state = (self.state_h.numel() + self.state_z.numel()) * 4
+        return {"kv": kv, "state": state}
+
+
+class LessCache(Cache):
+    """Drop-in ``past_key_values`` for ``model.generate``: real eviction, optional LESS state.
+
+    ``LessCache(model, policy="h2o", budget=64)`` is the sparse baseline with real eviction;
+    pass ``kernels=`` (or use :meth:`from_pretrained`) for LESS. A fractional budget is
+    relative to the prompt (the first call).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        policy: str | Policy = "h2o",
+        budget: Budget | str | float | None = None,
+        kernels: LessKernels | None = None,
+        rank: int | None = None,
+    ) -> None:
+        from lesskv import integration
+
+        if isinstance(policy, str):
+            if budget is None:
+                raise LessKVError("LessCache needs a budget (tokens, or a fraction of the prompt)")
+            policy = make_policy(policy, budget)
+        integration.enable(model)
+        if kernels is not None:
+            kernels.check_compatible(model)
+            rank = kernels.meta.rank
+        self.policy, self.kernels = policy, kernels
+        modules = integration.attention_modules(model)
+        layers = [
+            LessLayer(policy, kernels.layers[i] if kernels is not None else None, rank or 8)
+            for i in range(len(modules))
+        ]
+        super().__init__(layers=layers)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        kernels_dir: str,
+        model: PreTrainedModel,
+        budget: Budget | str | float | None = None,
+        policy: str | None = None,
+    ) -> LessCache:
+        """The trained policy and budget unless overridden (kernels transfer across budgets)."""
+        kernels = LessKernels.from_pretrained(kernels_dir, model)
+        name = policy or kernels.meta.policy
+        return cls(model, name, budget or kernels.meta.budget, kernels=kernels)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.layers[0].crop(tokens_to_remove)
+
+    def memory_bytes(self) -> dict[str, int]:
+        totals = {"kv": 0, "state": 0}
+        for layer in self.layers:
+            for key, value in layer.memory_bytes().items():
+                totals[key] += value
+        return totals
+
+
+QUERY_BLOCK = 1024  # prompt queries attended at once: bounds prefill memory
+
+
+def attend(
+    layer: LessLayer,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """The recurrent LESS attention for one call; returns ``(B, Hkv, G, q, D)``.
+
+    Decoding (one token, already inserted by ``update``): exact softmax over the valid slots
+    plus φ(q)·(H, z). A chunk: slots are fully visible, the chunk is causal (and padded as
+    transformers' mask says); afterwards the layer compresses back to its budget.
+    """
+    q = math_ops.group_queries(query, key.shape[1])
+    decoding = key.shape[2] == layer.budget
+    visible = (
+        layer.valid[:, :, None, None, :]
+        if decoding
+        else _chunk_visibility(layer, attention_mask, q.shape[3])
+    )
+    extra = key.shape[2] - layer.budget
+    scores = torch.cat([layer.scores, layer.scores.new_zeros(*layer.scores.shape[:2], extra)], -1)
+    outputs = []
+    for start in range(0, q.shape[3], QUERY_BLOCK):
+        rows = slice(start, start + QUERY_BLOCK)
+        block_visible = visible[..., rows, :]
+        logits = math_ops.attention_logits(q[..., rows, :], key, scale)
+        out, lse = math_ops.sparse_attention(logits, value, block_visible)
+        if layer.kernels is not None:
+            phi = layer.kernels.phi(q[..., rows, :]).float()
+            num, den = math_ops.lowrank_recurrent(phi, layer.state_h, layer.state_z)
+            out = math_ops.combine(out.float(), lse.float(), num, den).to(value.dtype)
+        outputs.append(out)
+        if layer.policy.uses_attention:
+            probs = torch.exp(
+                logits.masked_fill(~block_visible, NEG_INF) - lse.nan_to_num(neginf=0.0)
+            )
+            scores = layer.policy.update_scores(scores, probs.float())
+    if decoding:
+        layer.scores = scores
+    else:
+        new_valid = visible[:, 0, 0, -1, layer.budget :].expand(key.shape[0], -1)
+        layer.compress(key, value, scores, new_valid)
+    return torch.cat(outputs, 3)
+
+
+def _chunk_visibility(
+    layer: LessLayer, attention_mask: torch.Tensor | None, q_len: int
+) -> torch.Tensor:
+    """``(B, Hkv, 1, q, budget + q)``: valid slots for every query, then the chunk itself."""
+    slots = layer.valid[:, :, None, None, :].expand(-1, -1, 1, q_len, -1)
+    if attention_mask is None:
+        own = torch.ones(q_len, q_len, dtype=torch.bool, device=slots.device).tril()
+        own = own.expand(*slots.shape[:3], q_len, q_len)
+    else:
+        if attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask == 0
+        own = attention_mask[..., -q_len:].unsqueeze(2).expand(-1, slots.shape[1], -1, -1, -1)
+    return torch.cat([slots, own], -1)
