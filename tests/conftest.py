@@ -26,12 +26,16 @@ TINY_CONFIGS = {
 }
 
 
-def make_tiny_model(kind: str = "llama-gqa", seed: int = 0, attn: str = "sdpa"):
+def make_tiny_model(kind: str = "llama-gqa", seed: int = 0, attn: str = "sdpa", **overrides):
     """A float32 random model in eval mode; same seed gives the same weights."""
     torch.manual_seed(seed)
     config = TINY_CONFIGS[kind]()
+    for name, value in overrides.items():
+        setattr(config, name, value)
     config._attn_implementation = attn
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None  # random models must not stop early
     return model.float().eval()
 
 

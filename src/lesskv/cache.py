@@ -33,9 +33,11 @@ class LessLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, policy: Policy, kernels: LayerKernels | None, rank: int) -> None:
+    def __init__(
+        self, policy: Policy, kernels: LayerKernels | None, rank: int, context: int
+    ) -> None:
         super().__init__()
-        self.policy, self.kernels, self.rank = policy, kernels, rank
+        self.policy, self.kernels, self.rank, self.context = policy, kernels, rank, context
         self.seen = 0  # tokens seen, padding included: what positions and masks count
         self.budget = 0  # slots per KV head, fixed at the first call (fractions need a length)
 
@@ -58,6 +60,12 @@ class LessLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Single tokens go straight into a slot (evicting first); chunks are attended in full
         and compressed afterwards by ``attend``."""
+        if self.seen + key_states.shape[-2] > self.context:
+            raise LessKVError(
+                f"the sequence would reach {self.seen + key_states.shape[-2]} tokens, "
+                f"{self.seen + key_states.shape[-2] - self.context} more than the model's "
+                f"context of {self.context}: shorten the prompt or max_new_tokens"
+            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[-2] == 1 and self.seen > 0:
@@ -195,10 +203,17 @@ class LessCache(Cache):
         if kernels is not None:
             kernels.check_compatible(model)
             rank = kernels.meta.rank
+        context = model.config.max_position_embeddings
+        if not policy.budget.is_fraction and policy.budget.tokens(context) > context:
+            raise LessKVError(
+                f"budget {policy.budget} is larger than the model's context of {context} tokens"
+            )
         self.policy, self.kernels = policy, kernels
         modules = integration.attention_modules(model)
         layers = [
-            LessLayer(policy, kernels.layers[i] if kernels is not None else None, rank or 8)
+            LessLayer(
+                policy, kernels.layers[i] if kernels is not None else None, rank or 8, context
+            )
             for i in range(len(modules))
         ]
         super().__init__(layers=layers)

@@ -94,6 +94,36 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
     ppl.set_defaults(run=_run_eval_ppl)
 
+    gen = commands.add_parser(
+        "generate",
+        help="stream a continuation with real eviction (baseline) or LESS",
+        description="Generate text with a cache that really evicts: --method baseline keeps "
+        "--budget pairs per KV head; --method less adds the learned state (--kernels DIR, or the "
+        "shipped kernels of the default model); --method full is transformers' own cache.",
+    )
+    _add_model_args(gen)
+    gen.add_argument("--method", choices=["full", "baseline", "less"], default="less")
+    gen.add_argument("--policy", default="h2o", help="sparse policy: h2o (default) or lambda")
+    gen.add_argument(
+        "--budget",
+        default="0.1",
+        help="pairs kept per KV head: tokens, or a fraction of the prompt (default 0.1)",
+    )
+    gen.add_argument("--kernels", type=Path, default=None, help="trained kernel folder")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text")
+    source.add_argument("--file", type=Path, help="read the prompt from this file")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=0.7)
+    gen.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help="process the prompt in chunks of N tokens (bounded memory for long prompts)",
+    )
+    gen.set_defaults(run=_run_generate)
+
     train = commands.add_parser(
         "train",
         help="train LESS kernels for a model, policy and budget",
@@ -232,6 +262,54 @@ def _run_train(args: argparse.Namespace) -> None:
         )
     else:
         print(f"kernels written to {args.out}")
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    from lesskv.cache import LessCache
+    from lesskv.generation import generate_text
+    from lesskv.kernels import LessKernels
+    from lesskv.models import load_model
+    from lesskv.policies import make_policy
+    from lesskv.pretrained import shipped_kernels
+
+    if args.file is not None:
+        try:
+            prompt = args.file.read_text()
+        except OSError as err:
+            raise LessKVError(f"cannot read prompt file {args.file}: {err.strerror}") from None
+    else:
+        prompt = args.prompt
+    if args.max_new_tokens < 1:
+        raise LessKVError("--max-new-tokens must be >= 1")
+    policy = make_policy(args.policy, args.budget)
+    model, tokenizer = load_model(args.model)
+    cache = None
+    if args.method == "baseline":
+        cache = LessCache(model, policy)
+    elif args.method == "less":
+        path = args.kernels or shipped_kernels(args.model, policy, 0)
+        kernels = LessKernels.from_pretrained(path, model, policy=policy.name)
+        cache = LessCache(model, policy, kernels=kernels)
+    options = {"do_sample": args.sample}
+    if args.sample:
+        options["temperature"] = args.temperature
+    generate_text(
+        model,
+        tokenizer,
+        prompt,
+        cache,
+        args.max_new_tokens,
+        args.prefill_chunk,
+        stream=True,
+        **options,
+    )
+    if cache is not None:
+        memory = cache.memory_bytes()
+        print(
+            f"\n[{args.method}: cache holds {memory['kv'] / 2**20:.2f} MiB of K/V"
+            f" + {memory['state'] / 2**10:.1f} KiB of LESS state]",
+            file=sys.stderr,
+        )
 
 
 def check_seq_len(seq_len: int, model_name: str, model) -> None:

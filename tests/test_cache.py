@@ -1,0 +1,170 @@
+"""LessCache: real eviction that decodes exactly like the parallel (teacher-forced) form."""
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from lesskv import integration
+from lesskv.cache import LessCache
+from lesskv.errors import LessKVError
+from lesskv.kernels import KernelMeta, LessKernels
+from lesskv.policies import make_policy
+from test_integration import tiny_kernels
+
+BUDGET = 8
+
+
+def kernel_set(model, policy="h2o"):
+    meta = KernelMeta.for_model(model, "tiny", policy=policy, budget=str(BUDGET), rank=4, hidden=16)
+    return LessKernels(meta, tiny_kernels(model)).eval()
+
+
+def prompt(length, batch=1, seed=0):
+    torch.manual_seed(seed)
+    return torch.randint(1, 97, (batch, length))
+
+
+@pytest.mark.parametrize("policy", ["h2o", "lambda"])
+@pytest.mark.parametrize("with_kernels", [False, True])
+def test_token_by_token_decoding_equals_the_parallel_form(tiny_model, policy, with_kernels):
+    ids = prompt(40, batch=2)
+    pol = make_policy(policy, BUDGET)
+    kernels = kernel_set(tiny_model, policy) if with_kernels else None
+    method = "less" if with_kernels else "baseline"
+    layers = list(kernels.layers) if with_kernels else None
+    integration.set_method(tiny_model, method, policy=pol, kernels=layers, rank=4)
+    with torch.no_grad():
+        parallel = tiny_model(input_ids=ids).logits
+    integration.set_method(tiny_model, "full")
+    cache = LessCache(tiny_model, pol, kernels=kernels, rank=4)
+    steps = []
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            out = tiny_model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+            for layer in cache.layers:  # the cache really holds only the budget
+                assert layer.keys.shape[2] == layer.values.shape[2] == BUDGET
+                assert int(layer.valid.sum(-1).max()) == min(t + 1, BUDGET)
+    assert torch.allclose(torch.cat(steps, 1), parallel, atol=1e-4)
+    assert cache.get_seq_length() == ids.shape[1]
+
+
+def test_batched_left_padded_generation_equals_one_by_one():
+    model = make_tiny_model("llama-gqa")
+    kernels = kernel_set(model)
+    a, b = prompt(20, seed=1), prompt(14, seed=2)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 6, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :6] = 0
+
+    def generate(ids, attention_mask=None):
+        cache = LessCache(model, "h2o", BUDGET, kernels=kernels)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            max_new_tokens=12,
+            do_sample=False,
+        )
+        return out[:, ids.shape[1] :], cache
+
+    together, cache = generate(batch, mask)
+    assert torch.equal(together[0], generate(a)[0][0])
+    assert torch.equal(together[1], generate(b)[0][0])
+    for layer in cache.layers:
+        assert not layer.state_h.isnan().any() and not layer.state_z.isnan().any()
+
+
+def test_padding_never_enters_the_state():
+    model = make_tiny_model("qwen2")
+    kernels = kernel_set(model)
+    ids = prompt(20)
+    padded = torch.cat([torch.zeros(1, 7, dtype=torch.long), ids], 1)
+    mask = torch.ones_like(padded)
+    mask[:, :7] = 0
+    states = []
+    for inputs, attention_mask in ((ids, None), (padded, mask)):
+        cache = LessCache(model, "h2o", BUDGET, kernels=kernels)
+        positions = None if attention_mask is None else (attention_mask.cumsum(1) - 1).clamp(min=0)
+        with torch.no_grad():
+            model(
+                input_ids=inputs,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                past_key_values=cache,
+            )
+        states.append([(layer.state_h, layer.state_z) for layer in cache.layers])
+    for (h1, z1), (h2, z2) in zip(*states, strict=True):
+        assert torch.allclose(h1, h2, atol=1e-5) and torch.allclose(z1, z2, atol=1e-6)
+
+
+def test_fully_padded_rows_give_no_nan():
+    model = make_tiny_model("llama-mha")
+    ids = torch.zeros(2, 10, dtype=torch.long)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # only the last token of row 1 is real
+    cache = LessCache(model, "h2o", 4, kernels=kernel_set(model))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
+    assert not logits[:, -1].isnan().any()
+
+
+def test_long_generation_keeps_cache_memory_flat():
+    model = make_tiny_model("llama-gqa", max_position_embeddings=8192)
+    cache = LessCache(model, "h2o", 32, kernels=kernel_set(model))
+    model.generate(input_ids=prompt(64), past_key_values=cache, max_new_tokens=8, do_sample=False)
+    before = cache.memory_bytes()
+    pointers = [layer.keys.data_ptr() for layer in cache.layers]
+    ids = torch.randint(1, 97, (1, 4000))
+    with torch.no_grad():
+        for t in range(4000):
+            model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 64 + 8 + 4000 - 1
+    assert cache.memory_bytes() == before
+    assert [layer.keys.data_ptr() for layer in cache.layers] == pointers  # written in place
+
+
+def test_beam_search_and_sampling_work():
+    model = make_tiny_model("mistral")
+    ids = prompt(12)
+    beams = model.generate(
+        input_ids=ids,
+        past_key_values=LessCache(model, "lambda", 8),
+        num_beams=3,
+        max_new_tokens=6,
+        do_sample=False,
+    )
+    assert beams.shape == (1, 18)
+    samples = model.generate(
+        input_ids=ids,
+        past_key_values=LessCache(model, "h2o", 8),
+        do_sample=True,
+        num_return_sequences=3,
+        max_new_tokens=6,
+    )
+    assert samples.shape == (3, 18)
+
+
+def test_cache_size_equals_budget_plus_state():
+    model = make_tiny_model("llama-gqa")
+    cache = LessCache(model, "h2o", BUDGET, kernels=kernel_set(model))
+    with torch.no_grad():
+        model(input_ids=prompt(30), past_key_values=cache)
+    kv_heads, head_dim, layers = 2, 16, 2
+    assert cache.memory_bytes() == {
+        "kv": layers * 2 * kv_heads * BUDGET * head_dim * 4,
+        "state": layers * kv_heads * 4 * (head_dim + 1) * 4,
+    }
+
+
+def test_bad_requests_are_refused():
+    model = make_tiny_model("llama-gqa")
+    with pytest.raises(LessKVError, match="budget"):
+        LessCache(model, "h2o")
+    with pytest.raises(LessKVError, match="context"):
+        LessCache(model, "h2o", 100_000)
+    with pytest.raises(LessKVError, match="trained for"):
+        LessCache(model, "h2o", 8, kernels=kernel_set(make_tiny_model("llama-mha")))
+    cache = LessCache(model, "h2o", 8)
+    with pytest.raises(LessKVError, match="cropped"):
+        cache.crop(-1)
