@@ -34,17 +34,18 @@ class LessLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(
-        self, policy: Policy, kernels: LayerKernels | None, rank: int, context: int
+        self, policy: Policy, kernels: LayerKernels | None, rank: int, context: int, extra: int = 0
     ) -> None:
         super().__init__()
         self.policy, self.kernels, self.rank, self.context = policy, kernels, rank, context
+        self.extra = extra  # Baseline+'s additional pairs
         self.seen = 0  # tokens seen, padding included: what positions and masks count
         self.budget = 0  # slots per KV head, fixed at the first call (fractions need a length)
 
     # -- transformers' layer interface -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, hkv, q, d = key_states.shape
-        self.budget = self.policy.slots(q).total
+        self.budget = self.policy.slots(q, self.extra).total
         dev, dt = key_states.device, key_states.dtype
         self.keys = key_states.new_zeros(b, hkv, self.budget, d)
         self.values = value_states.new_zeros(b, hkv, self.budget, d)
@@ -181,8 +182,8 @@ class LessCache(Cache):
     """Drop-in ``past_key_values`` for ``model.generate``: real eviction, optional LESS state.
 
     ``LessCache(model, policy="h2o", budget=64)`` is the sparse baseline with real eviction;
-    pass ``kernels=`` (or use :meth:`from_pretrained`) for LESS. A fractional budget is
-    relative to the prompt (the first call).
+    pass ``kernels=`` (or use :meth:`from_pretrained`) for LESS, ``extra_tokens=`` for
+    Baseline+. A fractional budget is relative to the prompt (the first call).
     """
 
     def __init__(
@@ -192,6 +193,7 @@ class LessCache(Cache):
         budget: Budget | str | float | None = None,
         kernels: LessKernels | None = None,
         rank: int | None = None,
+        extra_tokens: int = 0,
     ) -> None:
         from lesskv import integration
 

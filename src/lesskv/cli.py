@@ -94,6 +94,34 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
     ppl.set_defaults(run=_run_eval_ppl)
 
+    summ = evaluate.add_parser(
+        "summarize",
+        help="ROUGE-1/2/L of generated summaries per method (real eviction)",
+        description="Generate summaries with each method's cache and score them with ROUGE. "
+        "Budgets are relative to each prompt.",
+    )
+    _add_model_args(summ)
+    summ.add_argument(
+        "--data",
+        default="xsum",
+        help="xsum (H2O's 5-shot prompts), cnn, multinews (LongBench), or a jsonl path",
+    )
+    summ.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder holding xsum_h2o/, cnn_dailymail/, longbench/ "
+        "(default $LESSKV_DATA_DIR or ../shared/data)",
+    )
+    summ.add_argument("--samples", type=int, default=10)
+    _add_policy_args(summ, budget="0.1")
+    summ.add_argument("--methods", default="full,baseline,baseline+,less")
+    summ.add_argument("--kernels", type=Path, default=None, help="trained kernel folder")
+    summ.add_argument("--rank", type=int, default=8)
+    summ.add_argument("--max-new-tokens", type=int, default=64)
+    summ.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
+    summ.set_defaults(run=_run_eval_summarize)
+
     gen = commands.add_parser(
         "generate",
         help="stream a continuation with real eviction (baseline) or LESS",
@@ -210,6 +238,33 @@ def _run_eval_ppl(args: argparse.Namespace) -> None:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _run_eval_summarize(args: argparse.Namespace) -> None:
+    from lesskv.evaluation.summarization import as_rows, evaluate_summarization, load_examples
+    from lesskv.kernels import LessKernels
+    from lesskv.models import load_model
+    from lesskv.policies import make_policy
+    from lesskv.pretrained import shipped_kernels
+
+    methods = _parse_methods(args.methods)
+    policy = make_policy(args.policy, args.budget)
+    if args.samples < 1:
+        raise LessKVError("--samples must be >= 1")
+    examples = load_examples(args.data, args.samples, args.data_dir)
+    model, tokenizer = load_model(args.model)
+    kernels = None
+    if "less" in methods:
+        path = args.kernels or shipped_kernels(args.model, policy, 0)
+        kernels = LessKernels.from_pretrained(path, model, policy=policy.name)
+    results, generations = evaluate_summarization(
+        model, tokenizer, examples, methods, policy, kernels, args.rank, args.max_new_tokens
+    )
+    rows = as_rows(results)
+    _print_table(rows, ["method", "policy", "budget", "rouge1", "rouge2", "rougeL", "samples"])
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"rows": rows, "generations": generations}, indent=2))
 
 
 def _run_train(args: argparse.Namespace) -> None:
