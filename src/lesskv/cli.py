@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="trained kernel folder for 'less' (default model: the shipped kernels)",
     )
     ppl.add_argument("--rank", type=int, default=8, help="LESS rank R (sizes Baseline+)")
-    ppl.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    ppl.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     ppl.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
     ppl.set_defaults(run=_run_eval_ppl)
 
@@ -316,7 +316,10 @@ def _run_train(args: argparse.Namespace) -> None:
             f"to assemble {args.out}"
         )
     else:
-        print(f"kernels written to {args.out}")
+        from lesskv.plots import plot_layer_losses
+
+        figure = plot_layer_losses(kernels.meta, args.out / "val_loss.png")
+        print(f"kernels written to {args.out}; per-layer losses plotted in {figure}")
 
 
 def _run_generate(args: argparse.Namespace) -> None:
@@ -387,27 +390,53 @@ def resolve_kernels(path, model_name, model, policy, seq_len):
 
 
 def _run_demo(args: argparse.Namespace) -> None:
+    from lesskv.cache import LessCache
     from lesskv.data import load_texts, token_windows
     from lesskv.evaluation.perplexity import evaluate_perplexity
+    from lesskv.generation import generate_text
+    from lesskv.kernels import LessKernels
     from lesskv.models import DEFAULT_MODEL, load_model
     from lesskv.policies import make_policy
+    from lesskv.pretrained import available, shipped_kernels
 
-    print(f"Loading {DEFAULT_MODEL} (first run converts and caches the weights)...")
+    print(f"Loading {DEFAULT_MODEL} (the first run converts and caches the weights)...")
     model, tokenizer = load_model(DEFAULT_MODEL)
     windows = token_windows(tokenizer, load_texts("builtin"), 1024, max_windows=args.windows)
     rows = evaluate_perplexity(model, windows, ["full"])
+    shipped = {}
     for name in ("h2o", "lambda"):
-        rows += evaluate_perplexity(model, windows, ["baseline"], policy=make_policy(name, 0.1))
+        policy = make_policy(name, 0.1)
+        methods = ["baseline", "baseline+"]
+        if f"{DEFAULT_MODEL}-{name}-0.1" in available():
+            shipped[name] = LessKernels.from_pretrained(
+                shipped_kernels(DEFAULT_MODEL, policy, 1024), model, policy=name
+            )
+            methods.append("less")
+        layers = list(shipped[name].layers) if name in shipped else None
+        rows += evaluate_perplexity(model, windows, methods, policy=policy, kernels=layers)
     print(f"\nPerplexity on {len(windows)} windows of 1024 tokens of Python's documentation:")
     _print_table([r.as_dict() for r in rows], ["method", "policy", "budget_tokens", "ppl"])
     print(
         "\nfull: every past token is attended (the reference, lowest perplexity).\n"
-        "h2o baseline: each KV head keeps 102 pairs (10%): the 51 most recent tokens plus the\n"
-        "  51 that received the most attention so far; everything else is evicted for good.\n"
-        "lambda baseline: each KV head keeps 4 'attention sink' tokens plus the 98 most recent.\n"
-        "Evicted tokens no longer count, so perplexity rises; LESS's low-rank state brings them\n"
-        "back at the memory cost of ~4 more pairs per head (lesskv eval ppl --methods ...,less)."
+        "baseline h2o: each KV head keeps 102 pairs (10%): the 51 most recent tokens plus the\n"
+        "  51 that received the most attention so far; the rest is evicted for good.\n"
+        "baseline lambda: each KV head keeps 4 'attention sink' tokens plus the 98 most recent.\n"
+        "baseline+: the same policy with 4 more pairs per head, as much memory as LESS's state.\n"
+        "less: the policy plus the learned rank-8 state that absorbs every evicted pair, so\n"
+        "  evicted tokens still count. Lower perplexity than baseline+ at equal memory is the\n"
+        "  point of LESS."
     )
+    if "h2o" in shipped:
+        prompt = load_texts("builtin")[0][:1500]
+        print("\nGreedy continuation with real eviction (H2O 10% of the prompt) + LESS state:")
+        cache = LessCache(model, make_policy("h2o", 0.1), kernels=shipped["h2o"])
+        text = generate_text(model, tokenizer, prompt, cache, max_new_tokens=40)
+        memory = cache.memory_bytes()
+        print(f"  ...{prompt[-200:]!r}\n  -> {text!r}")
+        print(
+            f"  cache: {memory['kv'] / 2**20:.2f} MiB of K/V + {memory['state'] / 2**10:.0f} KiB "
+            f"of LESS state for {cache.get_seq_length()} tokens seen"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

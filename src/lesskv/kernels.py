@@ -157,11 +157,11 @@ class LessKernels(nn.Module):
                 "pass the matching --policy or train kernels for it"
             )
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """safetensors (fp32) + JSON config, each written atomically."""
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        """safetensors + JSON config, each written atomically (fp16 halves shipped size)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        tensors = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
         atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p))
         text = json.dumps(asdict(self.meta), indent=2) + "\n"
         atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(text))
