@@ -1,0 +1,50 @@
+"""The shipped kernels and the two forms on the real default model (slow: loads SmolLM2)."""
+
+import pytest
+import torch
+
+from lesskv import integration
+from lesskv.cache import LessCache
+from lesskv.errors import LessKVError
+from lesskv.kernels import LessKernels
+from lesskv.models import load_model
+from lesskv.policies import make_policy
+from lesskv.pretrained import available, shipped_kernels
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return load_model()
+
+
+def test_shipped_kernels_match_the_default_model(default_model):
+    model, _ = default_model
+    assert "smollm2-135m-h2o-0.1" in available()
+    path = shipped_kernels("smollm2-135m", make_policy("h2o", 0.1), 1024)
+    kernels = LessKernels.from_pretrained(path, model, policy="h2o")
+    assert kernels.meta.rank == 8 and len(kernels.layers) == 30
+    with pytest.raises(LessKVError, match="no shipped kernels"):
+        shipped_kernels("smollm2-135m", make_policy("h2o", 0.37), 1024)
+
+
+def test_decoding_equals_the_parallel_form_on_the_default_model(default_model):
+    model, tokenizer = default_model
+    policy = make_policy("h2o", 32)
+    kernels = LessKernels.from_pretrained(
+        shipped_kernels("smollm2-135m", make_policy("h2o", 0.1), 1024), model
+    )
+    text = "The history of the city begins with a small settlement on the river. " * 12
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :96]
+    integration.set_method(model, "less", policy=policy, kernels=list(kernels.layers))
+    with torch.no_grad():
+        parallel = model(input_ids=ids).logits
+    integration.set_method(model, "full")
+    cache = LessCache(model, policy, kernels=kernels)
+    with torch.no_grad():
+        steps = [
+            model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+            for t in range(ids.shape[1])
+        ]
+    assert (torch.cat(steps, 1) - parallel).abs().max() < 1e-3
