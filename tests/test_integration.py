@@ -76,7 +76,7 @@ def test_switching_back_to_full_restores_the_model(ids):
     assert torch.equal(logits_for(model, ids), full)
 
 
-def test_untrained_kernels_are_nearly_the_baseline(ids):
+def test_zero_scales_make_less_the_baseline(ids):
     model = make_tiny_model("llama-gqa")
     kernels = tiny_kernels(model)
     for layer in kernels:
@@ -84,7 +84,7 @@ def test_untrained_kernels_are_nearly_the_baseline(ids):
     policy = make_policy("h2o", 8)
     baseline = logits_for(model, ids, "baseline", policy=policy)
     less = logits_for(model, ids, "less", policy=policy, kernels=kernels)
-    assert torch.equal(less, baseline)
+    assert torch.allclose(less, baseline, atol=1e-6)  # sdpa vs our softmax: rounding only
 
 
 def test_right_padding_does_not_change_real_positions():

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -155,14 +156,23 @@ def less_attention(
         )
     q = math.group_queries(query, key.shape[1])
     visible = _visible_keys(attention_mask, q_len, k_len, query.device)
-    logits = math.attention_logits(q, key, scale).masked_fill(~visible, math.NEG_INF)
+    needs_logits = policy.uses_attention or setup.kernels is not None
+    logits = None
+    if needs_logits:
+        logits = math.attention_logits(q, key, scale).masked_fill(~visible, math.NEG_INF)
     steps = policy.eviction_steps(logits, slots, k_len)
     keep = keep_mask_from_steps(steps).unsqueeze(2) & visible
+    if setup.kernels is None:  # no lse needed: the fused kernel is faster than our softmax
+        b, hkv, g = q.shape[:3]
+        mask = keep.expand(b, hkv, g, -1, -1).reshape(b, hkv * g, q_len, k_len)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=scale, enable_gqa=g > 1
+        )
+        return out.transpose(1, 2).contiguous(), None
     out, lse = math.sparse_attention(logits, value, keep)
-    if setup.kernels is not None:
-        phi_q, psi_k = setup.kernels.phi(q), setup.kernels.psi(key)
-        num, den = math.lowrank_parallel(phi_q, psi_k, value, steps)
-        out = math.combine(out, lse, num, den)
+    phi_q, psi_k = setup.kernels.phi(q), setup.kernels.psi(key)
+    num, den = math.lowrank_parallel(phi_q, psi_k, value, steps)
+    out = math.combine(out, lse, num, den)
     return _heads_last(out), None
 
 
