@@ -1,5 +1,8 @@
 """LessCache: real eviction that decodes exactly like the parallel (teacher-forced) form."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -168,3 +171,13 @@ def test_bad_requests_are_refused():
     cache = LessCache(model, "h2o", 8)
     with pytest.raises(LessKVError, match="cropped"):
         cache.crop(-1)
+
+
+def test_a_finished_cache_is_freed():
+    model = make_tiny_model("llama-gqa")
+    cache = LessCache(model, "h2o", BUDGET)
+    model.generate(input_ids=prompt(10), past_key_values=cache, max_new_tokens=2, do_sample=False)
+    alive = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert alive() is None

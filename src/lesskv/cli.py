@@ -152,6 +152,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.set_defaults(run=_run_generate)
 
+    bench = commands.add_parser(
+        "bench",
+        help="decode speed and cache memory: full vs baseline vs less, per context and batch",
+        description="Prefill a batch of real-text prompts of each --contexts length, then time "
+        "--new-tokens greedy decoding steps one by one, for every method and batch size. "
+        "Prints a Markdown table and how many sequences fit --memory-budget-gib of cache.",
+    )
+    _add_model_args(bench)
+    _add_policy_args(bench, budget="0.1")
+    bench.add_argument(
+        "--kernels",
+        type=Path,
+        default=None,
+        help="trained kernel folder for 'less' (default model: the shipped kernels)",
+    )
+    bench.add_argument(
+        "--contexts", default="1024,2048,4096,8000", help="comma-separated prompt lengths"
+    )
+    bench.add_argument("--batch-sizes", default="1,4,8", help="comma-separated batch sizes")
+    bench.add_argument("--methods", default="full,baseline,less", help="full, baseline, less")
+    bench.add_argument("--new-tokens", type=int, default=64, help="decoding steps timed")
+    bench.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    _add_data_args(bench)
+    bench.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
+    bench.add_argument("--plot", type=Path, default=None, help="write a PNG of the results")
+    bench.add_argument(
+        "--memory-budget-gib",
+        type=float,
+        default=4.0,
+        help="cache memory for the max-batch comparison (default 4 GiB)",
+    )
+    bench.set_defaults(run=_run_bench)
+
     train = commands.add_parser(
         "train",
         help="train LESS kernels for a model, policy and budget",
@@ -265,6 +298,111 @@ def _run_eval_summarize(args: argparse.Namespace) -> None:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"rows": rows, "generations": generations}, indent=2))
+
+
+def _run_bench(args: argparse.Namespace) -> None:
+    from lesskv.bench import (
+        BENCH_METHODS,
+        check_contexts,
+        max_batch_for_memory,
+        parse_int_list,
+        plot_benchmark,
+        run_benchmark,
+    )
+    from lesskv.data import load_texts
+    from lesskv.kernels import LessKernels
+    from lesskv.models import load_model
+    from lesskv.policies import make_policy
+    from lesskv.pretrained import shipped_kernels
+
+    contexts = parse_int_list(args.contexts, "--contexts", 2)
+    batch_sizes = parse_int_list(args.batch_sizes, "--batch-sizes", 1)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in BENCH_METHODS]
+    if not methods or unknown:
+        raise LessKVError(
+            f"unknown method(s) {unknown or args.methods!r}: bench runs {', '.join(BENCH_METHODS)}"
+        )
+    if args.new_tokens < 1:
+        raise LessKVError("--new-tokens must be >= 1")
+    if args.memory_budget_gib <= 0:
+        raise LessKVError("--memory-budget-gib must be > 0")
+    policy = make_policy(args.policy, args.budget)
+    for context in contexts:
+        policy.slots(context)  # validates the budget before any loading
+    texts = load_texts(args.data, field=args.field)
+    model, tokenizer = load_model(args.model, device=args.device)
+    check_contexts(model, contexts, args.new_tokens)
+    kernels = None
+    if "less" in methods:
+        path = args.kernels or shipped_kernels(args.model, policy, 0)
+        kernels = LessKernels.from_pretrained(path, model, policy=policy.name).to(model.device)
+    rows = run_benchmark(
+        model,
+        tokenizer,
+        contexts=contexts,
+        batch_sizes=batch_sizes,
+        methods=methods,
+        policy=policy,
+        kernels=kernels,
+        new_tokens=args.new_tokens,
+        prompt_texts=texts,
+    )
+    dicts = [r.as_dict() for r in rows]
+    shown = [
+        {
+            **d,
+            "cache_MiB": d["cache_bytes"] / 2**20,
+            "peak_rss_MiB": (d["peak_rss_bytes"] or 0) / 2**20,
+        }
+        for d in dicts
+    ]
+    print(
+        f"{args.model} on {rows[0].device}, {policy.name} budget {policy.budget}, "
+        f"{args.new_tokens} decoding steps timed one by one"
+    )
+    _print_table(
+        shown,
+        [
+            "method",
+            "context",
+            "batch",
+            "budget_tokens",
+            "prefill_s",
+            "decode_ms_per_token",
+            "decode_ms_p90",
+            "decode_tokens_per_s",
+            "cache_MiB",
+            "peak_rss_MiB",
+        ],
+    )
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dicts, indent=2) + "\n")
+    if args.plot is not None:
+        print(f"plot written to {plot_benchmark(rows, args.plot)}")
+    budget_bytes = int(args.memory_budget_gib * 2**30)
+    context = max(contexts)
+    fits = [
+        max_batch_for_memory(
+            model,
+            context,
+            budget_bytes,
+            method,
+            policy,
+            kernels.meta.rank if kernels is not None else None,
+            new_tokens=args.new_tokens,
+        )
+        for method in methods
+    ]
+    print(
+        f"\nSequences whose cache fits {args.memory_budget_gib:g} GiB at context {context} "
+        f"(+{args.new_tokens} new tokens; K/V and LESS state only, weights excluded):"
+    )
+    _print_table(
+        [{**f, "MiB_per_sequence": f["bytes_per_sequence"] / 2**20} for f in fits],
+        ["method", "context", "tokens_held", "MiB_per_sequence", "max_batch"],
+    )
 
 
 def _run_train(args: argparse.Namespace) -> None:

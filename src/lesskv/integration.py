@@ -62,6 +62,7 @@ def enable(model: PreTrainedModel) -> PreTrainedModel:
         if not hasattr(module, "lesskv"):
             module.lesskv = LayerSetup()
             module.register_forward_pre_hook(_remember_cache, with_kwargs=True)
+            module.register_forward_hook(_forget_cache)
     return model
 
 
@@ -71,6 +72,11 @@ def _remember_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
 
     cache = kwargs.get("past_key_values")
     module.lesskv.cache = cache if isinstance(cache, LessCache) else None
+
+
+def _forget_cache(module: nn.Module, args: tuple, output: object) -> None:
+    """Hold the cache only during the call, so a finished generation's memory is freed."""
+    module.lesskv.cache = None
 
 
 def set_method(

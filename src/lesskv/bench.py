@@ -1,0 +1,395 @@
+"""Speed and memory of full attention vs a sparse policy vs LESS, measured on real decoding.
+
+LESS's practical claim is a throughput one: a cache of ``budget`` pairs plus a rank-R state
+per KV head is far smaller than a full cache, so more sequences fit in memory and each decoding
+step reads less. :func:`run_benchmark` measures what this implementation really does on the
+current device (prefill time, per-step decode latency, tokens/s, the bytes the cache holds);
+:func:`max_batch_for_memory` is the paper's arithmetic of how many sequences fit a fixed
+memory budget. Decoding is a hand-written greedy loop, not ``generate()``, so each step is
+timed on its own with nothing else in between.
+
+The numbers are printed, never asserted: timings depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from lesskv import integration
+from lesskv.cache import LessCache
+from lesskv.data import token_windows
+from lesskv.errors import LessKVError
+from lesskv.kernels import LessKernels
+from lesskv.policies import Policy
+
+BENCH_METHODS = ("full", "baseline", "less")
+_STOCK_ATTENTION = "sdpa"  # what "full" runs when the model was already switched to lesskv's
+_MAX_TEXT_REPEATS = 32  # a prompt text repeated more than 2**5 times is not worth timing
+
+
+@dataclass
+class BenchRow:
+    """One grid point (method, context, batch).
+
+    ``decode_ms_per_token`` is the median latency of one decoding step, which produces one new
+    token for every sequence of the batch; ``decode_tokens_per_s`` counts all of them.
+    ``peak_rss_bytes`` is the process's high-water mark so far (it never goes down, so a row
+    only bounds the rows before it); ``rss_bytes`` is the resident memory right after this
+    row's decoding, with its cache still alive. ``peak_device_bytes`` is the accelerator's
+    peak allocation during this row (``None`` on CPU).
+    """
+
+    method: str
+    policy: str
+    context: int
+    batch: int
+    budget_tokens: int
+    new_tokens: int
+    prefill_s: float
+    decode_ms_per_token: float
+    decode_ms_p90: float
+    decode_tokens_per_s: float
+    cache_bytes: int
+    kv_bytes: int
+    state_bytes: int
+    peak_rss_bytes: int | None
+    rss_bytes: int | None
+    peak_device_bytes: int | None
+    device: str
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def parse_int_list(text: str, option: str, minimum: int) -> list[int]:
+    """``"1024,2048"`` -> ``[1024, 2048]``, or a one-line error naming the option."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise LessKVError(f"{option} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < minimum:
+        raise LessKVError(f"{option} needs integers >= {minimum}, got {text!r}")
+    return values
+
+
+def check_contexts(model: PreTrainedModel, contexts: Sequence[int], new_tokens: int) -> None:
+    """Refuse, before any work, a context that cannot hold its prompt plus the new tokens."""
+    limit = model.config.max_position_embeddings
+    for context in contexts:
+        if context < 2:
+            raise LessKVError(f"context {context} is too short: use at least 2 tokens")
+        if context + new_tokens > limit:
+            raise LessKVError(
+                f"context {context} + {new_tokens} new tokens exceed the model's context of "
+                f"{limit} by {context + new_tokens - limit} tokens"
+            )
+
+
+def prompt_batch(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], context: int, batch: int
+) -> torch.Tensor:
+    """``(batch, context)`` token ids cut from real text; a text too short for one window is
+    repeated, and too few windows are reused, so every grid point gets exactly its shape."""
+    repeated = list(texts)
+    for _ in range(_MAX_TEXT_REPEATS.bit_length()):
+        try:
+            windows = token_windows(tokenizer, repeated, context, max_windows=batch)
+            break
+        except LessKVError as err:
+            if "not enough for one window" not in str(err):
+                raise
+            repeated = repeated * 2
+    else:
+        raise LessKVError(
+            f"the prompt text is too short to build a {context}-token prompt even repeated "
+            f"{_MAX_TEXT_REPEATS} times; give more text (--data)"
+        )
+    return windows[torch.arange(batch) % windows.shape[0]]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _current_rss() -> int | None:
+    """Resident set size now, from /proc (Linux only)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _peak_rss() -> int:
+    """The process's peak RSS so far; ``ru_maxrss`` is KiB on Linux, bytes on macOS."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def cache_memory(cache: DynamicCache | LessCache) -> dict[str, int]:
+    """``{'kv', 'state'}`` bytes counted from the tensors the cache holds right now."""
+    if isinstance(cache, LessCache):
+        return cache.memory_bytes()
+    kv = 0
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                kv += tensor.nbytes
+    return {"kv": kv, "state": 0}
+
+
+def _make_cache(
+    model: PreTrainedModel,
+    method: str,
+    policy: Policy | None,
+    kernels: LessKernels | None,
+    stock_attention: str,
+) -> DynamicCache | LessCache:
+    """A fresh cache; ``full`` also puts the model back on its stock attention, so it is timed
+    exactly as transformers runs it (a LessCache switches the model to lesskv's attention)."""
+    if method == "full":
+        if model.config._attn_implementation != stock_attention:
+            model.set_attn_implementation(stock_attention)
+        return DynamicCache(config=model.config)
+    if method == "baseline":
+        return LessCache(model, policy)
+    return LessCache(model, policy, kernels=kernels)
+
+
+@torch.no_grad()
+def _run_one(
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    method: str,
+    policy: Policy | None,
+    kernels: LessKernels | None,
+    new_tokens: int,
+    stock_attention: str,
+) -> BenchRow:
+    """Prefill once, then ``new_tokens`` greedy steps, each timed alone."""
+    device = ids.device
+    batch, context = ids.shape
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    cache = _make_cache(model, method, policy, kernels, stock_attention)
+    _sync(device)
+    start = time.perf_counter()
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
+    prefill_s = time.perf_counter() - start
+    del out
+    steps: list[float] = []
+    for _ in range(new_tokens):
+        start = time.perf_counter()
+        out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        steps.append(time.perf_counter() - start)
+        del out
+    memory = cache_memory(cache)
+    budget = context if method == "full" else cache.layers[0].budget
+    row = BenchRow(
+        method=method,
+        policy="" if method == "full" or policy is None else f"{policy.name}-{policy.budget}",
+        context=context,
+        batch=batch,
+        budget_tokens=budget,
+        new_tokens=new_tokens,
+        prefill_s=prefill_s,
+        decode_ms_per_token=float(np.median(steps)) * 1e3,
+        decode_ms_p90=float(np.percentile(steps, 90)) * 1e3,
+        decode_tokens_per_s=batch * len(steps) / sum(steps),
+        cache_bytes=memory["kv"] + memory["state"],
+        kv_bytes=memory["kv"],
+        state_bytes=memory["state"],
+        peak_rss_bytes=_peak_rss(),
+        rss_bytes=_current_rss(),
+        peak_device_bytes=(
+            torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        ),
+        device=str(device),
+    )
+    del cache, token
+    _release(model, device)
+    return row
+
+
+def _release(model: PreTrainedModel, device: torch.device) -> None:
+    """Free the finished run's cache, so the next grid point starts from the same state."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_benchmark(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    contexts: Sequence[int],
+    batch_sizes: Sequence[int],
+    methods: Sequence[str],
+    policy: Policy | None,
+    kernels: LessKernels | None,
+    new_tokens: int = 64,
+    prompt_texts: list[str],
+    progress: bool = True,
+    warmup: bool = True,
+) -> list[BenchRow]:
+    """Time every (context, batch, method) point; one :class:`BenchRow` each, in that order.
+
+    ``full`` is transformers' ``DynamicCache`` on the model's stock attention, ``baseline`` a
+    :class:`LessCache` with ``policy`` (real eviction), ``less`` the same with ``kernels``.
+    Prompts are real text, exactly ``context`` tokens. ``warmup`` first runs each method once
+    on one prompt so one-time costs (thread pools, allocator, kernel selection) do not
+    land on the first grid point (it uses the smallest context, which the policy is known to
+    accept). Peak RSS is process-wide: see :class:`BenchRow`.
+    """
+    from tqdm.auto import tqdm
+
+    methods = list(methods)
+    unknown = [m for m in methods if m not in BENCH_METHODS]
+    if not methods or unknown:
+        raise LessKVError(
+            f"unknown benchmark method(s) {unknown or methods}: choose from "
+            f"{', '.join(BENCH_METHODS)}"
+        )
+    if new_tokens < 1:
+        raise LessKVError(f"new_tokens must be >= 1, got {new_tokens}")
+    if not contexts or not batch_sizes:
+        raise LessKVError("give at least one context and one batch size")
+    if any(b < 1 for b in batch_sizes):
+        raise LessKVError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
+    check_contexts(model, contexts, new_tokens)
+    if any(m != "full" for m in methods):
+        if policy is None:
+            raise LessKVError("methods baseline and less need a policy and a budget")
+        for context in contexts:
+            policy.slots(context)  # a bad budget fails now, not after minutes of timing
+    if "less" in methods and kernels is None:
+        raise LessKVError("method 'less' needs trained kernels (--kernels DIR)")
+
+    stock = model.config._attn_implementation
+    if stock == integration.ATTN_NAME:
+        stock = _STOCK_ATTENTION
+    original = model.config._attn_implementation
+    device = next(model.parameters()).device
+    grid = [(c, b, m) for c in contexts for b in batch_sizes for m in methods]
+    rows: list[BenchRow] = []
+    try:
+        if warmup:
+            ids = prompt_batch(tokenizer, prompt_texts, min(contexts), 1).to(device)
+            for method in methods:
+                _run_one(model, ids, method, policy, kernels, 2, stock)
+        bar = tqdm(grid, desc="bench", unit="run", disable=not progress)
+        for context, batch, method in bar:
+            bar.set_postfix_str(f"{method} ctx={context} batch={batch}")
+            ids = prompt_batch(tokenizer, prompt_texts, context, batch).to(device)
+            rows.append(_run_one(model, ids, method, policy, kernels, new_tokens, stock))
+            del ids
+    finally:
+        if model.config._attn_implementation != original:
+            model.set_attn_implementation(original)
+    return rows
+
+
+def max_batch_for_memory(
+    model: PreTrainedModel,
+    context: int,
+    kv_budget_bytes: int,
+    method: str,
+    policy: Policy | None,
+    rank: int | None,
+    *,
+    new_tokens: int = 0,
+) -> dict[str, object]:
+    """The largest batch whose cache fits ``kv_budget_bytes``: the paper's throughput argument.
+
+    Per sequence, ``full`` holds ``context + new_tokens`` tokens of K/V in every layer
+    (``2 * kv_heads * head_dim * dtype bytes`` each); ``baseline`` holds the policy's budget;
+    ``less`` holds the budget plus an fp32 state of ``R * (D + 1)`` numbers per KV head. This
+    counts what :meth:`LessCache.memory_bytes` counts; the per-slot bookkeeping (position,
+    score, valid flag) and the model's own weights and activations are left out.
+    """
+    if method not in BENCH_METHODS:
+        raise LessKVError(f"unknown method {method!r}: choose from {', '.join(BENCH_METHODS)}")
+    modules = integration.attention_modules(model)
+    layers, head_dim = len(modules), modules[0].head_dim
+    config = model.config
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    dtype_bytes = next(model.parameters()).element_size()
+    per_token = layers * 2 * kv_heads * head_dim * dtype_bytes
+    state = 0
+    if method == "full":
+        tokens = context + new_tokens
+    else:
+        if policy is None:
+            raise LessKVError(f"method {method!r} needs a policy and a budget")
+        tokens = policy.slots(context).total
+        if method == "less":
+            if rank is None:
+                raise LessKVError("method 'less' needs the kernels' rank")
+            state = layers * kv_heads * rank * (head_dim + 1) * 4
+    per_sequence = tokens * per_token + state
+    return {
+        "method": method,
+        "context": context,
+        "tokens_held": tokens,
+        "bytes_per_sequence": per_sequence,
+        "kv_budget_bytes": kv_budget_bytes,
+        "max_batch": kv_budget_bytes // per_sequence,
+    }
+
+
+def plot_benchmark(rows: Sequence[BenchRow], path: str | Path) -> Path:
+    """Decode throughput and cache MiB against context, one line per (method, batch): the two
+    axes on which LESS trades against full attention."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    series: dict[tuple[str, int], list[BenchRow]] = {}
+    for row in rows:
+        series.setdefault((row.method, row.batch), []).append(row)
+    colors = {m: f"C{i}" for i, m in enumerate(BENCH_METHODS)}  # one colour per method
+    batches = sorted({row.batch for row in rows})
+    markers = "os^Dvp*"  # one marker and dash style per batch size
+    for (method, batch), points in sorted(series.items()):
+        points = sorted(points, key=lambda r: r.context)
+        x = [r.context for r in points]
+        i = batches.index(batch)
+        style = dict(
+            color=colors[method],
+            marker=markers[i % len(markers)],
+            linestyle=("-", "--", ":", "-.")[i % 4],
+            label=f"{method}, batch {batch}",
+        )
+        speed.plot(x, [r.decode_tokens_per_s for r in points], **style)
+        memory.plot(x, [r.cache_bytes / 2**20 for r in points], **style)
+    speed.set_ylabel("decode tokens / s (whole batch)")
+    memory.set_ylabel("cache MiB (K/V + LESS state)")
+    for ax in (speed, memory):
+        ax.set_xlabel("context (prompt tokens)")
+        ax.grid(alpha=0.3)
+    speed.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

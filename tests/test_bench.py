@@ -1,0 +1,116 @@
+"""The benchmark's code path on a tiny model: shapes, memory accounting and the plot.
+
+Timings are only checked to be positive: a benchmark prints numbers, it never asserts speed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from lesskv.bench import max_batch_for_memory, plot_benchmark, prompt_batch, run_benchmark
+from lesskv.cli import main
+from lesskv.errors import LessKVError
+from lesskv.policies import make_policy
+from test_cache import BUDGET, kernel_set
+from test_models import save_tiny, tiny_tokenizer
+
+TEXT = ["the cat sat on a mat the dog ran on the mat " * 4]  # 48 words: forces repetition
+METHODS = ("full", "baseline", "less")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    # One thread: on a busy machine thread hand-offs cost far more than the tiny model's math.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = make_tiny_model("llama-gqa", max_position_embeddings=512)
+    yield model, tiny_tokenizer(), make_policy("h2o", BUDGET), kernel_set(model)
+    torch.set_num_threads(threads)
+
+
+def test_grid_rows_memory_and_plot(setup, tmp_path):
+    model, tokenizer, policy, kernels = setup
+    rows = run_benchmark(
+        model,
+        tokenizer,
+        contexts=(32, 64),
+        batch_sizes=(1, 2),
+        methods=METHODS,
+        policy=policy,
+        kernels=kernels,
+        new_tokens=4,
+        prompt_texts=TEXT,
+        progress=False,
+    )
+    assert len(rows) == 2 * 2 * 3
+    assert model.config._attn_implementation == "sdpa"  # left as it was found
+    for row in rows:
+        assert row.prefill_s > 0 and row.decode_ms_per_token > 0 and row.decode_tokens_per_s > 0
+        assert row.decode_ms_p90 >= row.decode_ms_per_token
+        assert row.cache_bytes == row.kv_bytes + row.state_bytes > 0
+        assert row.peak_rss_bytes > 0 and row.as_dict()["method"] == row.method
+    by = {(r.method, r.context, r.batch): r for r in rows}
+    for batch in (1, 2):
+        for context in (32, 64):
+            full, base, less = (by[m, context, batch] for m in METHODS)
+            assert full.budget_tokens == context and base.budget_tokens == BUDGET
+            assert full.state_bytes == base.state_bytes == 0 < less.state_bytes
+            assert base.cache_bytes < less.cache_bytes < full.cache_bytes
+            assert less.kv_bytes == base.kv_bytes
+            for row in (full, base, less):  # the arithmetic agrees with the real tensors
+                fit = max_batch_for_memory(
+                    model, context, 2**20, row.method, policy, 4, new_tokens=4
+                )
+                assert fit["bytes_per_sequence"] * batch == row.cache_bytes
+                assert fit["max_batch"] == 2**20 // fit["bytes_per_sequence"]
+        for method in ("baseline", "less"):  # eviction: constant whatever the context
+            assert by[method, 32, batch].cache_bytes == by[method, 64, batch].cache_bytes
+        assert by["full", 64, batch].cache_bytes > by["full", 32, batch].cache_bytes
+    assert by["full", 64, 2].cache_bytes == 2 * by["full", 64, 1].cache_bytes
+
+    png = plot_benchmark(rows, tmp_path / "plots" / "bench.png")
+    data = png.read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 1000
+
+
+def test_prompts_are_exact_real_text_windows(setup):
+    _, tokenizer, _, _ = setup
+    ids = prompt_batch(tokenizer, TEXT, 40, 3)
+    assert ids.shape == (3, 40) and (ids >= 2).all()  # real words, no unk/eos
+
+
+def test_context_beyond_the_model_is_refused(setup):
+    model, tokenizer, policy, kernels = setup
+    options = dict(batch_sizes=(1,), policy=policy, kernels=kernels, prompt_texts=TEXT)
+    with pytest.raises(LessKVError, match="by 2 tokens"):
+        run_benchmark(model, tokenizer, contexts=(510,), methods=["full"], new_tokens=4, **options)
+    with pytest.raises(LessKVError, match="unknown"):
+        run_benchmark(model, tokenizer, contexts=(32,), methods=["baseline+"], **options)
+    with pytest.raises(LessKVError, match="kernels"):
+        run_benchmark(
+            model, tokenizer, contexts=(32,), methods=["less"], **{**options, "kernels": None}
+        )
+
+
+def test_cli_prints_table_json_plot_and_memory_fit(setup, tmp_path, capsys):
+    save_tiny(tmp_path / "model")  # max_position_embeddings=256
+    (tmp_path / "t.txt").write_text(TEXT[0])
+    common = ["bench", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "t.txt")]
+    common += ["--budget", "8", "--methods", "full,baseline", "--batch-sizes", "1,2"]
+    out_json, out_png = tmp_path / "rows.json", tmp_path / "bench.png"
+    args = [*common, "--contexts", "24,32", "--new-tokens", "2", "--json", str(out_json)]
+    assert main([*args, "--plot", str(out_png)]) == 0
+    out = capsys.readouterr().out
+    assert "| method" in out and "max_batch" in out and "decode_tokens_per_s" in out
+    rows = json.loads(out_json.read_text())
+    assert len(rows) == 8 and {r["method"] for r in rows} == {"full", "baseline"}
+    assert out_png.read_bytes().startswith(b"\x89PNG")
+    assert main([*common, "--contexts", "250", "--new-tokens", "10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the weight-loading bar
+    assert err.startswith("lesskv: error:") and "by 4 tokens" in err
+    assert main([*common, "--contexts", "32,x"]) == 2
+    assert "--contexts" in capsys.readouterr().err
