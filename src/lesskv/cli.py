@@ -20,6 +20,14 @@ Methods compared everywhere:
   baseline   the sparse policy alone, keeping BUDGET pairs per KV head
   baseline+  the policy with extra pairs weighing as much as LESS's state (fair comparison)
   less       the policy plus the learned low-rank state (needs kernels)
+
+Examples:
+  lesskv demo
+  lesskv eval ppl --data wiki.test.raw --seq-len 1024 --windows 12 --policy h2o --budget 0.1 \\
+      --methods full,baseline,baseline+,less
+  lesskv train --policy h2o --budget 0.1 --data c4.jsonl --sequences 64 --out runs/h2o-0.1
+  lesskv generate --method less --budget 0.1 --prompt "Once upon a time"
+  lesskv bench --contexts 1024,8000 --batch-sizes 1,8 --methods full,baseline,less
 """
 
 
