@@ -173,6 +173,19 @@ def test_bad_requests_are_refused():
         cache.crop(-1)
 
 
+def test_assisted_decoding_is_refused_with_a_clear_error():
+    """Speculative decoding rolls rejected tokens back, which evicted pairs cannot undo."""
+    model = make_tiny_model("llama-gqa")
+    with pytest.raises(LessKVError, match="assisted"):
+        model.generate(
+            input_ids=prompt(12),
+            past_key_values=LessCache(model, "h2o", BUDGET),
+            assistant_model=make_tiny_model("llama-gqa"),
+            max_new_tokens=6,
+            do_sample=False,
+        )
+
+
 def test_a_finished_cache_is_freed():
     model = make_tiny_model("llama-gqa")
     cache = LessCache(model, "h2o", BUDGET)

@@ -33,20 +33,24 @@ def attention_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Te
     return torch.einsum("bhgqd,bhkd->bhgqk", q, k) * scale
 
 
+def masked_softmax(
+    logits: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention probabilities restricted to ``keep`` and the log-sum-exp of the kept logits
+    ``(..., 1)``; a row with nothing kept (padding) gives probabilities 0 and lse -inf
+    instead of NaN, so it cannot poison later layers. One temporary, updated in place."""
+    masked = logits.masked_fill(~keep, NEG_INF)
+    lse = masked.logsumexp(-1, keepdim=True)
+    return masked.sub_(lse.nan_to_num(neginf=0.0)).exp_(), lse
+
+
 def sparse_attention(
     logits: torch.Tensor, value: torch.Tensor, keep: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention restricted to ``keep`` (broadcastable to the logits).
-
-    Returns the output ``(B, Hkv, G, Tq, D)`` and the log-sum-exp of the kept logits
-    ``(B, Hkv, G, Tq, 1)``; a row with nothing kept (padding) gives output 0 and lse -inf
-    instead of NaN, so it cannot poison later layers.
-    """
-    masked = logits.masked_fill(~keep, NEG_INF)
-    lse = masked.logsumexp(-1, keepdim=True)
-    probs = torch.exp(masked - lse.nan_to_num(neginf=0.0))
-    out = torch.einsum("bhgqk,bhkd->bhgqd", probs, value)
-    return out, lse
+    """Softmax attention restricted to ``keep`` (broadcastable to the logits): the output
+    ``(B, Hkv, G, Tq, D)`` and the kept logits' log-sum-exp ``(B, Hkv, G, Tq, 1)``."""
+    probs, lse = masked_softmax(logits, keep)
+    return torch.einsum("bhgqk,bhkd->bhgqd", probs, value), lse
 
 
 def lowrank_parallel(

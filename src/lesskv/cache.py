@@ -214,9 +214,12 @@ class LessCache(Cache):
         modules = integration.attention_modules(model)
         layers = [
             LessLayer(
-                policy, kernels.layers[i] if kernels is not None else None, rank or 8, context
+                policy,
+                None if kernels is None else integration.on_layer_device(kernels.layers[i], m),
+                rank or 8,
+                context,
             )
-            for i in range(len(modules))
+            for i, m in enumerate(modules)
         ]
         super().__init__(layers=layers)
 
@@ -272,20 +275,21 @@ def attend(
     scores = torch.cat([layer.scores, layer.scores.new_zeros(*layer.scores.shape[:2], extra)], -1)
     outputs = []
     for start in range(0, q.shape[3], QUERY_BLOCK):
-        rows = slice(start, start + QUERY_BLOCK)
-        block_visible = visible[..., rows, :]
-        logits = math_ops.attention_logits(q[..., rows, :], key, scale)
-        out, lse = math_ops.sparse_attention(logits, value, block_visible)
+        end = min(start + QUERY_BLOCK, q.shape[3])
+        rows = slice(start, end)
+        # Causality: chunk tokens after the block's last query are invisible to the block.
+        cols = slice(0, key.shape[2] - q.shape[3] + end)
+        block_visible = visible[..., rows, cols]
+        logits = math_ops.attention_logits(q[..., rows, :], key[:, :, cols], scale)
+        probs, lse = math_ops.masked_softmax(logits, block_visible)
+        out = torch.einsum("bhgqk,bhkd->bhgqd", probs, value[:, :, cols])
         if layer.kernels is not None:
             phi = layer.kernels.phi(q[..., rows, :]).float()
             num, den = math_ops.lowrank_recurrent(phi, layer.state_h, layer.state_z)
             out = math_ops.combine(out.float(), lse.float(), num, den).to(value.dtype)
         outputs.append(out)
         if layer.policy.uses_attention:
-            probs = torch.exp(
-                logits.masked_fill(~block_visible, NEG_INF) - lse.nan_to_num(neginf=0.0)
-            )
-            scores = layer.policy.update_scores(scores, probs.float())
+            scores[..., cols] = layer.policy.update_scores(scores[..., cols], probs.float())
     if decoding:
         layer.scores = scores
     else:
