@@ -110,3 +110,24 @@ def test_bad_setups_are_refused():
         integration.set_method(model, "baseline")
     with pytest.raises(LessKVError, match="kernels"):
         integration.set_method(model, "less", policy=make_policy("h2o", 8))
+
+
+def test_each_layers_kernels_move_to_that_layers_device():
+    """As with device_map="auto": layer 1 lives elsewhere (meta stands in for a second GPU)."""
+    from lesskv.cache import LessCache
+    from lesskv.kernels import KernelMeta, LessKernels
+
+    model = make_tiny_model("llama-gqa")
+    integration.attention_modules(model)[1].to("meta")
+    meta = KernelMeta.for_model(model, "tiny", policy="h2o", budget="8", rank=4, hidden=16)
+    policy = make_policy("h2o", 8)
+
+    def devices(kernels):
+        return [{p.device.type for p in layer.parameters()} for layer in kernels.layers]
+
+    kernels = LessKernels(meta, tiny_kernels(model))
+    integration.set_method(model, "less", policy=policy, kernels=list(kernels.layers))
+    assert devices(kernels) == [{"cpu"}, {"meta"}]
+    kernels = LessKernels(meta, tiny_kernels(model))
+    LessCache(model, policy, kernels=kernels)
+    assert devices(kernels) == [{"cpu"}, {"meta"}]

@@ -38,10 +38,10 @@ def masked_softmax(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention probabilities restricted to ``keep`` and the log-sum-exp of the kept logits
     ``(..., 1)``; a row with nothing kept (padding) gives probabilities 0 and lse -inf
-    instead of NaN, so it cannot poison later layers. One temporary, updated in place."""
+    instead of NaN, so it cannot poison later layers."""
     masked = logits.masked_fill(~keep, NEG_INF)
-    lse = masked.logsumexp(-1, keepdim=True)
-    return masked.sub_(lse.nan_to_num(neginf=0.0)).exp_(), lse
+    lse = masked.logsumexp(-1, keepdim=True)  # keeps ``masked`` for its backward
+    return (masked - lse.nan_to_num(neginf=0.0)).exp_(), lse
 
 
 def sparse_attention(

@@ -104,8 +104,14 @@ def set_method(
         module.lesskv = LayerSetup(
             policy=None if method == "full" else policy,
             extra_tokens=extra_tokens(method, rank, module.head_dim),
-            kernels=kernels[i] if method == "less" else None,
+            kernels=on_layer_device(kernels[i], module) if method == "less" else None,
         )
+
+
+def on_layer_device(kernels: nn.Module, module: nn.Module) -> nn.Module:
+    """Move one layer's kernels (in place) to where that attention layer computes, so a model
+    split over devices (``device_map="auto"``) keeps each layer's LESS work on its device."""
+    return kernels.to(next(module.parameters()).device)
 
 
 def extra_tokens(method: str, rank: int, head_dim: int) -> int:
