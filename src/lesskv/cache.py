@@ -247,7 +247,10 @@ class LessCache(Cache):
         return totals
 
 
-QUERY_BLOCK = 1024  # prompt queries attended at once: bounds prefill memory
+# Prompt queries are attended a block at a time: the block's logits (batch x query heads x
+# rows x keys) stay near this many elements, which bounds prefill memory and keeps each
+# elementwise pass in cache (1M elements ran 5x faster than whole 1024-row blocks on CPU).
+BLOCK_ELEMENTS = 2**20
 
 
 def attend(
@@ -274,8 +277,9 @@ def attend(
     extra = key.shape[2] - layer.budget
     scores = torch.cat([layer.scores, layer.scores.new_zeros(*layer.scores.shape[:2], extra)], -1)
     outputs = []
-    for start in range(0, q.shape[3], QUERY_BLOCK):
-        end = min(start + QUERY_BLOCK, q.shape[3])
+    rows_per_block = max(1, BLOCK_ELEMENTS // query.shape[:2].numel() // key.shape[2])
+    for start in range(0, q.shape[3], rows_per_block):
+        end = min(start + rows_per_block, q.shape[3])
         rows = slice(start, end)
         # Causality: chunk tokens after the block's last query are invisible to the block.
         cols = slice(0, key.shape[2] - q.shape[3] + end)
