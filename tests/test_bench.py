@@ -77,6 +77,26 @@ def test_grid_rows_memory_and_plot(setup, tmp_path):
     assert data.startswith(b"\x89PNG") and len(data) > 1000
 
 
+def test_shared_prefill_repeats_one_cache_across_the_batch(setup):
+    model, tokenizer, policy, kernels = setup
+    options = dict(
+        contexts=(32,),
+        batch_sizes=(3,),
+        methods=METHODS,
+        policy=policy,
+        kernels=kernels,
+        new_tokens=2,
+        prompt_texts=TEXT,
+        progress=False,
+        warmup=False,
+    )
+    separate = run_benchmark(model, tokenizer, **options)
+    shared = run_benchmark(model, tokenizer, shared_prefill=True, **options)
+    for own, repeated in zip(separate, shared, strict=True):
+        assert repeated.shared_prefill and not own.shared_prefill
+        assert repeated.batch == 3 and repeated.cache_bytes == own.cache_bytes
+
+
 def test_prompts_are_exact_real_text_windows(setup):
     _, tokenizer, _, _ = setup
     ids = prompt_batch(tokenizer, TEXT, 40, 3)

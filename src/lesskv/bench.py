@@ -47,7 +47,8 @@ class BenchRow:
     ``peak_rss_bytes`` is the process's high-water mark so far (it never goes down, so a row
     only bounds the rows before it); ``rss_bytes`` is the resident memory right after this
     row's decoding, with its cache still alive. ``peak_device_bytes`` is the accelerator's
-    peak allocation during this row (``None`` on CPU).
+    peak allocation during this row (``None`` on CPU). With ``shared_prefill`` one sequence
+    was prefilled (``prefill_s`` is its time) and its cache repeated across the batch.
     """
 
     method: str
@@ -67,6 +68,7 @@ class BenchRow:
     rss_bytes: int | None
     peak_device_bytes: int | None
     device: str
+    shared_prefill: bool = False
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -178,10 +180,12 @@ def _run_one(
     kernels: LessKernels | None,
     new_tokens: int,
     stock_attention: str,
+    batch: int,
 ) -> BenchRow:
-    """Prefill once, then ``new_tokens`` greedy steps, each timed alone."""
+    """Prefill ``ids``, repeat the cache up to ``batch`` sequences if ``ids`` holds fewer, then
+    ``new_tokens`` greedy steps, each timed alone."""
     device = ids.device
-    batch, context = ids.shape
+    context = ids.shape[1]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     cache = _make_cache(model, method, policy, kernels, stock_attention)
@@ -192,6 +196,10 @@ def _run_one(
     _sync(device)
     prefill_s = time.perf_counter() - start
     del out
+    shared = ids.shape[0] < batch
+    if shared:  # as generate() does for num_return_sequences
+        cache.batch_repeat_interleave(batch)
+        token = token.repeat_interleave(batch, dim=0)
     steps: list[float] = []
     for _ in range(new_tokens):
         start = time.perf_counter()
@@ -222,6 +230,7 @@ def _run_one(
             torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         ),
         device=str(device),
+        shared_prefill=shared,
     )
     del cache, token
     _release(model, device)
@@ -248,6 +257,7 @@ def run_benchmark(
     prompt_texts: list[str],
     progress: bool = True,
     warmup: bool = True,
+    shared_prefill: bool = False,
 ) -> list[BenchRow]:
     """Time every (context, batch, method) point; one :class:`BenchRow` each, in that order.
 
@@ -256,7 +266,10 @@ def run_benchmark(
     Prompts are real text, exactly ``context`` tokens. ``warmup`` first runs each method once
     on one prompt so one-time costs (thread pools, allocator, kernel selection) do not
     land on the first grid point (it uses the smallest context, which the policy is known to
-    accept). Peak RSS is process-wide: see :class:`BenchRow`.
+    accept). Peak RSS is process-wide: see :class:`BenchRow`. ``shared_prefill`` prefills one
+    prompt per grid point and repeats its cache across the batch: decoding costs the same
+    whatever the prompts hold, and it makes long-context batches affordable where prefill is
+    slow (H2O's scores need the whole attention matrix, which CPU prefill pays dearly).
     """
     from tqdm.auto import tqdm
 
@@ -293,12 +306,13 @@ def run_benchmark(
         if warmup:
             ids = prompt_batch(tokenizer, prompt_texts, min(contexts), 1).to(device)
             for method in methods:
-                _run_one(model, ids, method, policy, kernels, 2, stock)
+                _run_one(model, ids, method, policy, kernels, 2, stock, 1)
         bar = tqdm(grid, desc="bench", unit="run", disable=not progress)
         for context, batch, method in bar:
             bar.set_postfix_str(f"{method} ctx={context} batch={batch}")
-            ids = prompt_batch(tokenizer, prompt_texts, context, batch).to(device)
-            rows.append(_run_one(model, ids, method, policy, kernels, new_tokens, stock))
+            prompts = 1 if shared_prefill else batch
+            ids = prompt_batch(tokenizer, prompt_texts, context, prompts).to(device)
+            rows.append(_run_one(model, ids, method, policy, kernels, new_tokens, stock, batch))
             del ids
     finally:
         if model.config._attn_implementation != original:
