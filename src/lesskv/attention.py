@@ -33,9 +33,7 @@ def attention_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Te
     return torch.einsum("bhgqd,bhkd->bhgqk", q, k) * scale
 
 
-def masked_softmax(
-    logits: torch.Tensor, keep: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention probabilities restricted to ``keep`` and the log-sum-exp of the kept logits
     ``(..., 1)``; a row with nothing kept (padding) gives probabilities 0 and lse -inf
     instead of NaN, so it cannot poison later layers."""

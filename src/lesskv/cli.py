@@ -7,8 +7,13 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lesskv.errors import LessKVError
+
+if TYPE_CHECKING:  # the command imports the heavy modules only once it knows what it runs
+    from lesskv.distributed import Worker
+    from lesskv.policies import Policy
 
 DESCRIPTION = """\
 lesskv: LESS (Dong et al., ICML 2024) for Hugging Face models. A sparse KV-cache policy
@@ -27,6 +32,8 @@ Examples:
       --methods full,baseline,baseline+,less
   lesskv train --policy h2o --budget 0.1 --data c4.jsonl --sequences 64 --out runs/h2o-0.1
   lesskv generate --method less --budget 0.1 --prompt "Once upon a time"
+  lesskv eval tasks --tasks piqa,arc_easy --data-dir ../shared/data --num-fewshot 5 --limit 100
+  lesskv analyze residual --budget 0.1 --out figs/
   lesskv bench --contexts 1024,8000 --batch-sizes 1,8 --methods full,baseline,less
 """
 
@@ -130,6 +137,79 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
     summ.set_defaults(run=_run_eval_summarize)
 
+    tasks = evaluate.add_parser(
+        "tasks",
+        help="accuracy on lm-eval tasks per method (piqa, rte, arc_easy, ...; few-shot)",
+        description="Score lm-evaluation-harness tasks (loglikelihood / multiple choice) with "
+        "every method on the same prompts. Budgets are relative to each request's length, so "
+        "few-shot prompts are compressed by the same ratio as short ones. Task names are "
+        "lm-eval's (online); --data-dir reads local copies of piqa, rte, openbookqa, arc_easy, "
+        "arc_challenge and winogrande instead.",
+    )
+    _add_model_args(tasks)
+    tasks.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    tasks.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="offline: folder laid out like ../shared/data (piqa/, rte/, arc/, ...)",
+    )
+    tasks.add_argument("--num-fewshot", type=int, default=None, help="examples per prompt")
+    tasks.add_argument("--limit", type=int, default=None, help="score only N documents per task")
+    _add_policy_args(tasks, budget="0.1")
+    tasks.add_argument("--methods", default="full,baseline,baseline+,less")
+    tasks.add_argument(
+        "--kernels",
+        type=Path,
+        default=None,
+        help="trained kernel folder for 'less' (default model: the shipped kernels)",
+    )
+    tasks.add_argument("--rank", type=int, default=8, help="LESS rank R (sizes Baseline+)")
+    tasks.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
+    tasks.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
+    tasks.set_defaults(run=_run_eval_tasks)
+
+    analyze = commands.add_parser(
+        "analyze", help="figures: residual spectrum (paper Fig. 3), attention maps (Fig. 1)"
+    ).add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    residual = analyze.add_parser(
+        "residual",
+        help="singular-value energy of attention outputs vs the full-minus-sparse residual",
+        description="Per layer and head, the share of energy in the top-1/2/4/8/16 singular "
+        "values of the attention output and of the residual (full - sparse) at positions where "
+        "the policy has evicted, averaged over --windows windows. Writes residual.png and "
+        "residual.json to --out.",
+    )
+    _add_model_args(residual)
+    _add_data_args(residual)
+    _add_policy_args(residual, budget="0.1")
+    residual.add_argument("--seq-len", type=int, default=512, help="window length in tokens")
+    residual.add_argument("--windows", type=int, default=2, help="windows averaged")
+    residual.add_argument("--out", type=Path, required=True, help="output folder")
+    residual.set_defaults(run=_run_analyze_residual)
+    attention = analyze.add_parser(
+        "attention",
+        help="attention maps of full, sparse and LESS-effective attention for one head",
+        description="For one text, layer and query head: the full attention map, the sparse "
+        "policy's map, and LESS's effective map (kept keys by softmax weight, evicted keys by "
+        "phi(q).psi(k)). Writes attention.png and attention.json to --out.",
+    )
+    _add_model_args(attention)
+    _add_data_args(attention)
+    attention.add_argument("--text", default=None, help="the text (instead of --data)")
+    _add_policy_args(attention, budget="0.1")
+    attention.add_argument("--seq-len", type=int, default=256, help="tokens of the text used")
+    attention.add_argument("--layer", type=int, default=0)
+    attention.add_argument("--head", type=int, default=0, help="query head")
+    attention.add_argument(
+        "--kernels",
+        type=Path,
+        default=None,
+        help="kernel folder for the LESS map (default model: the shipped kernels)",
+    )
+    attention.add_argument("--out", type=Path, required=True, help="output folder")
+    attention.set_defaults(run=_run_analyze_attention)
+
     gen = commands.add_parser(
         "generate",
         help="stream a continuation with real eviction (baseline) or LESS",
@@ -181,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-sizes", default="1,4,8", help="comma-separated batch sizes")
     bench.add_argument("--methods", default="full,baseline,less", help="full, baseline, less")
     bench.add_argument("--new-tokens", type=int, default=64, help="decoding steps timed")
+    bench.add_argument(
+        "--shared-prefill",
+        action="store_true",
+        help="prefill one prompt per grid point and repeat its cache across the batch "
+        "(decode timings unchanged; makes long-context batches affordable on CPU)",
+    )
     bench.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     _add_data_args(bench)
     bench.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
@@ -197,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train LESS kernels for a model, policy and budget",
         description="Record the frozen model's attention on --data, then fit each layer's "
-        "kernels to what eviction loses. Reruns resume; --layers splits work across processes.",
+        "kernels to what eviction loses. Reruns resume; --layers splits work across processes, "
+        "and `torchrun --nproc-per-node N -m lesskv train ...` splits the layers across N "
+        "processes (GPUs, or CPU processes without CUDA) and across nodes.",
     )
     _add_model_args(train)
     _add_policy_args(train)
@@ -214,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True, help="output kernel folder")
     train.add_argument(
         "--overwrite", action="store_true", help="replace another run's kernels in --out"
+    )
+    train.add_argument(
+        "--distributed",
+        action="store_true",
+        help="split the layers across torchrun's processes (implied when torchrun starts more "
+        "than one); --out must be shared by all of them",
     )
     train.set_defaults(run=_run_train)
     return parser
@@ -308,6 +402,88 @@ def _run_eval_summarize(args: argparse.Namespace) -> None:
         args.json.write_text(json.dumps({"rows": rows, "generations": generations}, indent=2))
 
 
+def _run_eval_tasks(args: argparse.Namespace) -> None:
+    from lesskv.evaluation.tasks import evaluate_tasks, quiet_lm_eval
+    from lesskv.models import load_model
+    from lesskv.policies import make_policy
+
+    methods = _parse_methods(args.methods)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    policy = make_policy(args.policy, args.budget)
+    quiet_lm_eval()
+    model, tokenizer = load_model(args.model)
+    kernels = None
+    if "less" in methods:
+        kernels = resolve_kernels(args.kernels, args.model, model, policy, 0)
+    results = evaluate_tasks(
+        model,
+        tokenizer,
+        tasks,
+        methods,
+        policy=policy,
+        kernels=kernels,
+        rank=args.rank,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+    )
+    rows = [r.as_dict() for r in results]
+    columns = "task method policy budget num_fewshot acc acc_norm samples mean_tokens mean_kept"
+    _print_table(rows, columns.split())
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _run_analyze_residual(args: argparse.Namespace) -> None:
+    from lesskv.analysis import plot_residual_energy, residual_energy
+    from lesskv.data import load_texts, token_windows
+    from lesskv.models import load_model
+    from lesskv.policies import make_policy
+
+    policy = make_policy(args.policy, args.budget)
+    policy.slots(args.seq_len)
+    if args.windows < 1:
+        raise LessKVError(f"--windows must be >= 1, got {args.windows}")
+    texts = load_texts(args.data, field=args.field)
+    model, tokenizer = load_model(args.model)
+    check_seq_len(args.seq_len, args.model, model)
+    windows = token_windows(tokenizer, texts, args.seq_len, max_windows=args.windows)
+    report = residual_energy(model, windows, policy, model_name=args.model)
+    json_path, png_path = report.save(args.out), plot_residual_energy(report, args.out)
+    _print_table(report.layer_rows(), ["layer", *report.columns()])
+    print(f"written: {png_path}, {json_path}")
+
+
+def _run_analyze_attention(args: argparse.Namespace) -> None:
+    from lesskv.analysis import attention_maps, plot_attention_maps
+    from lesskv.data import load_texts, token_windows
+    from lesskv.models import load_model
+    from lesskv.policies import make_policy
+
+    policy = make_policy(args.policy, args.budget)
+    model, tokenizer = load_model(args.model)
+    check_seq_len(args.seq_len, args.model, model)
+    if args.text is not None:
+        ids = tokenizer(args.text, return_tensors="pt").input_ids[:, : args.seq_len]
+    else:
+        texts = load_texts(args.data, field=args.field)
+        ids = token_windows(tokenizer, texts, args.seq_len, max_windows=1)
+    kernels = None
+    try:
+        kernels = resolve_kernels(args.kernels, args.model, model, policy, ids.shape[1])
+    except LessKVError as err:
+        if args.kernels is not None:
+            raise
+        print(f"no LESS map: {err}", file=sys.stderr)
+    maps = attention_maps(model, ids, args.layer, args.head, policy, kernels)
+    maps.tokens = tokenizer.convert_ids_to_tokens(ids[0].tolist())
+    json_path, png_path = maps.save(args.out), plot_attention_maps(maps, args.out)
+    _print_table(maps.summary_rows(), ["map", "tv_to_full", "mass_on_evicted"])
+    print(f"written: {png_path}, {json_path}")
+
+
 def _run_bench(args: argparse.Namespace) -> None:
     from lesskv.bench import (
         BENCH_METHODS,
@@ -355,6 +531,7 @@ def _run_bench(args: argparse.Namespace) -> None:
         kernels=kernels,
         new_tokens=args.new_tokens,
         prompt_texts=texts,
+        shared_prefill=args.shared_prefill,
     )
     dicts = [r.as_dict() for r in rows]
     shown = [
@@ -414,10 +591,9 @@ def _run_bench(args: argparse.Namespace) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from lesskv.data import load_texts, token_windows
-    from lesskv.models import load_model
+    from lesskv import distributed
+    from lesskv.data import load_texts
     from lesskv.policies import make_policy
-    from lesskv.train import TrainConfig, parse_layers, train_kernels
 
     if args.data is None:
         raise LessKVError("--data is required (a file path, builtin, or hf:NAME)")
@@ -427,7 +603,23 @@ def _run_train(args: argparse.Namespace) -> None:
     policy = make_policy(args.policy, args.budget)
     policy.slots(args.seq_len)
     texts = load_texts(args.data, field=args.field)
-    model, tokenizer = load_model(args.model)
+    if args.distributed or distributed.launched_by_torchrun():
+        with distributed.process_group() as worker:
+            _train(args, policy, texts, worker)
+    else:
+        _train(args, policy, texts, None)
+
+
+def _train(
+    args: argparse.Namespace, policy: Policy, texts: list[str], worker: Worker | None
+) -> None:
+    """Load, train, report; ``worker`` is this process's place in a torchrun job, if any."""
+    from lesskv import distributed
+    from lesskv.data import token_windows
+    from lesskv.models import load_model
+    from lesskv.train import TrainConfig, parse_layers, train_kernels
+
+    model, tokenizer = load_model(args.model, device=None if worker is None else str(worker.device))
     check_seq_len(args.seq_len, args.model, model)
     layers = parse_layers(args.layers, model.config.num_hidden_layers)
     windows = token_windows(tokenizer, texts, args.seq_len, max_windows=args.sequences)
@@ -446,16 +638,15 @@ def _run_train(args: argparse.Namespace) -> None:
         data=args.data,
     )
     command = "lesskv " + " ".join(sys.argv[1:])
-    kernels = train_kernels(
-        model,
-        windows,
-        policy,
-        config,
-        args.out,
-        layers=layers,
-        overwrite=args.overwrite,
-        command=command,
-    )
+    options = {"layers": layers, "overwrite": args.overwrite, "command": command}
+    if worker is None:
+        kernels = train_kernels(model, windows, policy, config, args.out, **options)
+    else:
+        kernels = distributed.train_kernels(
+            worker, model, windows, policy, config, args.out, **options
+        )
+        if worker.rank != 0:
+            return
     if kernels is None:
         print(
             f"layers {args.layers} done; rerun without --layers (or finish the others) "

@@ -8,7 +8,8 @@
 2. Each layer then trains on its own: MSE between ``o_proj(LESS output)`` and the true output
    at the positions where something is evicted, Adam with the learning rate halved every 10
    epochs, best validation checkpoint kept and written atomically. A rerun skips finished
-   layers, so an interrupted run resumes, and ``layers`` lets processes share the work.
+   layers, so an interrupted run resumes, and ``layers`` lets processes share the work
+   (:mod:`lesskv.distributed` splits them across torchrun's ranks).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -106,13 +107,15 @@ class ActivationStore:
             target = self.steps if name == "steps" else self.arrays[name]
             target[index] = tensor.detach().cpu().numpy()
 
-    def read(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def read(
+        self, indices: list[int], device: torch.device | None = None
+    ) -> dict[str, torch.Tensor]:
         batch = {
             k: torch.from_numpy(np.stack([a[i] for i in indices])).float()
             for k, a in self.arrays.items()
         }
         batch["steps"] = torch.from_numpy(np.stack([self.steps[i] for i in indices])).long()
-        return batch
+        return {k: v.to(device) for k, v in batch.items()}
 
     def flush(self) -> None:
         for array in (*self.arrays.values(), self.steps):
@@ -226,7 +229,7 @@ def _mean_loss(kernels, o_proj, store, indices, config, budget, kv_heads, sparse
     with torch.no_grad():
         for i in range(0, len(indices), config.batch_size):
             chunk = indices[i : i + config.batch_size]
-            batch = store.read(chunk)
+            batch = store.read(chunk, o_proj.weight.device)
             total += layer_loss(kernels, o_proj, batch, budget, kv_heads, sparse).item() * len(
                 chunk
             )
@@ -242,14 +245,17 @@ def train_layer(
     layer: int,
     log: Callable[[str], None] = print,
 ) -> tuple[LayerKernels, dict[str, float]]:
-    """Train one layer's kernels; returns the best-validation kernels and their losses."""
+    """Train one layer's kernels on ``o_proj``'s device; returns the best-validation kernels and
+    their losses. Every random draw comes from seeds derived from ``config.seed`` and ``layer``
+    alone, so a layer trains the same whichever process or run trains it."""
     n = store.steps.shape[0]
     generator = torch.Generator().manual_seed(config.seed + layer)
     order = torch.randperm(n, generator=generator).tolist()
     n_val = max(1, round(n * config.val_fraction)) if n > 1 else 0
     val, train = order[:n_val] or order, order[n_val:] or order
     torch.manual_seed(config.seed + layer)
-    kernels = LayerKernels(shape)
+    device = o_proj.weight.device
+    kernels = LayerKernels(shape).to(device)
     optimizer = torch.optim.Adam(kernels.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_halving_epochs, gamma=0.5)
     kv = shape.kv_heads
@@ -259,7 +265,7 @@ def train_layer(
         kernels.train()
         perm = torch.randperm(len(train), generator=generator).tolist()
         for i in range(0, len(train), config.batch_size):
-            batch = store.read([train[j] for j in perm[i : i + config.batch_size]])
+            batch = store.read([train[j] for j in perm[i : i + config.batch_size]], device)
             loss = layer_loss(kernels, o_proj, batch, budget, kv)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -284,30 +290,22 @@ def train_kernels(
     overwrite: bool = False,
     command: str = "",
     progress: bool = True,
+    assemble: bool = True,
 ) -> LessKernels | None:
-    """Train (or finish training) kernels into ``out_dir``; returns them once all layers exist."""
+    """Train (or finish training) kernels into ``out_dir``; returns them once all layers exist.
+
+    ``assemble=False`` only writes the per-layer checkpoints: for a process that shares the
+    layers with others, where a single one assembles after all are done.
+    """
     out = Path(out_dir)
-    _claim_output_dir(out, config, overwrite)
+    claim_output_dir(out, config, overwrite)
     modules = integration.attention_modules(integration.enable(model))
     for p in model.parameters():
         p.requires_grad_(False)
-    layers = list(range(len(modules))) if layers is None else layers
-    todo = [i for i in layers if not _layer_path(out, i).exists()]
+    todo = missing_layers(out, range(len(modules)) if layers is None else layers)
     budget = policy.slots(config.seq_len).total
-    meta = KernelMeta.for_model(
-        model,
-        config.model,
-        policy=policy.name,
-        budget=str(policy.budget),
-        rank=config.rank,
-        hidden=config.hidden,
-        seq_len=config.seq_len,
-        training_data=config.data,
-        command=command,
-    )
-    shape = KernelShape(
-        meta.query_heads, meta.kv_heads, meta.head_dim, config.rank, config.hidden, config.dropout
-    )
+    meta = _kernel_meta(model, policy, config, command)
+    shape = replace(meta.layer_shape, dropout=config.dropout)
     if todo:
         started = time.time()
         stores = collect_activations(
@@ -321,7 +319,35 @@ def train_kernels(
             _save_layer(out, layer, kernels, losses)
             shutil.rmtree(stores[layer].dir, ignore_errors=True)
         bar.write(f"trained {len(todo)} layer(s) in {time.time() - started:.0f} s")
-    return _assemble(out, meta, shape, len(modules))
+    return _assemble(out, meta) if assemble else None
+
+
+def assemble_kernels(
+    model: PreTrainedModel, policy: Policy, config: TrainConfig, out_dir: str | Path, command: str
+) -> LessKernels | None:
+    """Write the final checkpoint from the per-layer ones; ``None`` while a layer is missing."""
+    return _assemble(Path(out_dir), _kernel_meta(model, policy, config, command))
+
+
+def missing_layers(out_dir: str | Path, layers: Iterable[int]) -> list[int]:
+    """The layers among ``layers`` without a finished checkpoint in ``out_dir``."""
+    return [i for i in layers if not _layer_path(Path(out_dir), i).exists()]
+
+
+def _kernel_meta(
+    model: PreTrainedModel, policy: Policy, config: TrainConfig, command: str
+) -> KernelMeta:
+    return KernelMeta.for_model(
+        model,
+        config.model,
+        policy=policy.name,
+        budget=str(policy.budget),
+        rank=config.rank,
+        hidden=config.hidden,
+        seq_len=config.seq_len,
+        training_data=config.data,
+        command=command,
+    )
 
 
 def _layer_path(out: Path, layer: int) -> Path:
@@ -331,19 +357,19 @@ def _layer_path(out: Path, layer: int) -> Path:
 def _save_layer(out: Path, layer: int, kernels: LayerKernels, losses: dict[str, float]) -> None:
     path = _layer_path(out, layer)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in kernels.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in kernels.state_dict().items()}
     metadata = {k: repr(v) for k, v in losses.items()}
     atomic_write(path, lambda p: save_file(tensors, p, metadata=metadata))
 
 
-def _assemble(out: Path, meta: KernelMeta, shape: KernelShape, num_layers: int):
+def _assemble(out: Path, meta: KernelMeta) -> LessKernels | None:
     """Once every layer exists, write the single from_pretrained-able checkpoint."""
-    if not all(_layer_path(out, i).exists() for i in range(num_layers)):
+    if missing_layers(out, range(meta.num_layers)):
         return None
     layers = []
-    for i in range(num_layers):
+    for i in range(meta.num_layers):
         path = _layer_path(out, i)
-        layer = LayerKernels(shape)
+        layer = LayerKernels(meta.layer_shape)
         try:
             layer.load_state_dict(load_file(path))
             with open(path, "rb") as f:  # losses live in the safetensors header
@@ -360,7 +386,7 @@ def _assemble(out: Path, meta: KernelMeta, shape: KernelShape, num_layers: int):
     return kernels
 
 
-def _claim_output_dir(out: Path, config: TrainConfig, overwrite: bool) -> None:
+def claim_output_dir(out: Path, config: TrainConfig, overwrite: bool) -> None:
     """Resume our own run; refuse to mix with another run's kernels unless told to."""
     run_file = out / RUN_FILE
     mine = asdict(config)

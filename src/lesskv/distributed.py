@@ -1,0 +1,151 @@
+"""Layer-parallel kernel training on PyTorch's distributed runtime, launched by ``torchrun``.
+
+LESS trains every layer on its own, so ranks only have to agree on who trains which layer.
+Rank 0 claims the output folder and lists the requested layers still missing; each rank
+collects activations for, and trains, a contiguous share of them (ranks holding early layers
+stop their forward pass early); after a barrier rank 0 assembles the final checkpoint. The
+per-layer files in the shared folder are the only state and are written atomically, so a rank
+that dies loses at most the layer it was training, and rerunning the same command trains only
+what is missing. Each layer's seeds derive from the run's seed and the layer index, never from
+the rank, so the result is the single-process one whatever the number of ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from transformers import PreTrainedModel
+
+from lesskv import integration, train
+from lesskv.errors import LessKVError
+from lesskv.kernels import LessKernels
+from lesskv.policies import Policy
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# Ranks meet at a barrier once their layers are trained; the slowest may arrive hours after the
+# others, far beyond torch's default collective timeout (10 to 30 minutes).
+BARRIER_TIMEOUT = timedelta(days=7)
+
+T = TypeVar("T")
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or a launcher with its environment) started more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@dataclass(frozen=True)
+class Worker:
+    """This process's place in the job and the device it computes on."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+@contextmanager
+def process_group() -> Iterator[Worker]:
+    """Join torchrun's job: NCCL on GPU ``LOCAL_RANK`` where CUDA is available, else gloo."""
+    missing = [name for name in TORCHRUN_ENV if name not in os.environ]
+    if missing:
+        raise LessKVError(
+            f"distributed training needs torchrun's environment ({', '.join(missing)} unset): "
+            "launch it with `torchrun --nproc-per-node N -m lesskv train ...`"
+        )
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise LessKVError(
+                f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): "
+                "start at most one process per GPU (--nproc-per-node)"
+            )
+        device, backend = torch.device("cuda", local_rank), "nccl"
+        torch.cuda.set_device(device)
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(
+        backend, timeout=BARRIER_TIMEOUT, device_id=device if backend == "nccl" else None
+    )
+    try:
+        yield Worker(dist.get_rank(), dist.get_world_size(), device)
+    finally:
+        dist.destroy_process_group()
+
+
+def shard(layers: list[int], rank: int, world_size: int) -> list[int]:
+    """Rank ``rank``'s contiguous share of ``layers``; shares differ by at most one layer."""
+    n = len(layers)
+    return layers[rank * n // world_size : (rank + 1) * n // world_size]
+
+
+def train_kernels(
+    worker: Worker,
+    model: PreTrainedModel,
+    windows: torch.Tensor,
+    policy: Policy,
+    config: train.TrainConfig,
+    out_dir: str | Path,
+    layers: list[int] | None = None,
+    overwrite: bool = False,
+    command: str = "",
+    progress: bool = True,
+) -> LessKernels | None:
+    """:func:`lesskv.train.train_kernels` with the missing layers split across the ranks.
+
+    ``out_dir`` must be shared by all ranks. Returns the kernels on rank 0 once every layer of
+    the model exists, ``None`` on the other ranks.
+    """
+    out = Path(out_dir)
+    requested = range(len(integration.attention_modules(model))) if layers is None else layers
+
+    def plan() -> list[int]:
+        train.claim_output_dir(out, config, overwrite)
+        return train.missing_layers(out, requested)
+
+    todo = _decided_by_rank0(worker, plan)
+    # The folder is claimed now: the other ranks only check that its run.json is this run's.
+    train.train_kernels(
+        model,
+        windows,
+        policy,
+        config,
+        out,
+        shard(todo, worker.rank, worker.world_size),
+        command=command,
+        progress=progress and worker.rank == 0,
+        assemble=False,
+    )
+    dist.barrier()
+    if worker.rank != 0:
+        return None
+    lost = train.missing_layers(out, todo)
+    if lost:
+        raise LessKVError(
+            f"layers {lost} are not in {out} although every rank finished: "
+            "--out must be a folder that all nodes share"
+        )
+    return train.assemble_kernels(model, policy, config, out, command)
+
+
+def _decided_by_rank0(worker: Worker, decide: Callable[[], T]) -> T:
+    """Run ``decide`` on rank 0 alone (no races on the folder) and give every rank its result,
+    or its LessKVError, so that all ranks stop with the same message instead of hanging."""
+    box: list[object] = [None]
+    if worker.rank == 0:
+        try:
+            box[0] = (decide(), None)
+        except LessKVError as err:
+            box[0] = (None, str(err))
+    dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error is not None:
+        raise LessKVError(error)
+    return result
