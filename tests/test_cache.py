@@ -160,6 +160,14 @@ def test_cache_size_equals_budget_plus_state():
     }
 
 
+def test_baseline_plus_holds_its_extra_pairs():
+    model = make_tiny_model("llama-gqa")
+    cache = LessCache(model, "h2o", BUDGET, extra_tokens=3)
+    with torch.no_grad():
+        model(input_ids=prompt(30), past_key_values=cache)
+    assert all(layer.keys.shape[2] == BUDGET + 3 for layer in cache.layers)
+
+
 def test_bad_requests_are_refused():
     model = make_tiny_model("llama-gqa")
     with pytest.raises(LessKVError, match="budget"):

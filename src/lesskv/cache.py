@@ -218,6 +218,7 @@ class LessCache(Cache):
                 None if kernels is None else integration.on_layer_device(kernels.layers[i], m),
                 rank or 8,
                 context,
+                extra=extra_tokens,
             )
             for i, m in enumerate(modules)
         ]
