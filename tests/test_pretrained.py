@@ -21,10 +21,11 @@ def default_model():
 
 def test_shipped_kernels_match_the_default_model(default_model):
     model, _ = default_model
-    assert "smollm2-135m-h2o-0.1" in available()
-    path = shipped_kernels("smollm2-135m", make_policy("h2o", 0.1), 1024)
-    kernels = LessKernels.from_pretrained(path, model, policy="h2o")
-    assert kernels.meta.rank == 8 and len(kernels.layers) == 30
+    assert {"smollm2-135m-h2o-0.1", "smollm2-135m-lambda-0.1"} <= set(available())
+    for name in ("h2o", "lambda"):
+        path = shipped_kernels("smollm2-135m", make_policy(name, 0.1), 1024)
+        kernels = LessKernels.from_pretrained(path, model, policy=name)
+        assert kernels.meta.rank == 8 and len(kernels.layers) == 30
     with pytest.raises(LessKVError, match="no shipped kernels"):
         shipped_kernels("smollm2-135m", make_policy("h2o", 0.37), 1024)
 
