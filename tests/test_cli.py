@@ -61,3 +61,17 @@ def test_eval_ppl_on_a_local_model(capsys, tmp_path):
     assert {"method", "policy", "budget_tokens", "ppl", "nll", "tokens"} <= rows[0].keys()
     assert rows[1]["budget_tokens"] == 8 and rows[0]["tokens"] == 2 * 31
     assert "| method" in capsys.readouterr().out
+
+
+def test_kernels_for_another_policy_need_transfer(capsys, tmp_path):
+    from test_cache import kernel_set
+
+    model = save_tiny(tmp_path / "model")
+    kernel_set(model, policy="lambda").save_pretrained(tmp_path / "kernels")
+    (tmp_path / "t.txt").write_text(" ".join("abcdefgh"[i % 8] for i in range(3000)))
+    args = ["eval", "ppl", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "t.txt")]
+    args += ["--seq-len", "32", "--windows", "1", "--policy", "h2o", "--budget", "8"]
+    args += ["--methods", "less", "--kernels", str(tmp_path / "kernels")]
+    assert main(args) == 2
+    assert "trained for policy 'lambda'" in capsys.readouterr().err
+    assert main([*args, "--transfer"]) == 0

@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="trained kernel folder for 'less' (default model: the shipped kernels)",
     )
+    ppl.add_argument(
+        "--transfer",
+        action="store_true",
+        help="accept --kernels trained for another policy (transfer studies; budgets always "
+        "transfer)",
+    )
     ppl.add_argument("--rank", type=int, default=8, help="LESS rank R (sizes Baseline+)")
     ppl.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     ppl.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
@@ -357,7 +363,9 @@ def _run_eval_ppl(args: argparse.Namespace) -> None:
     check_seq_len(args.seq_len, args.model, model)
     kernels = None
     if "less" in methods:
-        kernels = resolve_kernels(args.kernels, args.model, model, policy, args.seq_len)
+        kernels = resolve_kernels(
+            args.kernels, args.model, model, policy, args.seq_len, transfer=args.transfer
+        )
     windows = token_windows(tokenizer, texts, args.seq_len, max_windows=args.windows)
     results = evaluate_perplexity(
         model,
@@ -716,14 +724,16 @@ def check_seq_len(seq_len: int, model_name: str, model) -> None:
         )
 
 
-def resolve_kernels(path, model_name, model, policy, seq_len):
-    """Kernels from ``path``, or the shipped ones for the default model and this policy."""
+def resolve_kernels(path, model_name, model, policy, seq_len, transfer: bool = False):
+    """Kernels from ``path``, or the shipped ones for the default model and this policy;
+    ``transfer`` skips the policy check (the model is always checked)."""
     from lesskv.kernels import LessKernels
     from lesskv.pretrained import shipped_kernels
 
     if path is None:
         path = shipped_kernels(model_name, policy, seq_len)
-    return list(LessKernels.from_pretrained(path, model, policy=policy.name).layers)
+    checked = None if transfer else policy.name
+    return list(LessKernels.from_pretrained(path, model, policy=checked).layers)
 
 
 def _run_demo(args: argparse.Namespace) -> None:
