@@ -67,6 +67,15 @@ def _add_data_args(p: argparse.ArgumentParser, default: str | None = "builtin") 
     p.add_argument("--field", default=None, help="jsonl/dataset field holding the text")
 
 
+def _add_kernels_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kernels",
+        type=Path,
+        default=None,
+        help="trained kernel folder for LESS (default model: the shipped kernels)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lesskv", description=DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter
@@ -98,12 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="full,baseline,baseline+",
         help="comma-separated: " + ", ".join(["full", "baseline", "baseline+", "less"]),
     )
-    ppl.add_argument(
-        "--kernels",
-        type=Path,
-        default=None,
-        help="trained kernel folder for 'less' (default model: the shipped kernels)",
-    )
+    _add_kernels_arg(ppl)
     ppl.add_argument(
         "--transfer",
         action="store_true",
@@ -137,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("--samples", type=int, default=10)
     _add_policy_args(summ, budget="0.1")
     summ.add_argument("--methods", default="full,baseline,baseline+,less")
-    summ.add_argument("--kernels", type=Path, default=None, help="trained kernel folder")
+    _add_kernels_arg(summ)
     summ.add_argument("--rank", type=int, default=8)
     summ.add_argument("--max-new-tokens", type=int, default=64)
     summ.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
@@ -164,12 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--limit", type=int, default=None, help="score only N documents per task")
     _add_policy_args(tasks, budget="0.1")
     tasks.add_argument("--methods", default="full,baseline,baseline+,less")
-    tasks.add_argument(
-        "--kernels",
-        type=Path,
-        default=None,
-        help="trained kernel folder for 'less' (default model: the shipped kernels)",
-    )
+    _add_kernels_arg(tasks)
     tasks.add_argument("--rank", type=int, default=8, help="LESS rank R (sizes Baseline+)")
     tasks.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
     tasks.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
@@ -207,12 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("--seq-len", type=int, default=256, help="tokens of the text used")
     attention.add_argument("--layer", type=int, default=0)
     attention.add_argument("--head", type=int, default=0, help="query head")
-    attention.add_argument(
-        "--kernels",
-        type=Path,
-        default=None,
-        help="kernel folder for the LESS map (default model: the shipped kernels)",
-    )
+    _add_kernels_arg(attention)
     attention.add_argument("--out", type=Path, required=True, help="output folder")
     attention.set_defaults(run=_run_analyze_attention)
 
@@ -231,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="0.1",
         help="pairs kept per KV head: tokens, or a fraction of the prompt (default 0.1)",
     )
-    gen.add_argument("--kernels", type=Path, default=None, help="trained kernel folder")
+    _add_kernels_arg(gen)
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text")
     source.add_argument("--file", type=Path, help="read the prompt from this file")
@@ -255,12 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(bench)
     _add_policy_args(bench, budget="0.1")
-    bench.add_argument(
-        "--kernels",
-        type=Path,
-        default=None,
-        help="trained kernel folder for 'less' (default model: the shipped kernels)",
-    )
+    _add_kernels_arg(bench)
     bench.add_argument(
         "--contexts", default="1024,2048,4096,8000", help="comma-separated prompt lengths"
     )
