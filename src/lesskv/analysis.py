@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import matplotlib
 import torch
+from matplotlib.colors import LogNorm
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
@@ -30,11 +30,8 @@ from transformers import PreTrainedModel
 from lesskv import attention as math
 from lesskv import integration
 from lesskv.errors import LessKVError
+from lesskv.plots import plt, save_figure
 from lesskv.policies import Policy, keep_mask_from_steps
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
 
 DEFAULT_KS = (1, 2, 4, 8, 16)
 Observer = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -197,11 +194,7 @@ def plot_residual_energy(report: ResidualReport, out_dir: str | Path, rank: int 
         f"{report.model}: {report.policy} budget {report.budget} ({report.budget_tokens} of "
         f"{report.seq_len} tokens), {report.windows} window(s); residual = full − sparse"
     )
-    path = Path(out_dir) / "residual.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, Path(out_dir) / "residual.png", dpi=110)
 
 
 @dataclass
@@ -317,8 +310,4 @@ def plot_attention_maps(maps: AttentionMaps, out_dir: str | Path) -> Path:
         ax.set_ylabel("query position")
     fig.colorbar(image, ax=axes[0].tolist(), fraction=0.02)
     fig.suptitle(f"layer {maps.layer}, query head {maps.head}, {len(maps.evicted)} tokens")
-    path = Path(out_dir) / "attention.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, Path(out_dir) / "attention.png", dpi=110)

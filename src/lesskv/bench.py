@@ -371,10 +371,7 @@ def max_batch_for_memory(
 def plot_benchmark(rows: Sequence[BenchRow], path: str | Path) -> Path:
     """Decode throughput and cache MiB against context, one line per (method, batch): the two
     axes on which LESS trades against full attention."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lesskv.plots import plt, save_figure
 
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
     series: dict[tuple[str, int], list[BenchRow]] = {}
@@ -402,8 +399,4 @@ def plot_benchmark(rows: Sequence[BenchRow], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     speed.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -276,7 +276,9 @@ def attend(
         else _chunk_visibility(layer, attention_mask, q.shape[3])
     )
     extra = key.shape[2] - layer.budget
-    scores = torch.cat([layer.scores, layer.scores.new_zeros(*layer.scores.shape[:2], extra)], -1)
+    scores = layer.scores  # decoding updates the scores in place; a chunk appends its own
+    if extra:
+        scores = torch.cat([scores, scores.new_zeros(*scores.shape[:2], extra)], -1)
     outputs = []
     rows_per_block = max(1, BLOCK_ELEMENTS // query.shape[:2].numel() // key.shape[2])
     for start in range(0, q.shape[3], rows_per_block):

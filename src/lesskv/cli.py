@@ -67,6 +67,11 @@ def _add_data_args(p: argparse.ArgumentParser, default: str | None = "builtin") 
     p.add_argument("--field", default=None, help="jsonl/dataset field holding the text")
 
 
+def _write_json(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def _add_kernels_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kernels",
@@ -368,8 +373,7 @@ def _run_eval_ppl(args: argparse.Namespace) -> None:
     rows = [r.as_dict() for r in results]
     _print_table(rows, ["method", "policy", "budget_tokens", "ppl", "nll", "tokens"])
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        _write_json(args.json, rows)
 
 
 def _run_eval_summarize(args: argparse.Namespace) -> None:
@@ -395,8 +399,7 @@ def _run_eval_summarize(args: argparse.Namespace) -> None:
     rows = as_rows(results)
     _print_table(rows, ["method", "policy", "budget", "rouge1", "rouge2", "rougeL", "samples"])
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, "generations": generations}, indent=2))
+        _write_json(args.json, {"rows": rows, "generations": generations})
 
 
 def _run_eval_tasks(args: argparse.Namespace) -> None:
@@ -429,8 +432,7 @@ def _run_eval_tasks(args: argparse.Namespace) -> None:
     columns = "task method policy budget num_fewshot acc acc_norm samples mean_tokens mean_kept"
     _print_table(rows, columns.split())
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        _write_json(args.json, rows)
 
 
 def _run_analyze_residual(args: argparse.Namespace) -> None:
@@ -559,8 +561,7 @@ def _run_bench(args: argparse.Namespace) -> None:
         ],
     )
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dicts, indent=2) + "\n")
+        _write_json(args.json, dicts)
     if args.plot is not None:
         print(f"plot written to {plot_benchmark(rows, args.plot)}")
     budget_bytes = int(args.memory_budget_gib * 2**30)

@@ -12,6 +12,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from lesskv.kernels import KernelMeta  # noqa: E402
 
 
+def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
+    """Write ``fig`` as PNG (creating the folder) and free it: pyplot keeps every open figure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def plot_layer_losses(meta: KernelMeta, path: str | Path) -> Path:
     """Per-layer validation MSE of LESS vs Baseline+ (log scale: layers differ by 10^4)."""
     layers = sorted(int(k) for k in meta.val_loss)
@@ -26,8 +35,4 @@ def plot_layer_losses(meta: KernelMeta, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
