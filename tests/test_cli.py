@@ -75,3 +75,19 @@ def test_kernels_for_another_policy_need_transfer(capsys, tmp_path):
     assert main(args) == 2
     assert "trained for policy 'lambda'" in capsys.readouterr().err
     assert main([*args, "--transfer"]) == 0
+
+
+def test_finetune_writes_kernels_and_reports_the_validation_kl(capsys, tmp_path):
+    from test_cache import kernel_set
+
+    model = save_tiny(tmp_path / "model")
+    kernel_set(model).save_pretrained(tmp_path / "kernels")
+    (tmp_path / "t.txt").write_text(" ".join("abcdefgh"[i % 8] for i in range(3000)))
+    args = ["finetune", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "t.txt")]
+    args += ["--kernels", str(tmp_path / "kernels"), "--seq-len", "32", "--sequences", "2"]
+    args += ["--val-sequences", "1", "--out", str(tmp_path / "tuned")]
+    assert main(args) == 0
+    assert "validation KL" in capsys.readouterr().out
+    config = json.loads((tmp_path / "tuned" / "lesskv_kernels.json").read_text())
+    assert config["finetune"]["steps"] == 2 and "lesskv finetune" in config["command"]
+    assert main([*args[:-2], "--sequences", "0", "--out", str(tmp_path / "x")]) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +32,7 @@ Examples:
   lesskv eval ppl --data wiki.test.raw --seq-len 1024 --windows 12 --policy h2o --budget 0.1 \\
       --methods full,baseline,baseline+,less
   lesskv train --policy h2o --budget 0.1 --data c4.jsonl --sequences 64 --out runs/h2o-0.1
+  lesskv finetune --policy h2o --budget 0.1 --data c4.jsonl --sequences 32 --out runs/h2o-ft
   lesskv generate --method less --budget 0.1 --prompt "Once upon a time"
   lesskv eval tasks --tasks piqa,arc_easy --data-dir ../shared/data --num-fewshot 5 --limit 100
   lesskv analyze residual --budget 0.1 --out figs/
@@ -310,6 +312,36 @@ def build_parser() -> argparse.ArgumentParser:
         "than one); --out must be shared by all of them",
     )
     train.set_defaults(run=_run_train)
+
+    finetune = commands.add_parser(
+        "finetune",
+        help="fine-tune trained kernels end to end on the next-token loss",
+        description="Start from per-layer kernels (`lesskv train`, or the shipped ones for "
+        "--policy/--budget) and train every layer's kernels at once, the model frozen, to "
+        "minimise KL(full model || LESS model) of the next-token distributions on --data. "
+        "The kernels with the best validation KL are written to --out (the starting ones "
+        "count); an interrupted run resumes from its last step.",
+    )
+    _add_model_args(finetune)
+    _add_kernels_arg(finetune)
+    _add_policy_args(finetune, budget="0.1")
+    _add_data_args(finetune, default=None)
+    finetune.add_argument("--sequences", type=int, default=32, help="training windows")
+    finetune.add_argument(
+        "--val-sequences", type=int, default=4, help="validation windows (after the training ones)"
+    )
+    finetune.add_argument("--seq-len", type=int, default=1024, help="window length in tokens")
+    finetune.add_argument("--epochs", type=int, default=1)
+    finetune.add_argument("--lr", type=float, default=1e-3)
+    finetune.add_argument(
+        "--val-every", type=int, default=16, help="steps between validations (and at the end)"
+    )
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--out", type=Path, required=True, help="output kernel folder")
+    finetune.add_argument(
+        "--overwrite", action="store_true", help="replace another run's kernels in --out"
+    )
+    finetune.set_defaults(run=_run_finetune)
     return parser
 
 
@@ -635,8 +667,7 @@ def _train(
         seed=args.seed,
         data=args.data,
     )
-    command = "lesskv " + " ".join(sys.argv[1:])
-    options = {"layers": layers, "overwrite": args.overwrite, "command": command}
+    options = {"layers": layers, "overwrite": args.overwrite, "command": args.command_line}
     if worker is None:
         kernels = train_kernels(model, windows, policy, config, args.out, **options)
     else:
@@ -655,6 +686,54 @@ def _train(
 
         figure = plot_layer_losses(kernels.meta, args.out / "val_loss.png")
         print(f"kernels written to {args.out}; per-layer losses plotted in {figure}")
+
+
+def _run_finetune(args: argparse.Namespace) -> None:
+    from lesskv.data import load_texts, token_windows
+    from lesskv.finetune import FinetuneConfig, finetune_kernels
+    from lesskv.kernels import LessKernels
+    from lesskv.models import load_model
+    from lesskv.policies import make_policy
+    from lesskv.pretrained import shipped_kernels
+
+    if args.data is None:
+        raise LessKVError("--data is required (a file path, builtin, or hf:NAME)")
+    for name in ("sequences", "val_sequences", "epochs", "val_every"):
+        if getattr(args, name) < 1:
+            raise LessKVError(f"--{name.replace('_', '-')} must be >= 1")
+    model, tokenizer = load_model(args.model)
+    check_seq_len(args.seq_len, args.model, model)
+    base = args.kernels or shipped_kernels(
+        args.model, make_policy(args.policy, args.budget), args.seq_len
+    )
+    kernels = LessKernels.from_pretrained(base, model)
+    wanted = args.sequences + args.val_sequences
+    texts = load_texts(args.data, field=args.field)
+    windows = token_windows(tokenizer, texts, args.seq_len, max_windows=wanted)
+    if len(windows) < 2:
+        raise LessKVError(f"--data holds {len(windows)} window(s) of {args.seq_len} tokens; need 2")
+    n_val = min(args.val_sequences, len(windows) // 2)
+    config = FinetuneConfig(
+        model=args.model,
+        base_kernels=str(base),
+        data=args.data,
+        seq_len=args.seq_len,
+        sequences=len(windows) - n_val,
+        val_sequences=n_val,
+        epochs=args.epochs,
+        lr=args.lr,
+        val_every=args.val_every,
+        seed=args.seed,
+    )
+    train, val = windows[:-n_val], windows[-n_val:]
+    tuned = finetune_kernels(
+        model, kernels, train, val, config, args.out, args.overwrite, args.command_line
+    )
+    info = tuned.meta.finetune
+    print(
+        f"validation KL {info['val_kl_before']:.4f} -> {info['val_kl_after']:.4f} "
+        f"(best at step {info['best_step']}); kernels written to {args.out}"
+    )
 
 
 def _run_generate(args: argparse.Namespace) -> None:
@@ -778,7 +857,9 @@ def _run_demo(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["lesskv", *argv])  # recorded in the checkpoints written
     try:
         args.run(args)
     except LessKVError as err:

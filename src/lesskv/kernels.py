@@ -109,6 +109,7 @@ class KernelMeta:
     command: str = ""
     val_loss: dict[str, float] = field(default_factory=dict)
     baseline_plus_val_loss: dict[str, float] = field(default_factory=dict)
+    finetune: dict[str, object] = field(default_factory=dict)  # set by `lesskv finetune`
 
     @property
     def layer_shape(self) -> KernelShape:

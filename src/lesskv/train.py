@@ -386,8 +386,9 @@ def _assemble(out: Path, meta: KernelMeta) -> LessKernels | None:
     return kernels
 
 
-def claim_output_dir(out: Path, config: TrainConfig, overwrite: bool) -> None:
-    """Resume our own run; refuse to mix with another run's kernels unless told to."""
+def claim_output_dir(out: Path, config: object, overwrite: bool) -> None:
+    """Resume our own run (``config`` is its dataclass); refuse to mix with another run's
+    kernels unless told to."""
     run_file = out / RUN_FILE
     mine = asdict(config)
     if run_file.exists():

@@ -1,0 +1,156 @@
+"""End-to-end fine-tuning of every layer's LESS kernels on the frozen model.
+
+Per-layer training (:mod:`lesskv.train`) fits each layer on inputs from the full-attention
+model, but at inference every upstream layer is sparse too, so the per-layer errors compound
+(docs/RESULTS.md §2). This stage starts from per-layer kernels and trains all layers at once
+through the same parallel form that evaluation uses, on what users care about: the KL
+divergence from the full model's next-token distribution to the LESS model's, at the
+positions where something has been evicted. The LLM stays frozen. Kernels run without
+dropout here, so the end-to-end signal is not drowned by thirty layers of noise.
+
+A state file (kernels, optimizer, step, best validation) is written atomically after every
+step, so an interrupted run resumes where it stopped and ends with the same kernels.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from lesskv import integration
+from lesskv.errors import LessKVError
+from lesskv.kernels import LessKernels, atomic_write
+from lesskv.policies import Policy, make_policy
+from lesskv.train import claim_output_dir
+
+STATE_FILE = "finetune_state.pt"
+
+
+@dataclass
+class FinetuneConfig:
+    """The knobs of one fine-tuning run; a rerun with a different config is refused."""
+
+    model: str
+    base_kernels: str
+    data: str
+    seq_len: int = 1024
+    sequences: int = 32
+    val_sequences: int = 4
+    epochs: int = 1
+    lr: float = 1e-3
+    val_every: int = 16
+    seed: int = 0
+
+
+def next_token_kl(
+    model: PreTrainedModel, ids: torch.Tensor, policy: Policy, kernels: LessKernels
+) -> torch.Tensor:
+    """Mean KL(full ‖ LESS) of the next-token distributions over the positions from the
+    budget on (before it nothing is evicted and LESS equals full attention exactly)."""
+    start = policy.slots(ids.shape[1]).total
+    with torch.no_grad(), integration.using_method(model, "full"):
+        teacher = model(input_ids=ids).logits[:, start:].float().log_softmax(-1)
+    with integration.using_method(model, "less", policy=policy, kernels=list(kernels.layers)):
+        student = model(input_ids=ids).logits[:, start:].float().log_softmax(-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean()
+
+
+@torch.no_grad()
+def validation_kl(
+    model: PreTrainedModel, windows: torch.Tensor, policy: Policy, kernels: LessKernels
+) -> float:
+    """Mean next-token KL over the validation windows (one window per forward pass)."""
+    losses = [next_token_kl(model, w[None], policy, kernels).item() for w in windows]
+    return sum(losses) / len(losses)
+
+
+def finetune_kernels(
+    model: PreTrainedModel,
+    kernels: LessKernels,
+    windows: torch.Tensor,
+    val_windows: torch.Tensor,
+    config: FinetuneConfig,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    command: str = "",
+    progress: bool = True,
+) -> LessKernels:
+    """Fine-tune ``kernels`` (in place) on ``windows``; writes and returns the kernels with
+    the best validation KL (the starting kernels count, so this never makes them worse)."""
+    if len(windows) == 0 or len(val_windows) == 0:
+        raise LessKVError("fine-tuning needs at least one training and one validation window")
+    out = Path(out_dir)
+    claim_output_dir(out, config, overwrite)
+    kernels.check_compatible(model)
+    policy = make_policy(kernels.meta.policy, kernels.meta.budget)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    kernels.eval().requires_grad_(True)
+    optimizer = torch.optim.Adam(kernels.parameters(), lr=config.lr)
+    total = config.epochs * len(windows)
+    state = _load_state(out / STATE_FILE)
+    if state is None:
+        before = validation_kl(model, val_windows, policy, kernels)
+        state = {"step": 0, "before": before, "best": before, "best_step": 0, "history": []}
+        state["best_kernels"] = _clone(kernels)
+    else:
+        kernels.load_state_dict(state["kernels"])
+        optimizer.load_state_dict(state["optimizer"])
+    bar = tqdm(
+        range(state["step"], total),
+        initial=state["step"],
+        total=total,
+        desc="fine-tuning",
+        unit="step",
+        disable=not progress,
+    )
+    for step in bar:
+        epoch, i = divmod(step, len(windows))
+        generator = torch.Generator().manual_seed(config.seed + epoch)
+        order = torch.randperm(len(windows), generator=generator)
+        loss = next_token_kl(model, windows[order[i]][None], policy, kernels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        state["history"].append(loss.item())
+        bar.set_postfix(kl=f"{loss.item():.4f}", best_val=f"{state['best']:.4f}")
+        if (step + 1) % config.val_every == 0 or step + 1 == total:
+            val = validation_kl(model, val_windows, policy, kernels)
+            bar.write(f"step {step + 1}: validation KL {val:.4f} (start {state['before']:.4f})")
+            if val < state["best"]:
+                state.update(best=val, best_step=step + 1, best_kernels=_clone(kernels))
+        state.update(step=step + 1, kernels=kernels.state_dict(), optimizer=optimizer.state_dict())
+        atomic_write(out / STATE_FILE, lambda p: torch.save(state, p))
+    kernels.load_state_dict(state["best_kernels"])
+    finetune = {
+        "base_kernels": config.base_kernels,
+        "data": config.data,
+        "steps": total,
+        "best_step": state["best_step"],
+        "val_kl_before": state["before"],
+        "val_kl_after": state["best"],
+    }
+    commands = "\n".join(c for c in (kernels.meta.command, command) if c)
+    kernels.meta = replace(kernels.meta, command=commands, finetune=finetune)
+    kernels.requires_grad_(False).save_pretrained(out)
+    (out / "finetune_history.json").write_text(json.dumps(state["history"]) + "\n")
+    return kernels
+
+
+def _clone(kernels: LessKernels) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in kernels.state_dict().items()}
+
+
+def _load_state(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:  # torch raises several types for damaged files
+        raise LessKVError(f"{path} is corrupt ({err}); delete it to restart fine-tuning") from None

@@ -1,0 +1,91 @@
+"""End-to-end kernel fine-tuning on a tiny random model."""
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from lesskv import finetune
+from lesskv.errors import LessKVError
+from lesskv.finetune import FinetuneConfig, finetune_kernels, validation_kl
+from lesskv.kernels import LessKernels
+from lesskv.policies import make_policy
+from lesskv.train import TrainConfig, train_kernels
+
+T = 64
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model, data windows, and per-layer kernels trained for it (H2O, 8 pairs)."""
+    model = make_tiny_model("llama-gqa")
+    torch.manual_seed(0)
+    windows = torch.randint(0, 97, (12, T))
+    config = TrainConfig(
+        model="tiny", policy="h2o", budget="8", seq_len=T, sequences=8, epochs=2, rank=4, hidden=32
+    )
+    out = tmp_path_factory.mktemp("per-layer")
+    train_kernels(model, windows[:8], make_policy("h2o", 8), config, out, progress=False)
+    return model, windows, out
+
+
+def run(trained, out, **overrides):
+    model, windows, base = trained
+    kernels = LessKernels.from_pretrained(base, model)
+    options = dict(sequences=8, val_sequences=4, epochs=2, lr=3e-3, val_every=4) | overrides
+    config = FinetuneConfig(
+        model="tiny", base_kernels=str(base), data="random", seq_len=T, **options
+    )
+    return finetune_kernels(model, kernels, windows[:8], windows[8:], config, out, progress=False)
+
+
+def test_finetuning_lowers_held_out_kl_and_round_trips(trained, tmp_path):
+    model, windows, base = trained
+    tuned = run(trained, tmp_path)
+    info = tuned.meta.finetune
+    assert info["val_kl_after"] < info["val_kl_before"]
+    loaded = LessKernels.from_pretrained(tmp_path, model, policy="h2o")
+    policy = make_policy("h2o", 8)
+    assert validation_kl(model, windows[8:], policy, loaded) == pytest.approx(
+        info["val_kl_after"], rel=1e-5
+    )
+    start = validation_kl(model, windows[8:], policy, LessKernels.from_pretrained(base, model))
+    assert start == pytest.approx(info["val_kl_before"], rel=1e-5)
+    assert "finetune" not in LessKernels.from_pretrained(base).meta.command
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_interrupted_finetuning_resumes_to_the_same_result(trained, tmp_path, monkeypatch):
+    whole = run(trained, tmp_path / "a")
+    real, calls = finetune.next_token_kl, {"n": 0}
+
+    def dies_after_five_calls(*args):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(finetune, "next_token_kl", dies_after_five_calls)
+    with pytest.raises(KeyboardInterrupt):
+        run(trained, tmp_path / "b")
+    assert not (tmp_path / "b" / "kernels.safetensors").exists()
+    monkeypatch.setattr(finetune, "next_token_kl", real)
+    resumed = run(trained, tmp_path / "b")
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert resumed.meta.finetune == whole.meta.finetune
+
+
+def test_a_corrupt_state_file_is_named(trained, tmp_path):
+    run(trained, tmp_path, epochs=1)
+    (tmp_path / finetune.STATE_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(LessKVError, match="finetune_state.pt is corrupt"):
+        run(trained, tmp_path, epochs=1)
+
+
+def test_kernels_for_another_model_are_refused(trained, tmp_path):
+    _, windows, base = trained
+    other = make_tiny_model("llama-mha")
+    kernels = LessKernels.from_pretrained(base)
+    config = FinetuneConfig(model="tiny", base_kernels=str(base), data="random", seq_len=T)
+    with pytest.raises(LessKVError, match="kernels were trained for"):
+        finetune_kernels(other, kernels, windows[:8], windows[8:], config, tmp_path)
