@@ -1,5 +1,7 @@
 """Kernel shapes, non-negativity, and checkpoints that refuse to be misused."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -55,3 +57,12 @@ def test_corrupt_or_partial_checkpoints_name_the_file(tmp_path):
     (tmp_path / CONFIG_FILE).unlink()
     with pytest.raises(LessKVError, match="missing"):
         LessKernels.from_pretrained(tmp_path)
+
+
+def test_use_far_beyond_the_training_window_warns():
+    kernels = kernels_for(make_tiny_model("llama-gqa"), seq_len=1024)
+    with pytest.warns(UserWarning, match="trained on 1024-token windows"):
+        kernels.warn_if_far_beyond_training_length(4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.warn_if_far_beyond_training_length(2048)

@@ -802,7 +802,9 @@ def resolve_kernels(path, model_name, model, policy, seq_len, transfer: bool = F
     if path is None:
         path = shipped_kernels(model_name, policy, seq_len)
     checked = None if transfer else policy.name
-    return list(LessKernels.from_pretrained(path, model, policy=checked).layers)
+    kernels = LessKernels.from_pretrained(path, model, policy=checked)
+    kernels.warn_if_far_beyond_training_length(seq_len)
+    return list(kernels.layers)
 
 
 def _run_demo(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,6 +157,17 @@ class LessKernels(nn.Module):
             raise LessKVError(
                 f"kernels were trained for policy {self.meta.policy!r}, not {policy!r}: "
                 "pass the matching --policy or train kernels for it"
+            )
+
+    def warn_if_far_beyond_training_length(self, seq_len: int) -> None:
+        """At several times the training window the state absorbs far more pairs than the
+        kernels ever saw; LESS then measured worse than the plain policy (RESULTS.md §8)."""
+        trained = self.meta.seq_len
+        if trained and seq_len > 2 * trained:
+            warnings.warn(
+                f"these kernels were trained on {trained}-token windows; at {seq_len} tokens LESS "
+                f"can do worse than the baseline: train kernels with --seq-len {seq_len}",
+                stacklevel=2,
             )
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> None:
