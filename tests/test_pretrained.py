@@ -23,18 +23,18 @@ def test_shipped_kernels_match_the_default_model(default_model):
     model, _ = default_model
     assert {"smollm2-135m-h2o-0.1", "smollm2-135m-lambda-0.1"} <= set(available())
     for name in ("h2o", "lambda"):
-        path = shipped_kernels("smollm2-135m", make_policy(name, 0.1), 1024)
+        path = shipped_kernels("smollm2-135m", make_policy(name, 0.1))
         kernels = LessKernels.from_pretrained(path, model, policy=name)
         assert kernels.meta.rank == 8 and len(kernels.layers) == 30
     with pytest.raises(LessKVError, match="no shipped kernels"):
-        shipped_kernels("smollm2-135m", make_policy("h2o", 0.37), 1024)
+        shipped_kernels("smollm2-135m", make_policy("h2o", 0.37))
 
 
 def test_decoding_equals_the_parallel_form_on_the_default_model(default_model):
     model, tokenizer = default_model
     policy = make_policy("h2o", 32)
     kernels = LessKernels.from_pretrained(
-        shipped_kernels("smollm2-135m", make_policy("h2o", 0.1), 1024), model
+        shipped_kernels("smollm2-135m", make_policy("h2o", 0.1)), model
     )
     text = "The history of the city begins with a small settlement on the river. " * 12
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :96]

@@ -423,7 +423,7 @@ def _run_eval_summarize(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model)
     kernels = None
     if "less" in methods:
-        path = args.kernels or shipped_kernels(args.model, policy, 0)
+        path = args.kernels or shipped_kernels(args.model, policy)
         kernels = LessKernels.from_pretrained(path, model, policy=policy.name)
     results, generations = evaluate_summarization(
         model, tokenizer, examples, methods, policy, kernels, args.rank, args.max_new_tokens
@@ -550,7 +550,7 @@ def _run_bench(args: argparse.Namespace) -> None:
     check_contexts(model, contexts, args.new_tokens)
     kernels = None
     if "less" in methods:
-        path = args.kernels or shipped_kernels(args.model, policy, 0)
+        path = args.kernels or shipped_kernels(args.model, policy)
         kernels = LessKernels.from_pretrained(path, model, policy=policy.name).to(model.device)
     rows = run_benchmark(
         model,
@@ -620,16 +620,21 @@ def _run_bench(args: argparse.Namespace) -> None:
     )
 
 
+def _check_training_args(args: argparse.Namespace, *counts: str) -> None:
+    """Training needs data, and each of ``counts`` (argument names) must be at least 1."""
+    if args.data is None:
+        raise LessKVError("--data is required (a file path, builtin, or hf:NAME)")
+    for name in counts:
+        if getattr(args, name) < 1:
+            raise LessKVError(f"--{name.replace('_', '-')} must be >= 1")
+
+
 def _run_train(args: argparse.Namespace) -> None:
     from lesskv import distributed
     from lesskv.data import load_texts
     from lesskv.policies import make_policy
 
-    if args.data is None:
-        raise LessKVError("--data is required (a file path, builtin, or hf:NAME)")
-    for name in ("sequences", "epochs", "batch_size", "rank", "hidden"):
-        if getattr(args, name) < 1:
-            raise LessKVError(f"--{name.replace('_', '-')} must be >= 1")
+    _check_training_args(args, "sequences", "epochs", "batch_size", "rank", "hidden")
     policy = make_policy(args.policy, args.budget)
     policy.slots(args.seq_len)
     texts = load_texts(args.data, field=args.field)
@@ -696,16 +701,10 @@ def _run_finetune(args: argparse.Namespace) -> None:
     from lesskv.policies import make_policy
     from lesskv.pretrained import shipped_kernels
 
-    if args.data is None:
-        raise LessKVError("--data is required (a file path, builtin, or hf:NAME)")
-    for name in ("sequences", "val_sequences", "epochs", "val_every"):
-        if getattr(args, name) < 1:
-            raise LessKVError(f"--{name.replace('_', '-')} must be >= 1")
+    _check_training_args(args, "sequences", "val_sequences", "epochs", "val_every")
     model, tokenizer = load_model(args.model)
     check_seq_len(args.seq_len, args.model, model)
-    base = args.kernels or shipped_kernels(
-        args.model, make_policy(args.policy, args.budget), args.seq_len
-    )
+    base = args.kernels or shipped_kernels(args.model, make_policy(args.policy, args.budget))
     kernels = LessKernels.from_pretrained(base, model)
     wanted = args.sequences + args.val_sequences
     texts = load_texts(args.data, field=args.field)
@@ -759,7 +758,7 @@ def _run_generate(args: argparse.Namespace) -> None:
     if args.method == "baseline":
         cache = LessCache(model, policy)
     elif args.method == "less":
-        path = args.kernels or shipped_kernels(args.model, policy, 0)
+        path = args.kernels or shipped_kernels(args.model, policy)
         kernels = LessKernels.from_pretrained(path, model, policy=policy.name)
         cache = LessCache(model, policy, kernels=kernels)
     options = {"do_sample": args.sample}
@@ -800,7 +799,7 @@ def resolve_kernels(path, model_name, model, policy, seq_len, transfer: bool = F
     from lesskv.pretrained import shipped_kernels
 
     if path is None:
-        path = shipped_kernels(model_name, policy, seq_len)
+        path = shipped_kernels(model_name, policy)
     checked = None if transfer else policy.name
     kernels = LessKernels.from_pretrained(path, model, policy=checked)
     kernels.warn_if_far_beyond_training_length(seq_len)
@@ -827,7 +826,7 @@ def _run_demo(args: argparse.Namespace) -> None:
         methods = ["baseline", "baseline+"]
         if f"{DEFAULT_MODEL}-{name}-0.1" in available():
             shipped[name] = LessKernels.from_pretrained(
-                shipped_kernels(DEFAULT_MODEL, policy, 1024), model, policy=name
+                shipped_kernels(DEFAULT_MODEL, policy), model, policy=name
             )
             methods.append("less")
         layers = list(shipped[name].layers) if name in shipped else None

@@ -16,7 +16,7 @@ def available() -> list[str]:
     return sorted(p.name for p in HERE.iterdir() if (p / "lesskv_kernels.json").is_file())
 
 
-def shipped_kernels(model_name: str, policy: Policy, seq_len: int) -> Path:
+def shipped_kernels(model_name: str, policy: Policy) -> Path:
     """The shipped folder matching the model, policy and budget, or a clear error."""
     if model_name.lower() not in (DEFAULT_MODEL, "smollm2-135m-instruct"):
         raise LessKVError(f"no kernels ship for {model_name}: pass --kernels DIR (lesskv train)")
