@@ -7,9 +7,9 @@ import torch
 
 from conftest import make_tiny_model
 from lesskv import attention as math
+from lesskv import integration
 from lesskv.analysis import (
     attention_maps,
-    observing,
     plot_attention_maps,
     plot_residual_energy,
     residual_energy,
@@ -66,7 +66,7 @@ def test_less_effective_map_reproduces_the_less_output(head, tmp_path):
         if module.layer_idx == 1:
             captured.update(q=query, k=key, v=value, scale=module.scaling)
 
-    with observing(model, observe), torch.no_grad():
+    with integration.observing(model, observe), torch.no_grad():
         model(input_ids=ids)
     q = math.group_queries(captured["q"], captured["k"].shape[1])
     key, value = captured["k"], captured["v"]

@@ -5,6 +5,7 @@ import torch
 
 from lesskv import integration
 from lesskv.cache import LessCache
+from lesskv.compat import cache_argument
 from lesskv.errors import LessKVError
 from lesskv.kernels import LessKernels
 from lesskv.models import load_model
@@ -45,7 +46,9 @@ def test_decoding_equals_the_parallel_form_on_the_default_model(default_model):
     cache = LessCache(model, policy, kernels=kernels)
     with torch.no_grad():
         steps = [
-            model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+            model(
+                input_ids=ids[:, t : t + 1], **cache_argument(model, cache), use_cache=True
+            ).logits
             for t in range(ids.shape[1])
         ]
     assert (torch.cat(steps, 1) - parallel).abs().max() < 1e-3

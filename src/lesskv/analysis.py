@@ -16,8 +16,7 @@ every other path (:mod:`lesskv.attention`), so what is plotted is what the model
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,21 +33,6 @@ from lesskv.plots import plt, save_figure
 from lesskv.policies import Policy, keep_mask_from_steps
 
 DEFAULT_KS = (1, 2, 4, 8, 16)
-Observer = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], None]
-
-
-@contextmanager
-def observing(model: PreTrainedModel, observer: Observer) -> Iterator[None]:
-    """Full attention, with ``observer(module, query, key, value)`` seeing every layer."""
-    integration.set_method(model, "full")
-    modules = integration.attention_modules(model)
-    for module in modules:
-        module.lesskv.observer = observer
-    try:
-        yield
-    finally:
-        for module in modules:
-            module.lesskv.observer = None
 
 
 @dataclass
@@ -149,7 +133,7 @@ def residual_energy(
         total = energies.sum(1)  # over the batch: (2, Hq, K)
         sums[module.layer_idx] = sums.get(module.layer_idx, 0) + total.cpu()
 
-    with observing(model, observe):
+    with integration.observing(model, observe):
         for window in tqdm(windows, desc="residual", unit="win", disable=not progress):
             model(input_ids=window[None].to(model.device))
     means = [sums[i] / n for i in sorted(sums)]
@@ -259,7 +243,7 @@ def attention_maps(
         if module.layer_idx == layer:
             seen["layer"] = LayerAttention.observe(module, query, key, value)
 
-    with observing(model, observe):
+    with integration.observing(model, observe):
         model(input_ids=ids.to(model.device))
     att = seen["layer"]
     keep_all, budget = att.keep(policy)

@@ -28,6 +28,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from lesskv import integration
 from lesskv.cache import LessCache
+from lesskv.compat import cache_argument
 from lesskv.data import token_windows
 from lesskv.errors import LessKVError
 from lesskv.kernels import LessKernels
@@ -191,7 +192,7 @@ def _run_one(
     cache = _make_cache(model, method, policy, kernels, stock_attention)
     _sync(device)
     start = time.perf_counter()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_argument(model, cache))
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     prefill_s = time.perf_counter() - start
@@ -203,7 +204,9 @@ def _run_one(
     steps: list[float] = []
     for _ in range(new_tokens):
         start = time.perf_counter()
-        out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=token, use_cache=True, logits_to_keep=1, **cache_argument(model, cache)
+        )
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         steps.append(time.perf_counter() - start)

@@ -13,12 +13,16 @@ budget: recent tokens and sinks are kept, the rest by score, and everything drop
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from lesskv import attention as math_ops
-from lesskv.config import Budget
+from lesskv import integration
+from lesskv.config import DEFAULT_RANK, Budget
 from lesskv.errors import LessKVError
 from lesskv.kernels import LayerKernels, LessKernels
 from lesskv.policies import Policy, make_policy
@@ -27,7 +31,8 @@ NEG_INF, POS_INF = float("-inf"), float("inf")
 
 
 class LessLayer(CacheLayerMixin):
-    """One layer's slots and state; the attention function drives it through ``attend``."""
+    """One layer's slots and state; lesskv's attention function drives it
+    (:func:`lesskv.integration.recurrent_attention`)."""
 
     is_compileable = False
     is_sliding = False
@@ -69,6 +74,11 @@ class LessLayer(CacheLayerMixin):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        elif key_states.shape[0] != self.keys.shape[0]:
+            raise LessKVError(
+                f"this LessCache holds {self.keys.shape[0]} sequences, not "
+                f"{key_states.shape[0]}: use one LessCache per generation"
+            )
         if key_states.shape[-2] == 1 and self.seen > 0:
             self._insert_one(key_states, value_states)
             self.seen += 1
@@ -78,10 +88,15 @@ class LessLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query: int | torch.Tensor) -> tuple[int, int]:
+        # transformers >= 5.3 passes the query length, older releases its cache positions.
+        query_length = query if isinstance(query, int) else query.shape[0]
         return self.seen + query_length, 0
 
-    def get_max_length(self) -> int:
+    def get_max_length(self) -> int:  # transformers >= 5.3
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # transformers < 5.3
         return -1
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -92,6 +107,7 @@ class LessLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.is_initialized, self.seen = False, 0
+        self.keys = self.values = None
 
     def _per_batch(self) -> list[str]:
         names = ["keys", "values", "positions", "scores", "valid", "real_seen"]
@@ -179,11 +195,14 @@ class LessLayer(CacheLayerMixin):
 
 
 class LessCache(Cache):
-    """Drop-in ``past_key_values`` for ``model.generate``: real eviction, optional LESS state.
+    """Drop-in cache for ``model.generate``: real eviction, optional LESS state.
 
     ``LessCache(model, policy="h2o", budget=64)`` is the sparse baseline with real eviction;
     pass ``kernels=`` (or use :meth:`from_pretrained`) for LESS, ``extra_tokens=`` for
     Baseline+. A fractional budget is relative to the prompt (the first call).
+
+    A LessCache holds one generation's state: it serves the model it was built for, one batch
+    size, and the thread that first uses it; anything else raises :class:`LessKVError`.
     """
 
     def __init__(
@@ -195,8 +214,6 @@ class LessCache(Cache):
         rank: int | None = None,
         extra_tokens: int = 0,
     ) -> None:
-        from lesskv import integration
-
         if isinstance(policy, str):
             if budget is None:
                 raise LessKVError("LessCache needs a budget (tokens, or a fraction of the prompt)")
@@ -216,13 +233,55 @@ class LessCache(Cache):
             LessLayer(
                 policy,
                 None if kernels is None else integration.on_layer_device(kernels.layers[i], m),
-                rank or 8,
+                rank or DEFAULT_RANK,
                 context,
                 extra=extra_tokens,
             )
             for i, m in enumerate(modules)
         ]
         super().__init__(layers=layers)
+        self._config = model.config
+        self._modules = [weakref.ref(m) for m in modules]
+        self._owner: int | None = None  # the thread that uses this cache
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every attention layer calls this with its ``layer_idx`` just before attention:
+        store the new pairs, then hand the layer over to lesskv's attention function."""
+        self._check_caller(layer_idx)
+        keys, values = self.layers[layer_idx].update(key_states, value_states)
+        integration.hand_over(self, layer_idx)
+        return keys, values
+
+    def _check_caller(self, layer_idx: int) -> None:
+        if layer_idx >= len(self.layers):
+            raise LessKVError(
+                f"this LessCache was built for a model with {len(self.layers)} layers, not "
+                "this one: build one LessCache per model"
+            )
+        if self._config._attn_implementation != integration.ATTN_NAME:
+            raise LessKVError(
+                f"the model's attention implementation is {self._config._attn_implementation!r}; "
+                f"a LessCache needs {integration.ATTN_NAME!r} (lesskv.enable(model))"
+            )
+        thread = threading.get_ident()
+        if self._owner != thread:
+            if self._owner is not None:
+                raise LessKVError(
+                    "this LessCache is in use by another thread: a LessCache holds one "
+                    "generation's state, give each concurrent generation its own"
+                )
+            self._owner = thread
+
+    def serves(self, module: nn.Module) -> bool:
+        """Whether ``module`` is the attention layer this cache was built for."""
+        return self._modules[module.layer_idx]() is module
+
+    def reset(self) -> None:
+        """Empty every layer; the cache may then serve another thread."""
+        super().reset()
+        self._owner = None
 
     @classmethod
     def from_pretrained(
@@ -246,75 +305,3 @@ class LessCache(Cache):
             for key, value in layer.memory_bytes().items():
                 totals[key] += value
         return totals
-
-
-# Prompt queries are attended a block at a time: the block's logits (batch x query heads x
-# rows x keys) stay near this many elements, which bounds prefill memory and keeps each
-# elementwise pass in cache (1M elements ran 5x faster than whole 1024-row blocks on CPU).
-BLOCK_ELEMENTS = 2**20
-
-
-def attend(
-    layer: LessLayer,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
-    """The recurrent LESS attention for one call; returns ``(B, Hkv, G, q, D)``.
-
-    Decoding (one token, already inserted by ``update``): exact softmax over the valid slots
-    plus φ(q)·(H, z). A chunk: slots are fully visible, the chunk is causal (and padded as
-    transformers' mask says); afterwards the layer compresses back to its budget.
-    """
-    q = math_ops.group_queries(query, key.shape[1])
-    decoding = key.shape[2] == layer.budget
-    visible = (
-        layer.valid[:, :, None, None, :]
-        if decoding
-        else _chunk_visibility(layer, attention_mask, q.shape[3])
-    )
-    extra = key.shape[2] - layer.budget
-    scores = layer.scores  # decoding updates the scores in place; a chunk appends its own
-    if extra:
-        scores = torch.cat([scores, scores.new_zeros(*scores.shape[:2], extra)], -1)
-    outputs = []
-    rows_per_block = max(1, BLOCK_ELEMENTS // query.shape[:2].numel() // key.shape[2])
-    for start in range(0, q.shape[3], rows_per_block):
-        end = min(start + rows_per_block, q.shape[3])
-        rows = slice(start, end)
-        # Causality: chunk tokens after the block's last query are invisible to the block.
-        cols = slice(0, key.shape[2] - q.shape[3] + end)
-        block_visible = visible[..., rows, cols]
-        logits = math_ops.attention_logits(q[..., rows, :], key[:, :, cols], scale)
-        probs, lse = math_ops.masked_softmax(logits, block_visible)
-        out = torch.einsum("bhgqk,bhkd->bhgqd", probs, value[:, :, cols])
-        if layer.kernels is not None:
-            phi = layer.kernels.phi(q[..., rows, :]).float()
-            num, den = math_ops.lowrank_recurrent(phi, layer.state_h, layer.state_z)
-            out = math_ops.combine(out.float(), lse.float(), num, den).to(value.dtype)
-        outputs.append(out)
-        if layer.policy.uses_attention:
-            scores[..., cols] = layer.policy.update_scores(scores[..., cols], probs.float())
-    if decoding:
-        layer.scores = scores
-    else:
-        new_valid = visible[:, 0, 0, -1, layer.budget :].expand(key.shape[0], -1)
-        layer.compress(key, value, scores, new_valid)
-    return torch.cat(outputs, 3)
-
-
-def _chunk_visibility(
-    layer: LessLayer, attention_mask: torch.Tensor | None, q_len: int
-) -> torch.Tensor:
-    """``(B, Hkv, 1, q, budget + q)``: valid slots for every query, then the chunk itself."""
-    slots = layer.valid[:, :, None, None, :].expand(-1, -1, 1, q_len, -1)
-    if attention_mask is None:
-        own = torch.ones(q_len, q_len, dtype=torch.bool, device=slots.device).tril()
-        own = own.expand(*slots.shape[:3], q_len, q_len)
-    else:
-        if attention_mask.dtype != torch.bool:
-            attention_mask = attention_mask == 0
-        own = attention_mask[..., -q_len:].unsqueeze(2).expand(-1, slots.shape[1], -1, -1, -1)
-    return torch.cat([slots, own], -1)

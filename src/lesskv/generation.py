@@ -6,6 +6,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
 from lesskv.cache import LessCache
+from lesskv.compat import cache_argument
 from lesskv.errors import LessKVError
 
 
@@ -24,7 +25,7 @@ def prefill_in_chunks(
         raise LessKVError(f"--prefill-chunk must be >= 1, got {chunk}")
     for start in range(0, input_ids.shape[1] - 1, chunk):
         piece = input_ids[:, start : min(start + chunk, input_ids.shape[1] - 1)]
-        model(input_ids=piece, past_key_values=cache, use_cache=True)
+        model(input_ids=piece, use_cache=True, **cache_argument(model, cache))
 
 
 def check_fits(model: PreTrainedModel, prompt_tokens: int, new_tokens: int) -> None:
@@ -59,7 +60,7 @@ def generate_text(
     output = model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
-        past_key_values=cache,
+        **cache_argument(model, cache),
         max_new_tokens=max_new_tokens,
         streamer=streamer,
         pad_token_id=tokenizer.pad_token_id,

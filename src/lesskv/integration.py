@@ -1,16 +1,28 @@
 """Plugging LESS into Hugging Face decoders through transformers' attention interface.
 
-``enable(model)`` registers one attention implementation, ``"less"``, and gives every
-attention module a :class:`LayerSetup`. ``set_method`` then switches the whole model between
-full attention, a sparse policy (Baseline / Baseline+) and LESS without reloading anything:
-the attention function reads the module's setup on every call.
+``enable(model)`` registers one attention implementation, ``"less"``, and selects it: the only
+change lesskv ever makes to a model. Everything a call needs travels with that call, so one
+model can serve many threads or asyncio tasks at once:
+
+* decoding with real eviction: a :class:`~lesskv.cache.LessCache` holds its policy, kernels
+  and state. Its own ``update``, which every attention layer calls with its ``layer_idx`` just
+  before attention, hands the layer over to the attention function through a context
+  variable (:func:`hand_over`). No keyword argument of model code is involved, and a hand-over
+  that attention never claims raises instead of decoding from a wrong path;
+* teacher-forced scoring: :func:`set_method`, :func:`using_method` and :func:`observing` store
+  each layer's :class:`LayerSetup` in a context variable, visible only to the thread or task
+  that set it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,24 +32,38 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lesskv import attention as math
+from lesskv.compat import check_versions
 from lesskv.config import DEFAULT_RANK, state_size_in_tokens
 from lesskv.errors import LessKVError
 from lesskv.policies import Policy, keep_mask_from_steps
 
+if TYPE_CHECKING:
+    from lesskv.cache import LessCache, LessLayer
+
 ATTN_NAME = "less"
 METHODS = ("full", "baseline", "baseline+", "less")
+Observer = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerSetup:
-    """What one attention layer does: no policy means full attention."""
+    """What one attention layer does in the parallel form: no policy means full attention."""
 
     policy: Policy | None = None
     extra_tokens: int = 0
     kernels: nn.Module | None = None
     # Sees (module, query, key, value) on every call: how training records post-RoPE states.
-    observer: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
-    cache: object | None = None  # the LessCache of the current call, if any
+    observer: Observer | None = None
+
+
+FULL = LayerSetup()
+# id(attention module) -> (weak reference to it, its setup), per thread / asyncio task.
+_Setups = Mapping[int, tuple[weakref.ref, LayerSetup]]
+_setups: ContextVar[_Setups] = ContextVar("lesskv_setups", default=MappingProxyType({}))
+# The LessCache layer whose update just ran in this thread / task, until attention claims it.
+_handed_over: ContextVar[tuple[LessCache, int] | None] = ContextVar(
+    "lesskv_handed_over", default=None
+)
 
 
 def attention_modules(model: PreTrainedModel) -> list[nn.Module]:
@@ -53,30 +79,41 @@ def attention_modules(model: PreTrainedModel) -> list[nn.Module]:
 
 
 def enable(model: PreTrainedModel) -> PreTrainedModel:
-    """Route the model's attention through lesskv (full attention until ``set_method``)."""
+    """Route the model's attention through lesskv (full attention until a method is set)."""
+    check_versions()
     AttentionInterface.register(ATTN_NAME, less_attention)
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
     if model.config._attn_implementation != ATTN_NAME:
         model.set_attn_implementation(ATTN_NAME)
-    for module in attention_modules(model):
-        if not hasattr(module, "lesskv"):
-            module.lesskv = LayerSetup()
-            module.register_forward_pre_hook(_remember_cache, with_kwargs=True)
-            module.register_forward_hook(_forget_cache)
     return model
 
 
-def _remember_cache(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """The attention function is not given the cache; a LessCache reaches it through here."""
-    from lesskv.cache import LessCache
+def hand_over(cache: LessCache, layer_idx: int) -> None:
+    """Called by ``LessCache.update``: this context's next attention call is that layer's."""
+    unclaimed = _handed_over.get()
+    if unclaimed is not None and unclaimed[0] is cache:
+        _handed_over.set(None)
+        raise LessKVError(
+            f"attention never used the LessCache given for layer {unclaimed[1]}: the model's "
+            f"attention implementation must stay {ATTN_NAME!r} (lesskv.enable) and call "
+            "transformers' attention interface"
+        )
+    _handed_over.set((cache, layer_idx))
 
-    cache = kwargs.get("past_key_values")
-    module.lesskv.cache = cache if isinstance(cache, LessCache) else None
 
-
-def _forget_cache(module: nn.Module, args: tuple, output: object) -> None:
-    """Hold the cache only during the call, so a finished generation's memory is freed."""
-    module.lesskv.cache = None
+def _claim(module: nn.Module) -> LessLayer | None:
+    """The cache layer handed over for this attention call, if any (taken only once)."""
+    handed = _handed_over.get()
+    if handed is None:
+        return None
+    _handed_over.set(None)
+    cache, layer_idx = handed
+    if layer_idx != module.layer_idx or not cache.serves(module):
+        raise LessKVError(
+            "this LessCache was built for another model: build one LessCache per model "
+            "(and per generation)"
+        )
+    return cache.layers[layer_idx]
 
 
 def set_method(
@@ -87,7 +124,48 @@ def set_method(
     rank: int = DEFAULT_RANK,
 ) -> None:
     """Switch every layer to ``full``, ``baseline``, ``baseline+`` (policy + pairs as large
-    as a rank-``rank`` state) or ``less`` (policy + one kernel module per layer)."""
+    as a rank-``rank`` state) or ``less`` (policy + one kernel module per layer).
+
+    The choice holds for the calling thread (or asyncio task) only; other threads using the
+    same model keep theirs. :func:`using_method` limits it to a block.
+    """
+    _setups.set(_with_method(model, method, policy, kernels, rank))
+
+
+@contextmanager
+def using_method(model: PreTrainedModel, method: str, **options) -> Iterator[None]:
+    """:func:`set_method` for the duration of a block, then back to what was set before."""
+    token = _setups.set(_with_method(model, method, **options))
+    try:
+        yield
+    finally:
+        _setups.reset(token)
+
+
+@contextmanager
+def observing(
+    model: PreTrainedModel, observer: Observer, layers: Iterable[int] | None = None
+) -> Iterator[None]:
+    """Full attention, with ``observer(module, query, key, value)`` seeing each layer in
+    ``layers`` (all by default) on every call: how training and analysis read post-RoPE
+    queries and keys."""
+    modules = attention_modules(enable(model))
+    chosen = range(len(modules)) if layers is None else layers
+    setup = LayerSetup(observer=observer)
+    token = _setups.set(_updated(model, {modules[i]: setup for i in chosen}))
+    try:
+        yield
+    finally:
+        _setups.reset(token)
+
+
+def _with_method(
+    model: PreTrainedModel,
+    method: str,
+    policy: Policy | None = None,
+    kernels: Sequence[nn.Module] | None = None,
+    rank: int = DEFAULT_RANK,
+) -> _Setups:
     if method not in METHODS:
         raise LessKVError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
     if method != "full" and policy is None:
@@ -100,12 +178,38 @@ def set_method(
             raise LessKVError(
                 f"kernels cover {len(kernels)} layers but the model has {len(modules)}"
             )
-    for i, module in enumerate(modules):
-        module.lesskv = LayerSetup(
-            policy=None if method == "full" else policy,
-            extra_tokens=extra_tokens(method, rank, module.head_dim),
-            kernels=on_layer_device(kernels[i], module) if method == "less" else None,
-        )
+    if method == "full":
+        return _updated(model, {})
+    return _updated(
+        model,
+        {
+            module: LayerSetup(
+                policy=policy,
+                extra_tokens=extra_tokens(method, rank, module.head_dim),
+                kernels=on_layer_device(kernels[i], module) if method == "less" else None,
+            )
+            for i, module in enumerate(modules)
+        },
+    )
+
+
+def _updated(model: PreTrainedModel, chosen: Mapping[nn.Module, LayerSetup]) -> _Setups:
+    """A copy of this context's setups with ``model``'s layers replaced by ``chosen`` (the
+    others full); entries of models that no longer exist are dropped."""
+    mine = {id(m) for m in attention_modules(model)}
+    setups = {
+        key: entry
+        for key, entry in _setups.get().items()
+        if key not in mine and entry[0]() is not None
+    }
+    for module, setup in chosen.items():
+        setups[id(module)] = (weakref.ref(module), setup)
+    return setups
+
+
+def _setup_of(module: nn.Module) -> LayerSetup:
+    entry = _setups.get().get(id(module))
+    return entry[1] if entry is not None and entry[0]() is module else FULL
 
 
 def on_layer_device(kernels: nn.Module, module: nn.Module) -> nn.Module:
@@ -117,16 +221,6 @@ def on_layer_device(kernels: nn.Module, module: nn.Module) -> nn.Module:
 def extra_tokens(method: str, rank: int, head_dim: int) -> int:
     """Pairs Baseline+ gets on top of the budget: as much memory as LESS's state."""
     return state_size_in_tokens(rank, head_dim) if method == "baseline+" else 0
-
-
-@contextmanager
-def using_method(model: PreTrainedModel, method: str, **options) -> Iterator[None]:
-    """``set_method`` for the duration of a block, then back to full attention."""
-    set_method(model, method, **options)
-    try:
-        yield
-    finally:
-        set_method(model, "full")
 
 
 def less_attention(
@@ -142,29 +236,29 @@ def less_attention(
     """transformers' attention signature: query ``(B, Hq, Tq, D)`` post-RoPE, key/value
     ``(B, Hkv, Tk, D)``; returns ``(B, Tq, Hq, D)``.
 
-    The parallel form scores whole sequences; batches must be right-padded (as teacher-forced
+    With a LessCache handed over, the recurrent form decodes with real eviction. Otherwise the
+    parallel form scores whole sequences; batches must be right-padded (as teacher-forced
     scoring naturally is), so that padding only ever follows the real tokens.
     """
-    setup: LayerSetup = getattr(module, "lesskv", LayerSetup())
+    scale = scaling if scaling is not None else module.head_dim**-0.5
+    layer = _claim(module)
+    if layer is not None:
+        return _heads_last(recurrent_attention(layer, query, key, value, attention_mask, scale))
+    setup = _setup_of(module)
     if setup.observer is not None:
         setup.observer(module, query, key, value)
-    scale = scaling if scaling is not None else module.head_dim**-0.5
-    if setup.cache is not None:  # decoding with real eviction
-        from lesskv.cache import attend
-
-        layer = setup.cache.layers[module.layer_idx]
-        return _heads_last(attend(layer, query, key, value, attention_mask, scale)), None
     policy = setup.policy
     q_len, k_len = query.shape[2], key.shape[2]
     slots = policy.slots(k_len, setup.extra_tokens) if policy is not None else None
     if slots is None or slots.total >= k_len:
-        return sdpa_attention_forward(
+        out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
+        return out, None
     if q_len != k_len:
         raise LessKVError(
-            "lesskv's parallel form scores whole sequences; to decode with eviction pass "
-            "past_key_values=LessCache(...)"
+            "a sparse method cannot decode from transformers' own cache (its parallel form "
+            "scores whole sequences): generate with a LessCache(...) to evict for real"
         )
     q = math.group_queries(query, key.shape[1])
     visible = _visible_keys(attention_mask, q_len, k_len, query.device)
@@ -184,14 +278,85 @@ def less_attention(
     out, lse = math.sparse_attention(logits, value, keep)
     phi_q, psi_k = setup.kernels.phi(q), setup.kernels.psi(key)
     num, den = math.lowrank_parallel(phi_q, psi_k, value, steps)
-    out = math.combine(out, lse, num, den)
-    return _heads_last(out), None
+    return _heads_last(math.combine(out, lse, num, den))
 
 
-def _heads_last(out: torch.Tensor) -> torch.Tensor:
-    """Grouped ``(B, Hkv, G, T, D)`` → transformers' ``(B, T, Hq, D)``."""
+# Prompt queries are attended a block at a time: the block's logits (batch x query heads x
+# rows x keys) stay near this many elements, which bounds prefill memory and keeps each
+# elementwise pass in cache (1M elements ran 5x faster than whole 1024-row blocks on CPU).
+BLOCK_ELEMENTS = 2**20
+
+
+def recurrent_attention(
+    layer: LessLayer,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """The recurrent LESS attention for one call; returns ``(B, Hkv, G, q, D)``.
+
+    Decoding (one token, already inserted by ``update``): exact softmax over the valid slots
+    plus φ(q)·(H, z). A chunk: slots are fully visible, the chunk is causal (and padded as
+    transformers' mask says); afterwards the layer compresses back to its budget.
+    """
+    q = math.group_queries(query, key.shape[1])
+    decoding = key.shape[2] == layer.budget
+    visible = (
+        layer.valid[:, :, None, None, :]
+        if decoding
+        else _chunk_visibility(layer, attention_mask, q.shape[3])
+    )
+    extra = key.shape[2] - layer.budget
+    scores = layer.scores  # decoding updates the scores in place; a chunk appends its own
+    if extra:
+        scores = torch.cat([scores, scores.new_zeros(*scores.shape[:2], extra)], -1)
+    outputs = []
+    rows_per_block = max(1, BLOCK_ELEMENTS // query.shape[:2].numel() // key.shape[2])
+    for start in range(0, q.shape[3], rows_per_block):
+        end = min(start + rows_per_block, q.shape[3])
+        rows = slice(start, end)
+        # Causality: chunk tokens after the block's last query are invisible to the block.
+        cols = slice(0, key.shape[2] - q.shape[3] + end)
+        block_visible = visible[..., rows, cols]
+        logits = math.attention_logits(q[..., rows, :], key[:, :, cols], scale)
+        probs, lse = math.masked_softmax(logits, block_visible)
+        out = torch.einsum("bhgqk,bhkd->bhgqd", probs, value[:, :, cols])
+        if layer.kernels is not None:
+            phi = layer.kernels.phi(q[..., rows, :]).float()
+            num, den = math.lowrank_recurrent(phi, layer.state_h, layer.state_z)
+            out = math.combine(out.float(), lse.float(), num, den).to(value.dtype)
+        outputs.append(out)
+        if layer.policy.uses_attention:
+            scores[..., cols] = layer.policy.update_scores(scores[..., cols], probs.float())
+    if decoding:
+        layer.scores = scores
+    else:
+        new_valid = visible[:, 0, 0, -1, layer.budget :].expand(key.shape[0], -1)
+        layer.compress(key, value, scores, new_valid)
+    return torch.cat(outputs, 3)
+
+
+def _chunk_visibility(
+    layer: LessLayer, attention_mask: torch.Tensor | None, q_len: int
+) -> torch.Tensor:
+    """``(B, Hkv, 1, q, budget + q)``: valid slots for every query, then the chunk itself."""
+    slots = layer.valid[:, :, None, None, :].expand(-1, -1, 1, q_len, -1)
+    if attention_mask is None:
+        own = torch.ones(q_len, q_len, dtype=torch.bool, device=slots.device).tril()
+        own = own.expand(*slots.shape[:3], q_len, q_len)
+    else:
+        if attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask == 0
+        own = attention_mask[..., -q_len:].unsqueeze(2).expand(-1, slots.shape[1], -1, -1, -1)
+    return torch.cat([slots, own], -1)
+
+
+def _heads_last(out: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """Grouped ``(B, Hkv, G, T, D)`` → transformers' ``((B, T, Hq, D), None)``."""
     b, hkv, g, t, d = out.shape
-    return out.reshape(b, hkv * g, t, d).transpose(1, 2).contiguous()
+    return out.reshape(b, hkv * g, t, d).transpose(1, 2).contiguous(), None
 
 
 def _visible_keys(

@@ -137,11 +137,11 @@ def collect_activations(
     progress: bool = True,
 ) -> dict[int, ActivationStore]:
     """Run the full-attention model once over ``windows`` and record each layer in ``layers``."""
-    integration.set_method(model, "full")
     modules = integration.attention_modules(model)
     n, t = windows.shape
     slots = policy.slots(t)
     stores: dict[int, ActivationStore] = {}
+    observers = {}
     handles = []
     current = {"index": 0}
     last_layer = max(layers)
@@ -182,18 +182,22 @@ def collect_activations(
             if last:
                 raise _StopForward  # later layers and the LM head are not needed
 
-        integration.attention_modules(model)[layer].lesskv.observer = observe
+        observers[layer] = observe
         handles.append(module.o_proj.register_forward_hook(record_target))
+
+    def observe_layer(mod: nn.Module, *states: torch.Tensor) -> None:
+        observers[mod.layer_idx](mod, *states)
+
+    bar = tqdm(range(n), desc="collecting activations", unit="seq", disable=not progress)
     try:
-        for i in tqdm(range(n), desc="collecting activations", unit="seq", disable=not progress):
-            current["index"] = i
-            with contextlib.suppress(_StopForward):
-                model(input_ids=windows[i : i + 1].to(model.device))
+        with integration.observing(model, observe_layer, layers):
+            for i in bar:
+                current["index"] = i
+                with contextlib.suppress(_StopForward):
+                    model(input_ids=windows[i : i + 1].to(model.device))
     finally:
         for handle in handles:
             handle.remove()
-        for layer in layers:
-            modules[layer].lesskv.observer = None
     for store in stores.values():
         store.flush()
     return stores

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lesskv import integration
 from lesskv.cache import LessCache
+from lesskv.compat import cache_argument
 from lesskv.errors import LessKVError
 from lesskv.kernels import LessKernels
 from lesskv.policies import Policy
@@ -157,7 +158,7 @@ def evaluate_summarization(
             output = model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                past_key_values=make_cache(method, model, policy, kernels, rank),
+                **cache_argument(model, make_cache(method, model, policy, kernels, rank)),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,

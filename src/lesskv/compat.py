@@ -1,0 +1,73 @@
+"""Everything that differs between the transformers releases lesskv supports, in one place.
+
+transformers 5.24 renamed the model/generate argument that carries the cache from
+``past_key_values=`` to ``cache=`` (the old name is deprecated until 5.40). Callers in lesskv
+never spell either name: they pass ``**cache_argument(model, cache)``, which reads the name
+from the model's own ``forward`` signature rather than from a version number.
+
+:func:`check_versions` compares the installed torch and transformers with the range this
+package declares (its own metadata, i.e. ``pyproject.toml``): older than the lowest tested
+release is an error, newer than the newest tested one a warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from importlib import metadata
+
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from lesskv.errors import LessKVError
+
+CHECKED = ("torch", "transformers")
+
+
+@functools.cache
+def _cache_parameter(forward_owner: type) -> str:
+    parameters = inspect.signature(forward_owner.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def cache_argument(model: object, cache: object) -> dict[str, object]:
+    """``{"cache": cache}`` for models whose forward takes ``cache=`` (transformers >= 5.24),
+    ``{"past_key_values": cache}`` before; ``generate`` takes the same name."""
+    return {_cache_parameter(type(model)): cache}
+
+
+def declared_ranges() -> dict[str, Requirement]:
+    """The version ranges lesskv's metadata declares for the packages in :data:`CHECKED`."""
+    try:
+        requirements = metadata.requires("lesskv") or []
+    except metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+        return {}
+    found = {}
+    for line in requirements:
+        requirement = Requirement(line)
+        if requirement.name in CHECKED and requirement.marker is None:
+            found[requirement.name] = requirement
+    return found
+
+
+def _lowest(requirement: Requirement) -> Version | None:
+    bounds = [Version(s.version) for s in requirement.specifier if s.operator in (">=", "==")]
+    return max(bounds) if bounds else None
+
+
+@functools.cache
+def check_versions() -> None:
+    """Refuse releases older than the declared range; warn once about newer, untested ones."""
+    for name, requirement in declared_ranges().items():
+        installed = Version(metadata.version(name))
+        if requirement.specifier.contains(installed, prereleases=True):
+            continue
+        message = (
+            f"lesskv supports {name}{requirement.specifier} (tested at both ends); "
+            f"found {name} {installed}"
+        )
+        lowest = _lowest(requirement)
+        if lowest is not None and installed.release < lowest.release:
+            raise LessKVError(f"{message}: upgrade it with pip install '{requirement}'")
+        warnings.warn(f"{message}, newer than tested: results may be wrong", stacklevel=2)
