@@ -210,3 +210,29 @@ def test_a_finished_cache_is_freed():
     del cache
     gc.collect()
     assert alive() is None
+
+
+def test_a_cache_that_attention_never_sees_raises():
+    model = make_tiny_model("llama-gqa")
+    cache = LessCache(model, "h2o", BUDGET)
+    model.set_attn_implementation("sdpa")  # attention would no longer go through lesskv
+    with pytest.raises(LessKVError, match="attention implementation"), torch.no_grad():
+        model(input_ids=prompt(12), **cache_argument(model, cache))
+    integration.enable(model)
+    cache = LessCache(model, "h2o", BUDGET)
+    states = torch.zeros(1, 2, 3, 16)
+    cache.update(states, states, 0)  # as an attention layer that then bypasses lesskv would
+    with pytest.raises(LessKVError, match="attention never used the LessCache"):
+        cache.update(states, states, 1)
+
+
+@pytest.mark.parametrize("method", ["baseline", "less"])
+def test_sparse_decoding_without_a_less_cache_raises(method):
+    model = make_tiny_model("llama-gqa")
+    kernels = kernel_set(model)
+    options = {"kernels": list(kernels.layers)} if method == "less" else {}
+    with (
+        integration.using_method(model, method, policy=make_policy("h2o", BUDGET), **options),
+        pytest.raises(LessKVError, match="LessCache"),
+    ):
+        model.generate(input_ids=prompt(20), max_new_tokens=4, do_sample=False)
