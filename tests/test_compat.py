@@ -77,3 +77,17 @@ def test_a_newer_release_warns_once(installed):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compat.check_versions()  # cached: said once per process
+
+
+def test_the_command_line_names_both_ranges_in_one_line(installed, capsys):
+    from lesskv.cli import main
+
+    installed("2.13.0", "5.1.0")
+    assert main(["demo"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("lesskv: error: lesskv supports transformers>=5.2,<5.25")
+    installed("2.13.0", "5.30.0")
+    assert main(["eval", "ppl", "--data", "builtin", "--budget", "0"]) == 2  # warns, then refuses
+    warning, error = capsys.readouterr().err.strip().splitlines()
+    assert warning.startswith("lesskv: warning:") and "5.30.0" in warning
+    assert error.startswith("lesskv: error:") and "budget" in error

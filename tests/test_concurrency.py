@@ -141,3 +141,40 @@ def test_a_cache_serves_only_its_model_and_batch_size(shared):
         model(input_ids=prompt(12), **cache_argument(model, cache))
         with pytest.raises(LessKVError, match="holds 1 sequences, not 2"):
             model(input_ids=prompt(1, batch=2), **cache_argument(model, cache))
+
+
+@pytest.mark.slow
+def test_default_model_serves_eight_threads_like_one():
+    """The report's case: SmolLM2, 4 prompts x {H2O, Λ} LESS, budget 48, 24 new tokens."""
+    from lesskv.kernels import LessKernels
+    from lesskv.models import load_model
+    from lesskv.pretrained import shipped_kernels
+
+    model, tokenizer = load_model()
+    kernels = {
+        name: LessKernels.from_pretrained(
+            shipped_kernels("smollm2-135m", make_policy(name, 0.1)), model
+        )
+        for name in ("h2o", "lambda")
+    }
+    texts = [
+        "The history of the city begins with a small settlement on the river, where",
+        "In mathematics, a prime number is a natural number greater than one that",
+        "The old lighthouse keeper climbed the stairs every evening and",
+        "Photosynthesis is the process by which green plants use sunlight to",
+    ]
+    cases = [(text, name) for text in texts for name in ("h2o", "lambda")]
+
+    def generate(case):
+        text, name = case
+        ids = tokenizer(text * 2, return_tensors="pt").input_ids
+        cache = LessCache(model, name, 48, kernels=kernels[name])
+        out = model.generate(
+            input_ids=ids, max_new_tokens=24, do_sample=False, **cache_argument(model, cache)
+        )
+        return out[:, ids.shape[1] :]
+
+    alone = [generate(case) for case in cases]
+    for _ in range(2):
+        together = run_together(generate, cases)
+        assert sum(torch.equal(a, b) for a, b in zip(alone, together, strict=True)) == len(cases)

@@ -6,10 +6,12 @@ import argparse
 import json
 import shlex
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lesskv.compat import check_versions
 from lesskv.errors import LessKVError
 
 if TYPE_CHECKING:  # the command imports the heavy modules only once it knows what it runs
@@ -862,6 +864,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.command_line = shlex.join(["lesskv", *argv])  # recorded in the checkpoints written
     try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check_versions()  # before any model is loaded
+        for warning in caught:
+            print(f"lesskv: warning: {warning.message}", file=sys.stderr)
         args.run(args)
     except LessKVError as err:
         print(f"lesskv: error: {err}", file=sys.stderr)

@@ -51,6 +51,11 @@ def declared_ranges() -> dict[str, Requirement]:
     return found
 
 
+def _describe(requirement: Requirement) -> str:
+    """``>=5.2,<5.25``: lower bounds first, as people write ranges."""
+    return ",".join(sorted(map(str, requirement.specifier), key=lambda s: not s.startswith(">")))
+
+
 def _lowest(requirement: Requirement) -> Version | None:
     bounds = [Version(s.version) for s in requirement.specifier if s.operator in (">=", "==")]
     return max(bounds) if bounds else None
@@ -63,11 +68,9 @@ def check_versions() -> None:
         installed = Version(metadata.version(name))
         if requirement.specifier.contains(installed, prereleases=True):
             continue
-        message = (
-            f"lesskv supports {name}{requirement.specifier} (tested at both ends); "
-            f"found {name} {installed}"
-        )
+        supported = f"{name}{_describe(requirement)}"
+        message = f"lesskv supports {supported} (tested at both ends); found {name} {installed}"
         lowest = _lowest(requirement)
         if lowest is not None and installed.release < lowest.release:
-            raise LessKVError(f"{message}: upgrade it with pip install '{requirement}'")
+            raise LessKVError(f"{message}: upgrade it with pip install '{supported}'")
         warnings.warn(f"{message}, newer than tested: results may be wrong", stacklevel=2)

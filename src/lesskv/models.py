@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lesskv.compat import check_versions
 from lesskv.errors import LessKVError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -57,6 +58,7 @@ def load_model(
 
     ``name`` is the built-in ``"smollm2-135m"``, a local directory, or a Hugging Face model id.
     """
+    check_versions()
     if name.strip().lower() in _DEFAULT_ALIASES:
         model, tokenizer = _load_default(dtype)
     else:
