@@ -137,6 +137,8 @@ def test_a_cache_serves_only_its_model_and_batch_size(shared):
     with torch.no_grad():
         with pytest.raises(LessKVError, match="another model"):
             twin(input_ids=prompt(12), **cache_argument(twin, cache))
+        with pytest.raises(LessKVError, match="another model"):  # its state is mixed now
+            model(input_ids=prompt(12), **cache_argument(model, cache))
         cache = LessCache(model, "h2o", 6)
         model(input_ids=prompt(12), **cache_argument(model, cache))
         with pytest.raises(LessKVError, match="holds 1 sequences, not 2"):

@@ -89,14 +89,14 @@ class LessLayer(CacheLayerMixin):
         return self.seen
 
     def get_mask_sizes(self, query: int | torch.Tensor) -> tuple[int, int]:
-        # transformers >= 5.3 passes the query length, older releases its cache positions.
+        # newer transformers pass the query length, older ones (5.2) the cache positions.
         query_length = query if isinstance(query, int) else query.shape[0]
         return self.seen + query_length, 0
 
-    def get_max_length(self) -> int:  # transformers >= 5.3
+    def get_max_length(self) -> int:  # what newer transformers ask
         return -1
 
-    def get_max_cache_shape(self) -> int:  # transformers < 5.3
+    def get_max_cache_shape(self) -> int:  # what older ones (5.2) ask
         return -1
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -243,6 +243,7 @@ class LessCache(Cache):
         self._config = model.config
         self._modules = [weakref.ref(m) for m in modules]
         self._owner: int | None = None  # the thread that uses this cache
+        self._foreign = False  # another model's layer wrote into it: its state is mixed
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
@@ -255,15 +256,16 @@ class LessCache(Cache):
         return keys, values
 
     def _check_caller(self, layer_idx: int) -> None:
-        if layer_idx >= len(self.layers):
+        if self._foreign or layer_idx >= len(self.layers):
             raise LessKVError(
-                f"this LessCache was built for a model with {len(self.layers)} layers, not "
-                "this one: build one LessCache per model"
+                "this LessCache was built for another model: build one LessCache per model "
+                "(and per generation)"
             )
-        if self._config._attn_implementation != integration.ATTN_NAME:
+        # Once per forward pass: reading the config's attention implementation costs ~4 µs.
+        if layer_idx == 0 and self._config._attn_implementation != integration.ATTN_NAME:
             raise LessKVError(
                 f"the model's attention implementation is {self._config._attn_implementation!r}; "
-                f"a LessCache needs {integration.ATTN_NAME!r} (lesskv.enable(model))"
+                f"a LessCache needs {integration.ATTN_NAME!r} (lesskv.integration.enable(model))"
             )
         thread = threading.get_ident()
         if self._owner != thread:
@@ -275,13 +277,15 @@ class LessCache(Cache):
             self._owner = thread
 
     def serves(self, module: nn.Module) -> bool:
-        """Whether ``module`` is the attention layer this cache was built for."""
-        return self._modules[module.layer_idx]() is module
+        """Whether ``module`` is the attention layer this cache was built for; if not, the
+        cache refuses every later call (that layer's update already went into it)."""
+        self._foreign = self._foreign or self._modules[module.layer_idx]() is not module
+        return not self._foreign
 
     def reset(self) -> None:
         """Empty every layer; the cache may then serve another thread."""
         super().reset()
-        self._owner = None
+        self._owner, self._foreign = None, False
 
     @classmethod
     def from_pretrained(
