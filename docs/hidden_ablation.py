@@ -16,12 +16,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from lesskv import integration
+from lesskv.core.budget import DEFAULT_MODEL
+from lesskv.core.policies import make_policy
 from lesskv.data import load_texts, token_windows
-from lesskv.kernels import KernelMeta
-from lesskv.models import DEFAULT_MODEL, load_model
-from lesskv.policies import make_policy
-from lesskv.train import TrainConfig, collect_activations, train_layer
+from lesskv.hf import attention
+from lesskv.hf.checkpoint import KernelMeta
+from lesskv.hf.loading import load_model
+from lesskv.hf.modules import attention_modules
+from lesskv.training.per_layer import TrainConfig, collect_activations, train_layer
 
 DATA = "../shared/data/c4/c4_en_train_first1000.jsonl"
 
@@ -43,7 +45,7 @@ def main() -> None:
     windows = token_windows(
         tokenizer, load_texts(args.data), config.seq_len, max_windows=config.sequences
     )
-    modules = integration.attention_modules(integration.enable(model))
+    modules = attention_modules(attention.enable(model))
     for p in model.parameters():
         p.requires_grad_(False)
     base_shape = KernelMeta.for_model(model, DEFAULT_MODEL, policy="h2o", budget="0.1").layer_shape

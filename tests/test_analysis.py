@@ -6,9 +6,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from lesskv import attention as math
-from lesskv import integration
-from lesskv.analysis import (
+from lesskv.analysis.figures import (
     attention_maps,
     plot_attention_maps,
     plot_residual_energy,
@@ -16,8 +14,10 @@ from lesskv.analysis import (
     top_energy,
 )
 from lesskv.cli import main
+from lesskv.core import math
+from lesskv.core.policies import keep_mask_from_steps, make_policy
 from lesskv.errors import LessKVError
-from lesskv.policies import keep_mask_from_steps, make_policy
+from lesskv.hf.methods import observing
 from test_cache import kernel_set, prompt
 from test_models import WORDS, save_tiny
 
@@ -66,7 +66,7 @@ def test_less_effective_map_reproduces_the_less_output(head, tmp_path):
         if module.layer_idx == 1:
             captured.update(q=query, k=key, v=value, scale=module.scaling)
 
-    with integration.observing(model, observe), torch.no_grad():
+    with observing(model, observe), torch.no_grad():
         model(input_ids=ids)
     q = math.group_queries(captured["q"], captured["k"].shape[1])
     key, value = captured["k"], captured["v"]

@@ -3,8 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from lesskv import attention as math
-from lesskv.policies import keep_mask_from_steps
+from lesskv.core import math
+from lesskv.core.policies import keep_mask_from_steps
 
 
 def random_inputs(b=2, hkv=2, g=3, t=10, d=8, r=4, seed=0):

@@ -11,10 +11,15 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from lesskv.bench import max_batch_for_memory, plot_benchmark, prompt_batch, run_benchmark
 from lesskv.cli import main
+from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
-from lesskv.policies import make_policy
+from lesskv.evaluation.bench import (
+    max_batch_for_memory,
+    plot_benchmark,
+    prompt_batch,
+    run_benchmark,
+)
 from test_cache import BUDGET, kernel_set
 from test_models import save_tiny, tiny_tokenizer
 

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from lesskv import integration
-from lesskv.cache import LessCache
-from lesskv.compat import cache_argument
+from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
-from lesskv.kernels import KernelMeta, LessKernels
-from lesskv.policies import make_policy
+from lesskv.hf import attention
+from lesskv.hf.cache import LessCache
+from lesskv.hf.checkpoint import KernelMeta, LessKernels
+from lesskv.hf.compat import cache_argument
+from lesskv.hf.methods import set_method, using_method
 from test_integration import tiny_kernels
 
 BUDGET = 8
@@ -36,10 +37,10 @@ def test_token_by_token_decoding_equals_the_parallel_form(tiny_model, policy, wi
     kernels = kernel_set(tiny_model, policy) if with_kernels else None
     method = "less" if with_kernels else "baseline"
     layers = list(kernels.layers) if with_kernels else None
-    integration.set_method(tiny_model, method, policy=pol, kernels=layers, rank=4)
+    set_method(tiny_model, method, policy=pol, kernels=layers, rank=4)
     with torch.no_grad():
         parallel = tiny_model(input_ids=ids).logits
-    integration.set_method(tiny_model, "full")
+    set_method(tiny_model, "full")
     cache = LessCache(tiny_model, pol, kernels=kernels, rank=4)
     steps = []
     with torch.no_grad():
@@ -218,7 +219,7 @@ def test_a_cache_that_attention_never_sees_raises():
     model.set_attn_implementation("sdpa")  # attention would no longer go through lesskv
     with pytest.raises(LessKVError, match="attention implementation"), torch.no_grad():
         model(input_ids=prompt(12), **cache_argument(model, cache))
-    integration.enable(model)
+    attention.enable(model)
     cache = LessCache(model, "h2o", BUDGET)
     states = torch.zeros(1, 2, 3, 16)
     cache.update(states, states, 0)  # as an attention layer that then bypasses lesskv would
@@ -232,7 +233,7 @@ def test_sparse_decoding_without_a_less_cache_raises(method):
     kernels = kernel_set(model)
     options = {"kernels": list(kernels.layers)} if method == "less" else {}
     with (
-        integration.using_method(model, method, policy=make_policy("h2o", BUDGET), **options),
+        using_method(model, method, policy=make_policy("h2o", BUDGET), **options),
         pytest.raises(LessKVError, match="LessCache"),
     ):
         model.generate(input_ids=prompt(20), max_new_tokens=4, do_sample=False)

@@ -7,8 +7,8 @@ import pytest
 from packaging.requirements import Requirement
 
 from conftest import make_tiny_model
-from lesskv import compat
 from lesskv.errors import LessKVError
+from lesskv.hf import compat
 
 
 class NewStyle:

@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from lesskv import integration
-from lesskv.cache import LessCache
-from lesskv.compat import cache_argument
+from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
-from lesskv.policies import make_policy
+from lesskv.hf import attention
+from lesskv.hf.cache import LessCache
+from lesskv.hf.compat import cache_argument
+from lesskv.hf.methods import extra_tokens, set_method, using_method
+from lesskv.hf.modules import attention_modules
 from test_cache import kernel_set
 from test_integration import tiny_kernels
 
@@ -60,7 +62,7 @@ def make_cache(model, kernels, method, policy_name, budget):
     policy = make_policy(policy_name, budget)
     if method == "less":
         return LessCache(model, policy, kernels=kernels[policy_name])
-    extra = integration.extra_tokens(method, 4, integration.attention_modules(model)[0].head_dim)
+    extra = extra_tokens(method, 4, attention_modules(model)[0].head_dim)
     return LessCache(model, policy, rank=4, extra_tokens=extra)
 
 
@@ -94,7 +96,7 @@ def test_concurrent_teacher_forced_scoring_equals_sequential(shared, round_):
         options = {} if method == "full" else {"policy": make_policy(policy_name, budget)}
         if method == "less":
             options["kernels"] = layers
-        with integration.using_method(model, method, rank=4, **options), torch.no_grad():
+        with using_method(model, method, rank=4, **options), torch.no_grad():
             return model(input_ids=ids).logits
 
     alone = [score(case) for case in MIX]
@@ -108,13 +110,13 @@ def test_a_method_set_in_one_thread_is_invisible_to_others(shared):
     ids = prompt(30)
     with torch.no_grad():
         reference = model(input_ids=ids).logits
-    integration.set_method(model, "baseline", policy=make_policy("h2o", 6))
+    set_method(model, "baseline", policy=make_policy("h2o", 6))
     try:
         with ThreadPoolExecutor(1) as pool, torch.no_grad():
             elsewhere = pool.submit(lambda: model(input_ids=ids).logits).result()
             here = model(input_ids=ids).logits
     finally:
-        integration.set_method(model, "full")
+        set_method(model, "full")
     assert torch.equal(elsewhere, reference)
     assert not torch.allclose(here, reference, atol=1e-4)
 
@@ -133,7 +135,7 @@ def test_a_cache_serves_only_its_model_and_batch_size(shared):
     model, _ = shared
     cache = LessCache(model, "h2o", 6)
     twin = make_tiny_model("llama-gqa")
-    integration.enable(twin)
+    attention.enable(twin)
     with torch.no_grad():
         with pytest.raises(LessKVError, match="another model"):
             twin(input_ids=prompt(12), **cache_argument(twin, cache))
@@ -148,9 +150,8 @@ def test_a_cache_serves_only_its_model_and_batch_size(shared):
 @pytest.mark.slow
 def test_default_model_serves_eight_threads_like_one():
     """The report's case: SmolLM2, 4 prompts x {H2O, Λ} LESS, budget 48, 24 new tokens."""
-    from lesskv.kernels import LessKernels
-    from lesskv.models import load_model
-    from lesskv.pretrained import shipped_kernels
+    from lesskv.hf.checkpoint import LessKernels, shipped_kernels
+    from lesskv.hf.loading import load_model
 
     model, tokenizer = load_model()
     kernels = {

@@ -1,6 +1,6 @@
 import pytest
 
-from lesskv.config import Budget, state_size_in_tokens
+from lesskv.core.budget import Budget, state_size_in_tokens
 from lesskv.errors import LessKVError
 
 

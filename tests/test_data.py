@@ -243,7 +243,7 @@ def test_wikitext_windows(byte_tokenizer):
 @pytest.mark.slow
 @needs_wikitext
 def test_wikitext_windows_with_the_default_tokenizer():
-    from lesskv.models import load_model
+    from lesskv.hf.loading import load_model
 
     _, tokenizer = load_model()
     texts = load_texts(str(WIKITEXT))

@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_model
-from lesskv import train
 from lesskv.cli import main
-from lesskv.distributed import TORCHRUN_ENV, shard
-from lesskv.kernels import CONFIG_FILE, WEIGHTS_FILE
-from lesskv.policies import make_policy
+from lesskv.core.policies import make_policy
+from lesskv.hf.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from lesskv.training import per_layer as train
+from lesskv.training.distributed import TORCHRUN_ENV, shard
 from test_models import WORDS, tiny_tokenizer
 
 LAYERS = 4

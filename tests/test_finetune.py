@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from lesskv import finetune
+from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
-from lesskv.finetune import FinetuneConfig, finetune_kernels, validation_kl
-from lesskv.kernels import LessKernels
-from lesskv.policies import make_policy
-from lesskv.train import TrainConfig, train_kernels
+from lesskv.hf.checkpoint import LessKernels
+from lesskv.training import finetune
+from lesskv.training.finetune import FinetuneConfig, finetune_kernels, validation_kl
+from lesskv.training.per_layer import TrainConfig, train_kernels
 
 T = 64
 

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from lesskv import integration
+from lesskv.core.kernels import KernelShape, LayerKernels
+from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
-from lesskv.kernels import KernelShape, LayerKernels
-from lesskv.policies import make_policy
+from lesskv.hf.methods import set_method
+from lesskv.hf.modules import attention_modules
 
 T = 40
 
@@ -15,7 +16,7 @@ T = 40
 def tiny_kernels(model, seed=0):
     torch.manual_seed(seed)
     kernels = []
-    for module in integration.attention_modules(model):
+    for module in attention_modules(model):
         groups = module.num_key_value_groups
         kv_heads = model.config.num_key_value_heads
         shape = KernelShape(kv_heads * groups, kv_heads, module.head_dim, rank=4, hidden=16)
@@ -33,7 +34,7 @@ def ids():
 
 
 def logits_for(model, ids, method="full", **options):
-    integration.set_method(model, method, **options)
+    set_method(model, method, **options)
     with torch.no_grad():
         return model(input_ids=ids).logits
 
@@ -95,7 +96,7 @@ def test_right_padding_does_not_change_real_positions():
     batch = torch.cat([long, torch.cat([short, torch.zeros(1, 10, dtype=torch.long)], 1)])
     mask = torch.ones_like(batch)
     mask[1, 20:] = 0
-    integration.set_method(model, "baseline", policy=policy)
+    set_method(model, "baseline", policy=policy)
     with torch.no_grad():
         together = model(input_ids=batch, attention_mask=mask).logits
         alone = model(input_ids=short).logits
@@ -105,20 +106,20 @@ def test_right_padding_does_not_change_real_positions():
 def test_bad_setups_are_refused():
     model = make_tiny_model("llama-mha")
     with pytest.raises(LessKVError, match="unknown method"):
-        integration.set_method(model, "magic")
+        set_method(model, "magic")
     with pytest.raises(LessKVError, match="needs a policy"):
-        integration.set_method(model, "baseline")
+        set_method(model, "baseline")
     with pytest.raises(LessKVError, match="kernels"):
-        integration.set_method(model, "less", policy=make_policy("h2o", 8))
+        set_method(model, "less", policy=make_policy("h2o", 8))
 
 
 def test_each_layers_kernels_move_to_that_layers_device():
     """As with device_map="auto": layer 1 lives elsewhere (meta stands in for a second GPU)."""
-    from lesskv.cache import LessCache
-    from lesskv.kernels import KernelMeta, LessKernels
+    from lesskv.hf.cache import LessCache
+    from lesskv.hf.checkpoint import KernelMeta, LessKernels
 
     model = make_tiny_model("llama-gqa")
-    integration.attention_modules(model)[1].to("meta")
+    attention_modules(model)[1].to("meta")
     meta = KernelMeta.for_model(model, "tiny", policy="h2o", budget="8", rank=4, hidden=16)
     policy = make_policy("h2o", 8)
 
@@ -126,7 +127,7 @@ def test_each_layers_kernels_move_to_that_layers_device():
         return [{p.device.type for p in layer.parameters()} for layer in kernels.layers]
 
     kernels = LessKernels(meta, tiny_kernels(model))
-    integration.set_method(model, "less", policy=policy, kernels=list(kernels.layers))
+    set_method(model, "less", policy=policy, kernels=list(kernels.layers))
     assert devices(kernels) == [{"cpu"}, {"meta"}]
     kernels = LessKernels(meta, tiny_kernels(model))
     LessCache(model, policy, kernels=kernels)

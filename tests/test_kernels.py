@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_tiny_model
 from lesskv.errors import LessKVError
-from lesskv.kernels import CONFIG_FILE, WEIGHTS_FILE, KernelMeta, LessKernels
+from lesskv.hf.checkpoint import CONFIG_FILE, WEIGHTS_FILE, KernelMeta, LessKernels
 
 
 def kernels_for(model, policy="h2o", **fields):

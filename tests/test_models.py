@@ -13,15 +13,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from conftest import make_tiny_model
-from lesskv import models as lm
+from lesskv.core.budget import DEFAULT_MODEL
 from lesskv.errors import LessKVError
-from lesskv.models import (
-    DEFAULT_MODEL,
-    cache_dir,
-    load_model,
-    max_context,
-    model_fingerprint,
-)
+from lesskv.hf import loading as lm
+from lesskv.hf.loading import cache_dir, load_model
+from lesskv.hf.modules import max_context, model_fingerprint
 
 WORDS = ["<unk>", "<eos>", "the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from lesskv.core.policies import H2O, POLICIES, LambdaShape, Policy, make_policy
 from lesskv.errors import LessKVError
-from lesskv.policies import H2O, POLICIES, LambdaShape, Policy, make_policy
 
 T = 48
 

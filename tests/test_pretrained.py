@@ -3,14 +3,13 @@
 import pytest
 import torch
 
-from lesskv import integration
-from lesskv.cache import LessCache
-from lesskv.compat import cache_argument
+from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
-from lesskv.kernels import LessKernels
-from lesskv.models import load_model
-from lesskv.policies import make_policy
-from lesskv.pretrained import available, shipped_kernels
+from lesskv.hf.cache import LessCache
+from lesskv.hf.checkpoint import LessKernels, available, shipped_kernels
+from lesskv.hf.compat import cache_argument
+from lesskv.hf.loading import load_model
+from lesskv.hf.methods import set_method
 
 pytestmark = pytest.mark.slow
 
@@ -39,10 +38,10 @@ def test_decoding_equals_the_parallel_form_on_the_default_model(default_model):
     )
     text = "The history of the city begins with a small settlement on the river. " * 12
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :96]
-    integration.set_method(model, "less", policy=policy, kernels=list(kernels.layers))
+    set_method(model, "less", policy=policy, kernels=list(kernels.layers))
     with torch.no_grad():
         parallel = model(input_ids=ids).logits
-    integration.set_method(model, "full")
+    set_method(model, "full")
     cache = LessCache(model, policy, kernels=kernels)
     with torch.no_grad():
         steps = [

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from lesskv import integration
+from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
-from lesskv.kernels import LessKernels
-from lesskv.policies import make_policy
-from lesskv.train import TrainConfig, parse_layers, train_kernels
+from lesskv.hf.checkpoint import LessKernels
+from lesskv.hf.methods import set_method
+from lesskv.training.per_layer import TrainConfig, parse_layers, train_kernels
 
 T = 64
 
@@ -47,7 +47,7 @@ def test_training_beats_baseline_plus_on_validation(tmp_path):
 def test_gradients_reach_only_kernel_parameters(tmp_path):
     model, windows, policy, config = setup(epochs=1)
     kernels = train_kernels(model, windows, policy, config, tmp_path, progress=False)
-    integration.set_method(model, "less", policy=policy, kernels=list(kernels.layers))
+    set_method(model, "less", policy=policy, kernels=list(kernels.layers))
     model(input_ids=windows[:1]).logits.sum().backward()
     assert all(p.grad is None for p in model.parameters())
     assert all(p.grad is not None for p in kernels.parameters())

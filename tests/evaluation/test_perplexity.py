@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_model
+from lesskv.core.policies import make_policy
 from lesskv.evaluation.perplexity import evaluate_perplexity
-from lesskv.policies import make_policy
 
 
 def test_full_perplexity_is_the_models_own_and_methods_share_windows():

@@ -3,9 +3,9 @@ import json
 import pytest
 
 from conftest import make_tiny_model
+from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
 from lesskv.evaluation.summarization import evaluate_summarization, load_examples
-from lesskv.policies import make_policy
 from test_cache import kernel_set
 from test_models import tiny_tokenizer
 

@@ -9,11 +9,11 @@ import torch
 from lm_eval.api.instance import Instance
 
 from conftest import make_tiny_model
-from lesskv import integration
 from lesskv.cli import main
+from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
 from lesskv.evaluation.tasks import LessLM, check_tasks, evaluate_tasks, local_tasks
-from lesskv.policies import make_policy
+from lesskv.hf.methods import using_method
 from test_cache import kernel_set
 from test_models import WORDS, save_tiny, tiny_tokenizer
 
@@ -70,7 +70,7 @@ def test_batched_scores_equal_one_request_at_a_time_with_a_relative_budget(polic
     for method in METHODS:
         lm = LessLM(model, tokenizer, method, pol, layers, rank=4, batch_size=3, progress=False)
         batched = [lp for lp, _ in lm.loglikelihood(reqs, disable_tqdm=True)]
-        with integration.using_method(model, method, policy=pol, kernels=layers, rank=4):
+        with using_method(model, method, policy=pol, kernels=layers, rank=4):
             alone = [direct_loglikelihood(model, tokenizer, *r.args) for r in reqs]
         assert batched == pytest.approx(alone, abs=1e-4), method
     full = LessLM(model, tokenizer, "full", progress=False).loglikelihood(reqs, disable_tqdm=True)
@@ -185,7 +185,7 @@ def test_default_model_matches_lm_eval_and_runs_less_with_shipped_kernels():
     from lm_eval.models.huggingface import HFLM
 
     from lesskv.cli import resolve_kernels
-    from lesskv.models import load_model
+    from lesskv.hf.loading import load_model
 
     model, tokenizer = load_model()
     reqs = [

@@ -12,9 +12,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from lesskv import integration
-from lesskv.config import DEFAULT_RANK
-from lesskv.policies import Policy
+from lesskv.core.budget import DEFAULT_RANK
+from lesskv.core.policies import Policy
+from lesskv.hf.methods import extra_tokens, set_method
+from lesskv.hf.modules import attention_modules
 
 
 @dataclass
@@ -39,7 +40,7 @@ def kept_tokens(method: str, policy: Policy | None, seq_len: int, head_dim: int,
     """KV pairs per head a method keeps for one window (Baseline+ adds the state's worth)."""
     if method == "full" or policy is None:
         return seq_len
-    extra = integration.extra_tokens(method, rank, head_dim)
+    extra = extra_tokens(method, rank, head_dim)
     return min(seq_len, policy.slots(seq_len, extra).total)
 
 
@@ -64,13 +65,13 @@ def evaluate_perplexity(
 ) -> list[PerplexityResult]:
     """Perplexity per method over the same ``windows`` ``(N, T)``; the model ends in full mode."""
     n, seq_len = windows.shape
-    head_dim = integration.attention_modules(model)[0].head_dim
+    head_dim = attention_modules(model)[0].head_dim
     batches = windows.split(batch_size)
     results = []
     bar = tqdm(total=len(methods) * n, desc="perplexity", unit="win", disable=not progress)
     try:
         for method in methods:
-            integration.set_method(model, method, policy=policy, kernels=kernels, rank=rank)
+            set_method(model, method, policy=policy, kernels=kernels, rank=rank)
             bar.set_postfix(method=method)
             nll = 0.0
             for batch in batches:
@@ -92,5 +93,5 @@ def evaluate_perplexity(
             )
     finally:
         bar.close()
-        integration.set_method(model, "full")
+        set_method(model, "full")
     return results

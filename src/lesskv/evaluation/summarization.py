@@ -17,12 +17,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lesskv import integration
-from lesskv.cache import LessCache
-from lesskv.compat import cache_argument
+from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError
-from lesskv.kernels import LessKernels
-from lesskv.policies import Policy
+from lesskv.hf.cache import LessCache
+from lesskv.hf.checkpoint import LessKernels
+from lesskv.hf.compat import cache_argument
+from lesskv.hf.methods import extra_tokens
+from lesskv.hf.modules import attention_modules
 
 # Named datasets: file under the data folder, and how to turn a record into (prompt, summary).
 NAMED = {
@@ -127,8 +128,8 @@ def make_cache(
         return None
     if method == "less":
         return LessCache(model, policy, kernels=kernels)
-    head_dim = integration.attention_modules(model)[0].head_dim
-    extra = integration.extra_tokens(method, rank, head_dim)
+    head_dim = attention_modules(model)[0].head_dim
+    extra = extra_tokens(method, rank, head_dim)
     return LessCache(model, policy, rank=rank, extra_tokens=extra)
 
 

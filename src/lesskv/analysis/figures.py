@@ -26,11 +26,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from lesskv import attention as math
-from lesskv import integration
+from lesskv.analysis.plots import plt, save_figure
+from lesskv.core import math
+from lesskv.core.policies import Policy, keep_mask_from_steps
 from lesskv.errors import LessKVError
-from lesskv.plots import plt, save_figure
-from lesskv.policies import Policy, keep_mask_from_steps
+from lesskv.hf.methods import observing
+from lesskv.hf.modules import attention_modules
 
 DEFAULT_KS = (1, 2, 4, 8, 16)
 
@@ -133,7 +134,7 @@ def residual_energy(
         total = energies.sum(1)  # over the batch: (2, Hq, K)
         sums[module.layer_idx] = sums.get(module.layer_idx, 0) + total.cpu()
 
-    with integration.observing(model, observe):
+    with observing(model, observe):
         for window in tqdm(windows, desc="residual", unit="win", disable=not progress):
             model(input_ids=window[None].to(model.device))
     means = [sums[i] / n for i in sorted(sums)]
@@ -229,7 +230,7 @@ def attention_maps(
 ) -> AttentionMaps:
     """Full, sparse and (with ``kernels``, one module per layer) LESS-effective attention of
     query head ``head`` in ``layer`` over the one sequence ``ids`` ``(1, T)``."""
-    modules = integration.attention_modules(model)
+    modules = attention_modules(model)
     if not 0 <= layer < len(modules):
         raise LessKVError(f"--layer {layer} is out of range: the model has {len(modules)} layers")
     heads = model.config.num_attention_heads
@@ -243,7 +244,7 @@ def attention_maps(
         if module.layer_idx == layer:
             seen["layer"] = LayerAttention.observe(module, query, key, value)
 
-    with integration.observing(model, observe):
+    with observing(model, observe):
         model(input_ids=ids.to(model.device))
     att = seen["layer"]
     keep_all, budget = att.keep(policy)

@@ -1,23 +1,24 @@
-"""Plugging LESS into Hugging Face decoders through transformers' attention interface.
+"""lesskv's attention, registered with transformers as ``"less"``: both forms of LESS.
 
-``enable(model)`` registers one attention implementation, ``"less"``, and selects it: the only
-change lesskv ever makes to a model. Everything a call needs travels with that call, so one
-model can serve many threads or asyncio tasks at once:
+``enable(model)`` registers the attention implementation and selects it: the only change
+lesskv ever makes to a model. Everything a call needs travels with that call, so one model can
+serve many threads or asyncio tasks at once:
 
-* decoding with real eviction: a :class:`~lesskv.cache.LessCache` holds its policy, kernels
-  and state. Its own ``update``, which every attention layer calls with its ``layer_idx`` just
-  before attention, hands the layer over to the attention function through a context
-  variable (:func:`hand_over`). No keyword argument of model code is involved, and a hand-over
-  that attention never claims raises instead of decoding from a wrong path;
-* teacher-forced scoring: :func:`set_method`, :func:`using_method` and :func:`observing` store
-  each layer's :class:`LayerSetup` in a context variable, visible only to the thread or task
-  that set it.
+* the recurrent form (decoding with real eviction): a :class:`~lesskv.hf.cache.LessCache`
+  holds its policy, kernels and state. Its own ``update``, which every attention layer calls
+  with its ``layer_idx`` just before attention, hands the layer over to the attention function
+  through a context variable (:func:`hand_over`). No keyword argument of model code is
+  involved, and a hand-over that attention never claims raises instead of decoding from a
+  wrong path;
+* the parallel form (teacher-forced scoring): each layer's :class:`LayerSetup` sits in a
+  context variable (:func:`set_setups`, :func:`using_setups`; :mod:`lesskv.hf.methods` builds
+  them), visible only to the thread or task that set it.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -31,17 +32,16 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from lesskv import attention as math
-from lesskv.compat import check_versions
-from lesskv.config import DEFAULT_RANK, state_size_in_tokens
+from lesskv.core import math
+from lesskv.core.policies import Policy, keep_mask_from_steps
 from lesskv.errors import LessKVError
-from lesskv.policies import Policy, keep_mask_from_steps
+from lesskv.hf.compat import check_versions
+from lesskv.hf.modules import attention_modules
 
 if TYPE_CHECKING:
-    from lesskv.cache import LessCache, LessLayer
+    from lesskv.hf.cache import LessCache, LessLayer
 
 ATTN_NAME = "less"
-METHODS = ("full", "baseline", "baseline+", "less")
 Observer = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
@@ -64,18 +64,6 @@ _setups: ContextVar[_Setups] = ContextVar("lesskv_setups", default=MappingProxyT
 _handed_over: ContextVar[tuple[LessCache, int] | None] = ContextVar(
     "lesskv_handed_over", default=None
 )
-
-
-def attention_modules(model: PreTrainedModel) -> list[nn.Module]:
-    """The self-attention modules in layer order (those transformers numbers with layer_idx)."""
-    found = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "head_dim")]
-    found = [m for m in found if hasattr(m, "num_key_value_groups")]
-    if not found:
-        raise LessKVError(
-            f"{type(model).__name__} has no attention modules lesskv can drive "
-            "(it needs transformers' standard attention interface)"
-        )
-    return sorted(found, key=lambda m: m.layer_idx)
 
 
 def enable(model: PreTrainedModel) -> PreTrainedModel:
@@ -116,81 +104,20 @@ def _claim(module: nn.Module) -> LessLayer | None:
     return cache.layers[layer_idx]
 
 
-def set_method(
-    model: PreTrainedModel,
-    method: str,
-    policy: Policy | None = None,
-    kernels: Sequence[nn.Module] | None = None,
-    rank: int = DEFAULT_RANK,
-) -> None:
-    """Switch every layer to ``full``, ``baseline``, ``baseline+`` (policy + pairs as large
-    as a rank-``rank`` state) or ``less`` (policy + one kernel module per layer).
-
-    The choice holds for the calling thread (or asyncio task) only; other threads using the
-    same model keep theirs. :func:`using_method` limits it to a block.
-    """
-    _setups.set(_with_method(model, method, policy, kernels, rank))
+def set_setups(model: PreTrainedModel, chosen: Mapping[nn.Module, LayerSetup]) -> None:
+    """Give ``model``'s layers in ``chosen`` these setups (the others full attention), for the
+    calling thread or asyncio task only."""
+    _setups.set(_updated(model, chosen))
 
 
 @contextmanager
-def using_method(model: PreTrainedModel, method: str, **options) -> Iterator[None]:
-    """:func:`set_method` for the duration of a block, then back to what was set before."""
-    token = _setups.set(_with_method(model, method, **options))
+def using_setups(model: PreTrainedModel, chosen: Mapping[nn.Module, LayerSetup]) -> Iterator[None]:
+    """:func:`set_setups` for the duration of a block, then back to what was set before."""
+    token = _setups.set(_updated(model, chosen))
     try:
         yield
     finally:
         _setups.reset(token)
-
-
-@contextmanager
-def observing(
-    model: PreTrainedModel, observer: Observer, layers: Iterable[int] | None = None
-) -> Iterator[None]:
-    """Full attention, with ``observer(module, query, key, value)`` seeing each layer in
-    ``layers`` (all by default) on every call: how training and analysis read post-RoPE
-    queries and keys."""
-    modules = attention_modules(enable(model))
-    chosen = range(len(modules)) if layers is None else layers
-    setup = LayerSetup(observer=observer)
-    token = _setups.set(_updated(model, {modules[i]: setup for i in chosen}))
-    try:
-        yield
-    finally:
-        _setups.reset(token)
-
-
-def _with_method(
-    model: PreTrainedModel,
-    method: str,
-    policy: Policy | None = None,
-    kernels: Sequence[nn.Module] | None = None,
-    rank: int = DEFAULT_RANK,
-) -> _Setups:
-    if method not in METHODS:
-        raise LessKVError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
-    if method != "full" and policy is None:
-        raise LessKVError(f"method {method!r} needs a policy (h2o or lambda) and a budget")
-    modules = attention_modules(enable(model))
-    if method == "less":
-        if kernels is None:
-            raise LessKVError("method 'less' needs trained kernels (--kernels DIR)")
-        if len(kernels) != len(modules):
-            raise LessKVError(
-                f"kernels cover {len(kernels)} layers but the model has {len(modules)}"
-            )
-    if method == "full":
-        return _updated(model, {})
-    return _updated(
-        model,
-        {
-            module: LayerSetup(
-                policy=policy,
-                extra_tokens=extra_tokens(method, rank, module.head_dim),
-                kernels=on_layer_device(kernels[i], module) if method == "less" else None,
-            )
-            for i, module in enumerate(modules)
-        },
-    )
 
 
 def _updated(model: PreTrainedModel, chosen: Mapping[nn.Module, LayerSetup]) -> _Setups:
@@ -210,17 +137,6 @@ def _updated(model: PreTrainedModel, chosen: Mapping[nn.Module, LayerSetup]) -> 
 def _setup_of(module: nn.Module) -> LayerSetup:
     entry = _setups.get().get(id(module))
     return entry[1] if entry is not None and entry[0]() is module else FULL
-
-
-def on_layer_device(kernels: nn.Module, module: nn.Module) -> nn.Module:
-    """Move one layer's kernels (in place) to where that attention layer computes, so a model
-    split over devices (``device_map="auto"``) keeps each layer's LESS work on its device."""
-    return kernels.to(next(module.parameters()).device)
-
-
-def extra_tokens(method: str, rank: int, head_dim: int) -> int:
-    """Pairs Baseline+ gets on top of the budget: as much memory as LESS's state."""
-    return state_size_in_tokens(rank, head_dim) if method == "baseline+" else 0
 
 
 def less_attention(

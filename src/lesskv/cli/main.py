@@ -11,12 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lesskv.compat import check_versions
 from lesskv.errors import LessKVError
+from lesskv.hf.compat import check_versions
 
 if TYPE_CHECKING:  # the command imports the heavy modules only once it knows what it runs
-    from lesskv.distributed import Worker
-    from lesskv.policies import Policy
+    from lesskv.core.policies import Policy
+    from lesskv.training.distributed import Worker
 
 DESCRIPTION = """\
 lesskv: LESS (Dong et al., ICML 2024) for Hugging Face models. A sparse KV-cache policy
@@ -362,7 +362,7 @@ def _print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
 
 
 def _parse_methods(text: str) -> list[str]:
-    from lesskv.integration import METHODS
+    from lesskv.hf.methods import METHODS
 
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -374,10 +374,10 @@ def _parse_methods(text: str) -> list[str]:
 
 
 def _run_eval_ppl(args: argparse.Namespace) -> None:
+    from lesskv.core.policies import make_policy
     from lesskv.data import load_texts, token_windows
     from lesskv.evaluation.perplexity import evaluate_perplexity
-    from lesskv.models import load_model
-    from lesskv.policies import make_policy
+    from lesskv.hf.loading import load_model
 
     if args.data is None:
         raise LessKVError("--data is required (builtin, a file path, or hf:NAME)")
@@ -411,11 +411,10 @@ def _run_eval_ppl(args: argparse.Namespace) -> None:
 
 
 def _run_eval_summarize(args: argparse.Namespace) -> None:
+    from lesskv.core.policies import make_policy
     from lesskv.evaluation.summarization import as_rows, evaluate_summarization, load_examples
-    from lesskv.kernels import LessKernels
-    from lesskv.models import load_model
-    from lesskv.policies import make_policy
-    from lesskv.pretrained import shipped_kernels
+    from lesskv.hf.checkpoint import LessKernels, shipped_kernels
+    from lesskv.hf.loading import load_model
 
     methods = _parse_methods(args.methods)
     policy = make_policy(args.policy, args.budget)
@@ -437,9 +436,9 @@ def _run_eval_summarize(args: argparse.Namespace) -> None:
 
 
 def _run_eval_tasks(args: argparse.Namespace) -> None:
+    from lesskv.core.policies import make_policy
     from lesskv.evaluation.tasks import evaluate_tasks, quiet_lm_eval
-    from lesskv.models import load_model
-    from lesskv.policies import make_policy
+    from lesskv.hf.loading import load_model
 
     methods = _parse_methods(args.methods)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -470,10 +469,10 @@ def _run_eval_tasks(args: argparse.Namespace) -> None:
 
 
 def _run_analyze_residual(args: argparse.Namespace) -> None:
-    from lesskv.analysis import plot_residual_energy, residual_energy
+    from lesskv.analysis.figures import plot_residual_energy, residual_energy
+    from lesskv.core.policies import make_policy
     from lesskv.data import load_texts, token_windows
-    from lesskv.models import load_model
-    from lesskv.policies import make_policy
+    from lesskv.hf.loading import load_model
 
     policy = make_policy(args.policy, args.budget)
     policy.slots(args.seq_len)
@@ -490,10 +489,10 @@ def _run_analyze_residual(args: argparse.Namespace) -> None:
 
 
 def _run_analyze_attention(args: argparse.Namespace) -> None:
-    from lesskv.analysis import attention_maps, plot_attention_maps
+    from lesskv.analysis.figures import attention_maps, plot_attention_maps
+    from lesskv.core.policies import make_policy
     from lesskv.data import load_texts, token_windows
-    from lesskv.models import load_model
-    from lesskv.policies import make_policy
+    from lesskv.hf.loading import load_model
 
     policy = make_policy(args.policy, args.budget)
     model, tokenizer = load_model(args.model)
@@ -518,7 +517,9 @@ def _run_analyze_attention(args: argparse.Namespace) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> None:
-    from lesskv.bench import (
+    from lesskv.core.policies import make_policy
+    from lesskv.data import load_texts
+    from lesskv.evaluation.bench import (
         BENCH_METHODS,
         check_contexts,
         max_batch_for_memory,
@@ -526,11 +527,8 @@ def _run_bench(args: argparse.Namespace) -> None:
         plot_benchmark,
         run_benchmark,
     )
-    from lesskv.data import load_texts
-    from lesskv.kernels import LessKernels
-    from lesskv.models import load_model
-    from lesskv.policies import make_policy
-    from lesskv.pretrained import shipped_kernels
+    from lesskv.hf.checkpoint import LessKernels, shipped_kernels
+    from lesskv.hf.loading import load_model
 
     contexts = parse_int_list(args.contexts, "--contexts", 2)
     batch_sizes = parse_int_list(args.batch_sizes, "--batch-sizes", 1)
@@ -632,9 +630,9 @@ def _check_training_args(args: argparse.Namespace, *counts: str) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from lesskv import distributed
+    from lesskv.core.policies import make_policy
     from lesskv.data import load_texts
-    from lesskv.policies import make_policy
+    from lesskv.training import distributed
 
     _check_training_args(args, "sequences", "epochs", "batch_size", "rank", "hidden")
     policy = make_policy(args.policy, args.budget)
@@ -651,10 +649,10 @@ def _train(
     args: argparse.Namespace, policy: Policy, texts: list[str], worker: Worker | None
 ) -> None:
     """Load, train, report; ``worker`` is this process's place in a torchrun job, if any."""
-    from lesskv import distributed
     from lesskv.data import token_windows
-    from lesskv.models import load_model
-    from lesskv.train import TrainConfig, parse_layers, train_kernels
+    from lesskv.hf.loading import load_model
+    from lesskv.training import distributed
+    from lesskv.training.per_layer import TrainConfig, parse_layers, train_kernels
 
     model, tokenizer = load_model(args.model, device=None if worker is None else str(worker.device))
     check_seq_len(args.seq_len, args.model, model)
@@ -689,19 +687,18 @@ def _train(
             f"to assemble {args.out}"
         )
     else:
-        from lesskv.plots import plot_layer_losses
+        from lesskv.analysis.plots import plot_layer_losses
 
         figure = plot_layer_losses(kernels.meta, args.out / "val_loss.png")
         print(f"kernels written to {args.out}; per-layer losses plotted in {figure}")
 
 
 def _run_finetune(args: argparse.Namespace) -> None:
+    from lesskv.core.policies import make_policy
     from lesskv.data import load_texts, token_windows
-    from lesskv.finetune import FinetuneConfig, finetune_kernels
-    from lesskv.kernels import LessKernels
-    from lesskv.models import load_model
-    from lesskv.policies import make_policy
-    from lesskv.pretrained import shipped_kernels
+    from lesskv.hf.checkpoint import LessKernels, shipped_kernels
+    from lesskv.hf.loading import load_model
+    from lesskv.training.finetune import FinetuneConfig, finetune_kernels
 
     _check_training_args(args, "sequences", "val_sequences", "epochs", "val_every")
     model, tokenizer = load_model(args.model)
@@ -738,12 +735,11 @@ def _run_finetune(args: argparse.Namespace) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> None:
-    from lesskv.cache import LessCache
-    from lesskv.generation import generate_text
-    from lesskv.kernels import LessKernels
-    from lesskv.models import load_model
-    from lesskv.policies import make_policy
-    from lesskv.pretrained import shipped_kernels
+    from lesskv.core.policies import make_policy
+    from lesskv.evaluation.generation import generate_text
+    from lesskv.hf.cache import LessCache
+    from lesskv.hf.checkpoint import LessKernels, shipped_kernels
+    from lesskv.hf.loading import load_model
 
     if args.file is not None:
         try:
@@ -786,7 +782,7 @@ def _run_generate(args: argparse.Namespace) -> None:
 
 
 def check_seq_len(seq_len: int, model_name: str, model) -> None:
-    from lesskv.models import max_context
+    from lesskv.hf.modules import max_context
 
     if seq_len > max_context(model):
         raise LessKVError(
@@ -797,8 +793,7 @@ def check_seq_len(seq_len: int, model_name: str, model) -> None:
 def resolve_kernels(path, model_name, model, policy, seq_len, transfer: bool = False):
     """Kernels from ``path``, or the shipped ones for the default model and this policy;
     ``transfer`` skips the policy check (the model is always checked)."""
-    from lesskv.kernels import LessKernels
-    from lesskv.pretrained import shipped_kernels
+    from lesskv.hf.checkpoint import LessKernels, shipped_kernels
 
     if path is None:
         path = shipped_kernels(model_name, policy)
@@ -809,14 +804,14 @@ def resolve_kernels(path, model_name, model, policy, seq_len, transfer: bool = F
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    from lesskv.cache import LessCache
+    from lesskv.core.budget import DEFAULT_MODEL
+    from lesskv.core.policies import make_policy
     from lesskv.data import load_texts, token_windows
+    from lesskv.evaluation.generation import generate_text
     from lesskv.evaluation.perplexity import evaluate_perplexity
-    from lesskv.generation import generate_text
-    from lesskv.kernels import LessKernels
-    from lesskv.models import DEFAULT_MODEL, load_model
-    from lesskv.policies import make_policy
-    from lesskv.pretrained import available, shipped_kernels
+    from lesskv.hf.cache import LessCache
+    from lesskv.hf.checkpoint import LessKernels, available, shipped_kernels
+    from lesskv.hf.loading import load_model
 
     print(f"Loading {DEFAULT_MODEL} (the first run converts and caches the weights)...")
     model, tokenizer = load_model(DEFAULT_MODEL)

@@ -21,18 +21,20 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from lesskv import integration
-from lesskv.config import DEFAULT_RANK, Budget
+from lesskv.core.budget import DEFAULT_RANK, Budget
+from lesskv.core.kernels import LayerKernels
+from lesskv.core.policies import Policy, make_policy
 from lesskv.errors import LessKVError
-from lesskv.kernels import LayerKernels, LessKernels
-from lesskv.policies import Policy, make_policy
+from lesskv.hf import attention
+from lesskv.hf.checkpoint import LessKernels
+from lesskv.hf.modules import attention_modules, on_layer_device
 
 NEG_INF, POS_INF = float("-inf"), float("inf")
 
 
 class LessLayer(CacheLayerMixin):
     """One layer's slots and state; lesskv's attention function drives it
-    (:func:`lesskv.integration.recurrent_attention`)."""
+    (:func:`lesskv.attention.recurrent_attention`)."""
 
     is_compileable = False
     is_sliding = False
@@ -218,7 +220,7 @@ class LessCache(Cache):
             if budget is None:
                 raise LessKVError("LessCache needs a budget (tokens, or a fraction of the prompt)")
             policy = make_policy(policy, budget)
-        integration.enable(model)
+        attention.enable(model)
         if kernels is not None:
             kernels.check_compatible(model)
             rank = kernels.meta.rank
@@ -228,11 +230,11 @@ class LessCache(Cache):
                 f"budget {policy.budget} is larger than the model's context of {context} tokens"
             )
         self.policy, self.kernels = policy, kernels
-        modules = integration.attention_modules(model)
+        modules = attention_modules(model)
         layers = [
             LessLayer(
                 policy,
-                None if kernels is None else integration.on_layer_device(kernels.layers[i], m),
+                None if kernels is None else on_layer_device(kernels.layers[i], m),
                 rank or DEFAULT_RANK,
                 context,
                 extra=extra_tokens,
@@ -252,7 +254,7 @@ class LessCache(Cache):
         store the new pairs, then hand the layer over to lesskv's attention function."""
         self._check_caller(layer_idx)
         keys, values = self.layers[layer_idx].update(key_states, value_states)
-        integration.hand_over(self, layer_idx)
+        attention.hand_over(self, layer_idx)
         return keys, values
 
     def _check_caller(self, layer_idx: int) -> None:
@@ -262,10 +264,10 @@ class LessCache(Cache):
                 "(and per generation)"
             )
         # Once per forward pass: reading the config's attention implementation costs ~4 µs.
-        if layer_idx == 0 and self._config._attn_implementation != integration.ATTN_NAME:
+        if layer_idx == 0 and self._config._attn_implementation != attention.ATTN_NAME:
             raise LessKVError(
                 f"the model's attention implementation is {self._config._attn_implementation!r}; "
-                f"a LessCache needs {integration.ATTN_NAME!r} (lesskv.integration.enable(model))"
+                f"a LessCache needs {attention.ATTN_NAME!r} (lesskv.attention.enable(model))"
             )
         thread = threading.get_ident()
         if self._owner != thread:

@@ -1,4 +1,4 @@
-"""Small value types shared by every part of lesskv: budgets and the low-rank state's size."""
+"""Budgets, the low-rank state's size, and lesskv's defaults (each defined here only)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from lesskv.errors import LessKVError
 
-DEFAULT_RANK = 8
+DEFAULT_RANK = 8  # R: the paper's rank; one head's state then weighs ~4 KV pairs (D = 64)
+DEFAULT_HIDDEN = 128  # hidden width of the φ/ψ MLPs (ablation in RESULTS.md)
+DEFAULT_MODEL = "smollm2-135m"  # the built-in model, loaded offline from PyPI
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import torch
 
-from lesskv.config import Budget
+from lesskv.core.budget import Budget
 from lesskv.errors import LessKVError
 
 

@@ -26,13 +26,14 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from lesskv import integration
-from lesskv.cache import LessCache
-from lesskv.compat import cache_argument
+from lesskv.core.policies import Policy
 from lesskv.data import token_windows
 from lesskv.errors import LessKVError
-from lesskv.kernels import LessKernels
-from lesskv.policies import Policy
+from lesskv.hf import attention
+from lesskv.hf.cache import LessCache
+from lesskv.hf.checkpoint import LessKernels
+from lesskv.hf.compat import cache_argument
+from lesskv.hf.modules import attention_modules
 
 BENCH_METHODS = ("full", "baseline", "less")
 _STOCK_ATTENTION = "sdpa"  # what "full" runs when the model was already switched to lesskv's
@@ -299,7 +300,7 @@ def run_benchmark(
         raise LessKVError("method 'less' needs trained kernels (--kernels DIR)")
 
     stock = model.config._attn_implementation
-    if stock == integration.ATTN_NAME:
+    if stock == attention.ATTN_NAME:
         stock = _STOCK_ATTENTION
     original = model.config._attn_implementation
     device = next(model.parameters()).device
@@ -343,7 +344,7 @@ def max_batch_for_memory(
     """
     if method not in BENCH_METHODS:
         raise LessKVError(f"unknown method {method!r}: choose from {', '.join(BENCH_METHODS)}")
-    modules = integration.attention_modules(model)
+    modules = attention_modules(model)
     layers, head_dim = len(modules), modules[0].head_dim
     config = model.config
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -374,7 +375,7 @@ def max_batch_for_memory(
 def plot_benchmark(rows: Sequence[BenchRow], path: str | Path) -> Path:
     """Decode throughput and cache MiB against context, one line per (method, batch): the two
     axes on which LESS trades against full attention."""
-    from lesskv.plots import plt, save_figure
+    from lesskv.analysis.plots import plt, save_figure
 
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
     series: dict[tuple[str, int], list[BenchRow]] = {}

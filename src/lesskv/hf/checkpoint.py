@@ -1,10 +1,6 @@
-"""LESS's learned feature maps φ (per query head) and ψ (per KV head), one set per layer.
-
-Both are two-layer GELU MLPs whose outputs are made non-negative, so φ(q)·ψ(k) behaves like an
-(unnormalised) attention weight. ψ starts scaled by 1e-4, so an untrained layer is the plain
-sparse policy and training only ever adds what eviction lost. Heads are batched as a leading
-weight dimension (einsum), never as a Python loop.
-"""
+"""Kernel checkpoints: all layers' φ/ψ plus what they were trained for, saved and loaded like a
+Hugging Face checkpoint (``save_pretrained`` / ``from_pretrained``), and the sets that ship
+with lesskv for the built-in default model."""
 
 from __future__ import annotations
 
@@ -16,76 +12,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from lesskv.config import DEFAULT_RANK
+from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_MODEL, DEFAULT_RANK
+from lesskv.core.kernels import KernelShape, LayerKernels
+from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError
-from lesskv.integration import attention_modules
-from lesskv.models import model_fingerprint
-
-DEFAULT_HIDDEN = 128
-SCALE_INIT = 1e-4
-
-
-@dataclass(frozen=True)
-class KernelShape:
-    """Everything that fixes the parameter shapes of one layer's kernels."""
-
-    query_heads: int
-    kv_heads: int
-    head_dim: int
-    rank: int = DEFAULT_RANK
-    hidden: int = DEFAULT_HIDDEN
-    dropout: float = 0.3
-
-
-def _per_head_weight(heads: int, fan_in: int, fan_out: int) -> nn.Parameter:
-    """nn.Linear's default initialisation, one independent matrix per head."""
-    bound = 1.0 / fan_in**0.5
-    return nn.Parameter(torch.empty(heads, fan_in, fan_out).uniform_(-bound, bound))
-
-
-class HeadMLP(nn.Module):
-    """``gelu(dropout(gelu(x W1)) W2)`` with separate weights per head; x: (..., heads, T, D)."""
-
-    def __init__(self, heads: int, dim: int, hidden: int, rank: int, dropout: float) -> None:
-        super().__init__()
-        self.w1 = _per_head_weight(heads, dim, hidden)
-        self.w2 = _per_head_weight(heads, hidden, rank)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Broadcast matmul, not einsum: 3x less overhead on the one-token decoding path.
-        return F.gelu(self.dropout(F.gelu(x @ self.w1)) @ self.w2)
-
-
-class LayerKernels(nn.Module):
-    """φ and ψ of one attention layer, in the grouped layout of :mod:`lesskv.attention`."""
-
-    def __init__(self, shape: KernelShape) -> None:
-        super().__init__()
-        self.shape = shape
-        d, k, r = shape.head_dim, shape.hidden, shape.rank
-        self.phi_mlp = HeadMLP(shape.query_heads, d, k, r, shape.dropout)
-        self.psi_mlp = HeadMLP(shape.kv_heads, d, k, r, shape.dropout)
-        self.psi_mix = _per_head_weight(shape.kv_heads, r, r)
-        self.psi_scale = nn.Parameter(torch.full((shape.kv_heads, r), SCALE_INIT))
-        self.psi_mix_scale = nn.Parameter(torch.full((shape.kv_heads, r), SCALE_INIT))
-
-    def phi(self, q: torch.Tensor) -> torch.Tensor:
-        """``(B, Hkv, G, T, D)`` queries → ``(B, Hkv, G, T, R)`` non-negative features."""
-        b, hkv, g, t, d = q.shape
-        return self.phi_mlp(q.reshape(b, hkv * g, t, d)).abs().view(b, hkv, g, t, -1)
-
-    def psi(self, k: torch.Tensor) -> torch.Tensor:
-        """``(B, Hkv, T, D)`` keys → ``(B, Hkv, T, R)`` non-negative features."""
-        u = self.psi_scale.abs().unsqueeze(-2) * self.psi_mlp(k)
-        mixed = u @ self.psi_mix
-        return (u + mixed * self.psi_mix_scale.unsqueeze(-2)).abs()
-
+from lesskv.hf.modules import attention_modules, model_fingerprint
 
 CONFIG_FILE = "lesskv_kernels.json"
 WEIGHTS_FILE = "kernels.safetensors"
@@ -213,3 +148,28 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+PRETRAINED = Path(__file__).parents[1] / "pretrained"
+DEFAULT_MODEL_ALIASES = (DEFAULT_MODEL, "smollm2-135m-instruct")
+
+
+def available() -> list[str]:
+    """Folder names ``MODEL-POLICY-BUDGET`` of the shipped kernel sets."""
+    return sorted(p.name for p in PRETRAINED.iterdir() if (p / CONFIG_FILE).is_file())
+
+
+def shipped_kernels(model_name: str, policy: Policy) -> Path:
+    """The shipped set for the model and policy: the one trained at the requested budget if
+    there is one, else the policy's other set (kernels transfer across budgets, RESULTS.md §6)."""
+    if model_name.lower() not in DEFAULT_MODEL_ALIASES:
+        raise LessKVError(f"no kernels ship for {model_name}: pass --kernels DIR (lesskv train)")
+    prefix = f"{DEFAULT_MODEL}-{policy.name}-"
+    sets = [name for name in available() if name.startswith(prefix)]
+    if not sets:
+        raise LessKVError(
+            f"no shipped kernels for policy {policy.name} "
+            f"(shipped: {', '.join(available()) or 'none'}); pass --kernels DIR"
+        )
+    exact = f"{prefix}{policy.budget}"
+    return PRETRAINED / (exact if exact in sets else sets[0])

@@ -24,10 +24,11 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel
 
-from lesskv import integration, train
+from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError
-from lesskv.kernels import LessKernels
-from lesskv.policies import Policy
+from lesskv.hf.checkpoint import LessKernels
+from lesskv.hf.modules import attention_modules
+from lesskv.training import per_layer as train
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # Ranks meet at a barrier once their layers are trained; the slowest may arrive hours after the
@@ -104,7 +105,7 @@ def train_kernels(
     the model exists, ``None`` on the other ranks.
     """
     out = Path(out_dir)
-    requested = range(len(integration.attention_modules(model))) if layers is None else layers
+    requested = range(len(attention_modules(model))) if layers is None else layers
 
     def plan() -> list[int]:
         train.claim_output_dir(out, config, overwrite)
