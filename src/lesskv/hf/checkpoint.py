@@ -173,3 +173,21 @@ def shipped_kernels(model_name: str, policy: Policy) -> Path:
         )
     exact = f"{prefix}{policy.budget}"
     return PRETRAINED / (exact if exact in sets else sets[0])
+
+
+def resolve_kernels(
+    path: str | Path | None,
+    model_name: str,
+    model: PreTrainedModel,
+    policy: Policy,
+    seq_len: int,
+    transfer: bool = False,
+) -> LessKernels:
+    """Kernels from ``path``, or else the shipped set for the model and policy (say so with
+    :func:`shipped_kernels` first when that matters); ``transfer`` skips the policy check,
+    the model is always checked."""
+    if path is None:
+        path = shipped_kernels(model_name, policy)
+    kernels = LessKernels.from_pretrained(path, model, policy=None if transfer else policy.name)
+    kernels.warn_if_far_beyond_training_length(seq_len)
+    return kernels
