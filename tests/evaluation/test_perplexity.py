@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from lesskv.core.policies import make_policy
 from lesskv.evaluation.perplexity import evaluate_perplexity
 

@@ -2,12 +2,10 @@ import json
 
 import pytest
 
-from conftest import make_tiny_model
+from helpers import kernel_set, make_tiny_model, tiny_tokenizer
 from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
 from lesskv.evaluation.summarization import evaluate_summarization, load_examples
-from test_cache import kernel_set
-from test_models import tiny_tokenizer
 
 TEXT = "the cat sat on a mat the dog ran " * 6
 

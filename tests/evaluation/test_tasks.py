@@ -8,14 +8,12 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from conftest import make_tiny_model
+from helpers import WORDS, kernel_set, make_tiny_model, save_tiny, tiny_tokenizer
 from lesskv.cli import main
 from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
 from lesskv.evaluation.tasks import LessLM, check_tasks, evaluate_tasks, local_tasks
 from lesskv.hf.methods import using_method
-from test_cache import kernel_set
-from test_models import WORDS, save_tiny, tiny_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 METHODS = ["full", "baseline", "baseline+", "less"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -9,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lesskv.evaluation.bench import BENCH_METHODS, BenchRow  # noqa: E402
 from lesskv.hf.checkpoint import KernelMeta  # noqa: E402
 
 
@@ -34,5 +36,37 @@ def plot_layer_losses(meta: KernelMeta, path: str | Path) -> Path:
     ax.set_title(f"{meta.model}: {meta.policy} budget {meta.budget}, {meta.seq_len}-token windows")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_benchmark(rows: Sequence[BenchRow], path: str | Path) -> Path:
+    """Decode throughput and cache MiB against context, one line per (method, batch): the two
+    axes on which LESS trades against full attention."""
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    series: dict[tuple[str, int], list[BenchRow]] = {}
+    for row in rows:
+        series.setdefault((row.method, row.batch), []).append(row)
+    colors = {m: f"C{i}" for i, m in enumerate(BENCH_METHODS)}  # one colour per method
+    batches = sorted({row.batch for row in rows})
+    markers = "os^Dvp*"  # one marker and dash style per batch size
+    for (method, batch), points in sorted(series.items()):
+        points = sorted(points, key=lambda r: r.context)
+        x = [r.context for r in points]
+        i = batches.index(batch)
+        style = dict(
+            color=colors[method],
+            marker=markers[i % len(markers)],
+            linestyle=("-", "--", ":", "-.")[i % 4],
+            label=f"{method}, batch {batch}",
+        )
+        speed.plot(x, [r.decode_tokens_per_s for r in points], **style)
+        memory.plot(x, [r.cache_bytes / 2**20 for r in points], **style)
+    speed.set_ylabel("decode tokens / s (whole batch)")
+    memory.set_ylabel("cache MiB (K/V + LESS state)")
+    for ax in (speed, memory):
+        ax.set_xlabel("context (prompt tokens)")
+        ax.grid(alpha=0.3)
+    speed.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)

@@ -20,10 +20,10 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from lesskv.core.policies import Policy
@@ -33,7 +33,8 @@ from lesskv.hf import attention
 from lesskv.hf.cache import LessCache
 from lesskv.hf.checkpoint import LessKernels
 from lesskv.hf.compat import cache_argument
-from lesskv.hf.modules import attention_modules
+from lesskv.hf.methods import make_cache
+from lesskv.hf.modules import attention_modules, check_fits
 
 BENCH_METHODS = ("full", "baseline", "less")
 _STOCK_ATTENTION = "sdpa"  # what "full" runs when the model was already switched to lesskv's
@@ -89,15 +90,10 @@ def parse_int_list(text: str, option: str, minimum: int) -> list[int]:
 
 def check_contexts(model: PreTrainedModel, contexts: Sequence[int], new_tokens: int) -> None:
     """Refuse, before any work, a context that cannot hold its prompt plus the new tokens."""
-    limit = model.config.max_position_embeddings
     for context in contexts:
         if context < 2:
             raise LessKVError(f"context {context} is too short: use at least 2 tokens")
-        if context + new_tokens > limit:
-            raise LessKVError(
-                f"context {context} + {new_tokens} new tokens exceed the model's context of "
-                f"{limit} by {context + new_tokens - limit} tokens"
-            )
+        check_fits(model, context + new_tokens, f"context {context} + {new_tokens} new tokens")
 
 
 def prompt_batch(
@@ -168,9 +164,7 @@ def _make_cache(
         if model.config._attn_implementation != stock_attention:
             model.set_attn_implementation(stock_attention)
         return DynamicCache(config=model.config)
-    if method == "baseline":
-        return LessCache(model, policy)
-    return LessCache(model, policy, kernels=kernels)
+    return make_cache(model, method, policy, kernels)
 
 
 @torch.no_grad()
@@ -275,8 +269,6 @@ def run_benchmark(
     whatever the prompts hold, and it makes long-context batches affordable where prefill is
     slow (H2O's scores need the whole attention matrix, which CPU prefill pays dearly).
     """
-    from tqdm.auto import tqdm
-
     methods = list(methods)
     unknown = [m for m in methods if m not in BENCH_METHODS]
     if not methods or unknown:
@@ -370,37 +362,3 @@ def max_batch_for_memory(
         "kv_budget_bytes": kv_budget_bytes,
         "max_batch": kv_budget_bytes // per_sequence,
     }
-
-
-def plot_benchmark(rows: Sequence[BenchRow], path: str | Path) -> Path:
-    """Decode throughput and cache MiB against context, one line per (method, batch): the two
-    axes on which LESS trades against full attention."""
-    from lesskv.analysis.plots import plt, save_figure
-
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
-    series: dict[tuple[str, int], list[BenchRow]] = {}
-    for row in rows:
-        series.setdefault((row.method, row.batch), []).append(row)
-    colors = {m: f"C{i}" for i, m in enumerate(BENCH_METHODS)}  # one colour per method
-    batches = sorted({row.batch for row in rows})
-    markers = "os^Dvp*"  # one marker and dash style per batch size
-    for (method, batch), points in sorted(series.items()):
-        points = sorted(points, key=lambda r: r.context)
-        x = [r.context for r in points]
-        i = batches.index(batch)
-        style = dict(
-            color=colors[method],
-            marker=markers[i % len(markers)],
-            linestyle=("-", "--", ":", "-.")[i % 4],
-            label=f"{method}, batch {batch}",
-        )
-        speed.plot(x, [r.decode_tokens_per_s for r in points], **style)
-        memory.plot(x, [r.cache_bytes / 2**20 for r in points], **style)
-    speed.set_ylabel("decode tokens / s (whole batch)")
-    memory.set_ylabel("cache MiB (K/V + LESS state)")
-    for ax in (speed, memory):
-        ax.set_xlabel("context (prompt tokens)")
-        ax.grid(alpha=0.3)
-    speed.legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path)

@@ -8,6 +8,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 from lesskv.errors import LessKVError
 from lesskv.hf.cache import LessCache
 from lesskv.hf.compat import cache_argument
+from lesskv.hf.modules import check_fits
 
 
 @torch.no_grad()
@@ -28,17 +29,6 @@ def prefill_in_chunks(
         model(input_ids=piece, use_cache=True, **cache_argument(model, cache))
 
 
-def check_fits(model: PreTrainedModel, prompt_tokens: int, new_tokens: int) -> None:
-    """A clear error when prompt + generation cannot fit in the model's positions."""
-    context = model.config.max_position_embeddings
-    if prompt_tokens + new_tokens > context:
-        over = prompt_tokens + new_tokens - context
-        raise LessKVError(
-            f"prompt ({prompt_tokens} tokens) + {new_tokens} new tokens exceed the model's "
-            f"context of {context} by {over} tokens"
-        )
-
-
 def generate_text(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -53,7 +43,11 @@ def generate_text(
     if not prompt.strip():
         raise LessKVError("the prompt is empty")
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
-    check_fits(model, input_ids.shape[1], max_new_tokens)
+    check_fits(
+        model,
+        input_ids.shape[1] + max_new_tokens,
+        f"prompt ({input_ids.shape[1]} tokens) + {max_new_tokens} new tokens",
+    )
     if prefill_chunk is not None and cache is not None:
         prefill_in_chunks(model, input_ids, cache, prefill_chunk)
     streamer = TextStreamer(tokenizer, skip_prompt=True) if stream else None

@@ -14,16 +14,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError
-from lesskv.hf.cache import LessCache
 from lesskv.hf.checkpoint import LessKernels
 from lesskv.hf.compat import cache_argument
-from lesskv.hf.methods import extra_tokens
-from lesskv.hf.modules import attention_modules
+from lesskv.hf.methods import make_cache
+from lesskv.hf.modules import max_context
 
 # Named datasets: file under the data folder, and how to turn a record into (prompt, summary).
 NAMED = {
@@ -120,19 +120,6 @@ def fit_prompt(tokenizer, prompt: str, room: int) -> torch.Tensor:
     return ids
 
 
-def make_cache(
-    method: str, model: PreTrainedModel, policy: Policy, kernels: LessKernels | None, rank: int
-) -> LessCache | None:
-    """The cache one method generates with (None: transformers' own full cache)."""
-    if method == "full":
-        return None
-    if method == "less":
-        return LessCache(model, policy, kernels=kernels)
-    head_dim = attention_modules(model)[0].head_dim
-    extra = extra_tokens(method, rank, head_dim)
-    return LessCache(model, policy, rank=rank, extra_tokens=extra)
-
-
 @torch.no_grad()
 def evaluate_summarization(
     model: PreTrainedModel,
@@ -146,10 +133,8 @@ def evaluate_summarization(
     progress: bool = True,
 ) -> tuple[list[SummaryResult], list[dict]]:
     """ROUGE per method, plus every generation (for inspection)."""
-    from rouge_score import rouge_scorer
-
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    room = model.config.max_position_embeddings - max_new_tokens
+    room = max_context(model) - max_new_tokens
     prompts = [fit_prompt(tokenizer, ex.prompt, room).to(model.device) for ex in examples]
     results, generations = [], []
     bar = tqdm(total=len(methods) * len(examples), desc="summarizing", disable=not progress)
@@ -159,7 +144,7 @@ def evaluate_summarization(
             output = model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                **cache_argument(model, make_cache(method, model, policy, kernels, rank)),
+                **cache_argument(model, make_cache(model, method, policy, kernels, rank)),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,

@@ -23,8 +23,11 @@ from itertools import groupby
 from pathlib import Path
 
 import datasets
+import lm_eval
+import pyarrow.parquet as pq
 import torch
 from lm_eval.api.model import TemplateLM
+from lm_eval.tasks import TaskManager
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -34,7 +37,7 @@ from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError
 from lesskv.evaluation.perplexity import kept_tokens
 from lesskv.hf.methods import set_method
-from lesskv.hf.modules import attention_modules
+from lesskv.hf.modules import attention_modules, max_context
 
 TASK_CONFIGS = Path(__file__).parent / "task_configs"
 SCORED_TYPES = ("multiple_choice", "loglikelihood")
@@ -78,8 +81,6 @@ def _read_records(path: Path) -> list[dict]:
             "(see each folder's SOURCE.txt)"
         )
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         return pq.read_table(path).to_pylist()
     return [json.loads(line) for line in _read_lines(path)]
 
@@ -134,7 +135,7 @@ class LessLM(TemplateLM):
 
     @property
     def max_length(self) -> int:
-        return self.model.config.max_position_embeddings
+        return max_context(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -277,8 +278,6 @@ class TaskResult:
 
 def task_manager(data_dir: Path | None):
     """lm-eval's registry: the standard tasks, or only the shipped local configs."""
-    from lm_eval.tasks import TaskManager
-
     if data_dir is None:
         return TaskManager()
     if not Path(data_dir).is_dir():
@@ -325,8 +324,6 @@ def evaluate_tasks(
 ) -> list[TaskResult]:
     """Accuracy of every task under every method, on the same documents and prompts (lm-eval's
     fixed seeds pick the same few-shot examples each time); the model ends in full mode."""
-    import lm_eval
-
     if not tasks:
         raise LessKVError("no tasks given")
     if limit is not None and limit < 1:

@@ -27,7 +27,7 @@ from lesskv.core.policies import Policy, make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf import attention
 from lesskv.hf.checkpoint import LessKernels
-from lesskv.hf.modules import attention_modules, on_layer_device
+from lesskv.hf.modules import attention_modules, check_within, max_context, on_layer_device
 
 NEG_INF, POS_INF = float("-inf"), float("inf")
 
@@ -68,12 +68,8 @@ class LessLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Single tokens go straight into a slot (evicting first); chunks are attended in full
         and compressed afterwards by ``attend``."""
-        if self.seen + key_states.shape[-2] > self.context:
-            raise LessKVError(
-                f"the sequence would reach {self.seen + key_states.shape[-2]} tokens, "
-                f"{self.seen + key_states.shape[-2] - self.context} more than the model's "
-                f"context of {self.context}: shorten the prompt or max_new_tokens"
-            )
+        total = self.seen + key_states.shape[-2]
+        check_within(self.context, total, "the sequence (shorten the prompt or max_new_tokens)")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         elif key_states.shape[0] != self.keys.shape[0]:
@@ -224,7 +220,7 @@ class LessCache(Cache):
         if kernels is not None:
             kernels.check_compatible(model)
             rank = kernels.meta.rank
-        context = model.config.max_position_embeddings
+        context = max_context(model)
         if not policy.budget.is_fraction and policy.budget.tokens(context) > context:
             raise LessKVError(
                 f"budget {policy.budget} is larger than the model's context of {context} tokens"

@@ -62,7 +62,11 @@ def model_fingerprint(model: PreTrainedModel) -> str:
 
 def check_fits(model: PreTrainedModel, tokens: int, what: str) -> None:
     """A clear error when ``tokens`` positions (``what`` they are) exceed the model's context."""
-    context = max_context(model)
+    check_within(max_context(model), tokens, what)
+
+
+def check_within(context: int, tokens: int, what: str) -> None:
+    """:func:`check_fits` for a context length already known (a cache layer's)."""
     if tokens > context:
         raise LessKVError(
             f"{what} ({tokens} tokens) exceed the model's context of {context} by "

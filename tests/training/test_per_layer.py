@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf.checkpoint import LessKernels

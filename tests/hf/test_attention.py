@@ -3,28 +3,13 @@
 import pytest
 import torch
 
-from conftest import make_tiny_model
-from lesskv.core.kernels import KernelShape, LayerKernels
+from helpers import make_tiny_model, tiny_kernels
 from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf.methods import set_method
 from lesskv.hf.modules import attention_modules
 
 T = 40
-
-
-def tiny_kernels(model, seed=0):
-    torch.manual_seed(seed)
-    kernels = []
-    for module in attention_modules(model):
-        groups = module.num_key_value_groups
-        kv_heads = model.config.num_key_value_heads
-        shape = KernelShape(kv_heads * groups, kv_heads, module.head_dim, rank=4, hidden=16)
-        layer = LayerKernels(shape).eval()
-        with torch.no_grad():  # make the low-rank part matter, as after training
-            layer.psi_scale.fill_(1.0)
-        kernels.append(layer)
-    return kernels
 
 
 @pytest.fixture

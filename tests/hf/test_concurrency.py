@@ -6,16 +6,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers import kernel_set, make_tiny_model, tiny_kernels
 from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf import attention
 from lesskv.hf.cache import LessCache
 from lesskv.hf.compat import cache_argument
-from lesskv.hf.methods import extra_tokens, set_method, using_method
-from lesskv.hf.modules import attention_modules
-from test_cache import kernel_set
-from test_integration import tiny_kernels
+from lesskv.hf.methods import make_cache, set_method, using_method
 
 ROUNDS = 3  # a race shows up only sometimes: run the whole mix several times
 # (method, policy, budget, batch): every method beside transformers' own full cache.
@@ -56,16 +53,6 @@ def shared():
     return model, kernels
 
 
-def make_cache(model, kernels, method, policy_name, budget):
-    if method == "full":
-        return None
-    policy = make_policy(policy_name, budget)
-    if method == "less":
-        return LessCache(model, policy, kernels=kernels[policy_name])
-    extra = extra_tokens(method, 4, attention_modules(model)[0].head_dim)
-    return LessCache(model, policy, rank=4, extra_tokens=extra)
-
-
 @pytest.mark.parametrize("round_", range(ROUNDS))
 def test_concurrent_generations_equal_sequential_ones(shared, round_):
     model, kernels = shared
@@ -73,7 +60,8 @@ def test_concurrent_generations_equal_sequential_ones(shared, round_):
     def generate(case):
         method, policy_name, budget, batch = case
         ids = prompt(16 + 3 * MIX.index(case), batch=batch, seed=MIX.index(case))
-        cache = make_cache(model, kernels, method, policy_name, budget)
+        policy = make_policy(policy_name, budget)
+        cache = make_cache(model, method, policy, kernels[policy_name], rank=4)
         out = model.generate(
             input_ids=ids, max_new_tokens=10, do_sample=False, **cache_argument(model, cache)
         )

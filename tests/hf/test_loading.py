@@ -9,32 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model, save_tiny
 from lesskv.core.budget import DEFAULT_MODEL
 from lesskv.errors import LessKVError
 from lesskv.hf import loading as lm
 from lesskv.hf.loading import cache_dir, load_model
 from lesskv.hf.modules import max_context, model_fingerprint
-
-WORDS = ["<unk>", "<eos>", "the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A whitespace word tokenizer whose ids fit the tiny models' 97-token vocabulary; it has
-    an eos token but no pad token, like many real tokenizers."""
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
-
-
-def save_tiny(directory: Path, kind: str = "llama-gqa") -> torch.nn.Module:
-    model = make_tiny_model(kind)
-    model.save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
-    return model
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:

@@ -6,27 +6,13 @@ import weakref
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers import BUDGET, kernel_set, make_tiny_model, prompt
 from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf import attention
 from lesskv.hf.cache import LessCache
-from lesskv.hf.checkpoint import KernelMeta, LessKernels
 from lesskv.hf.compat import cache_argument
 from lesskv.hf.methods import set_method, using_method
-from test_integration import tiny_kernels
-
-BUDGET = 8
-
-
-def kernel_set(model, policy="h2o"):
-    meta = KernelMeta.for_model(model, "tiny", policy=policy, budget=str(BUDGET), rank=4, hidden=16)
-    return LessKernels(meta, tiny_kernels(model)).eval()
-
-
-def prompt(length, batch=1, seed=0):
-    torch.manual_seed(seed)
-    return torch.randint(1, 97, (batch, length))
 
 
 @pytest.mark.parametrize("policy", ["h2o", "lambda"])

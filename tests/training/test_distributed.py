@@ -14,13 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_model
+from helpers import WORDS, make_tiny_model, tiny_tokenizer
 from lesskv.cli import main
 from lesskv.core.policies import make_policy
 from lesskv.hf.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from lesskv.training import per_layer as train
 from lesskv.training.distributed import TORCHRUN_ENV, shard
-from test_models import WORDS, tiny_tokenizer
 
 LAYERS = 4
 EPOCHS = 12  # about a second a layer on 2 busy cores: long enough to kill a rank mid-run

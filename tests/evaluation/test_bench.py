@@ -10,18 +10,16 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers import BUDGET, kernel_set, make_tiny_model, save_tiny, tiny_tokenizer
+from lesskv.analysis.plots import plot_benchmark
 from lesskv.cli import main
 from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
 from lesskv.evaluation.bench import (
     max_batch_for_memory,
-    plot_benchmark,
     prompt_batch,
     run_benchmark,
 )
-from test_cache import BUDGET, kernel_set
-from test_models import save_tiny, tiny_tokenizer
 
 TEXT = ["the cat sat on a mat the dog ran on the mat " * 4]  # 48 words: forces repetition
 METHODS = ("full", "baseline", "less")

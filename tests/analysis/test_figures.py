@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers import WORDS, kernel_set, make_tiny_model, prompt, save_tiny
 from lesskv.analysis.figures import (
     attention_maps,
     plot_attention_maps,
@@ -18,8 +18,6 @@ from lesskv.core import math
 from lesskv.core.policies import keep_mask_from_steps, make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf.methods import observing
-from test_cache import kernel_set, prompt
-from test_models import WORDS, save_tiny
 
 PNG = b"\x89PNG"
 

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from lesskv.errors import LessKVError
 from lesskv.hf.checkpoint import CONFIG_FILE, WEIGHTS_FILE, KernelMeta, LessKernels
 

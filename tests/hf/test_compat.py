@@ -6,7 +6,7 @@ from importlib import metadata
 import pytest
 from packaging.requirements import Requirement
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from lesskv.errors import LessKVError
 from lesskv.hf import compat
 
