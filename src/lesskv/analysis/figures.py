@@ -1,8 +1,8 @@
 """Why LESS works, as figures: the residual spectrum (paper Fig. 3) and attention maps (Fig. 1).
 
 Both read the post-RoPE Q, K, V that a full-attention forward pass hands the attention function
-(the observer hook of :mod:`lesskv.integration`) and recompute attention with the same math as
-every other path (:mod:`lesskv.attention`), so what is plotted is what the model computes.
+(:func:`lesskv.hf.methods.observing`) and recompute attention with the same math as every other
+path (:mod:`lesskv.core.math`), so what is plotted is what the model computes.
 
 * Residual: per layer and query head, the share of squared singular values in the top-k of the
   attention output ``O`` (T x D) and of the residual ``O_full - O_sparse``, over the positions
@@ -31,14 +31,14 @@ from lesskv.core import math
 from lesskv.core.policies import Policy, keep_mask_from_steps
 from lesskv.errors import LessKVError
 from lesskv.hf.methods import observing
-from lesskv.hf.modules import attention_modules
+from lesskv.hf.modules import attention_modules, attention_scale
 
 DEFAULT_KS = (1, 2, 4, 8, 16)
 
 
 @dataclass
 class LayerAttention:
-    """One layer's attention for one sequence, grouped by KV head (see lesskv.attention)."""
+    """One layer's attention for one sequence, grouped by KV head (see lesskv.core.math)."""
 
     query: torch.Tensor  # (B, Hkv, G, T, D)
     key: torch.Tensor  # (B, Hkv, T, D)
@@ -48,11 +48,7 @@ class LayerAttention:
     @classmethod
     def observe(cls, module: nn.Module, query, key, value) -> LayerAttention:
         q = math.group_queries(query, key.shape[1])
-        scale = getattr(module, "scaling", module.head_dim**-0.5)
-        t = key.shape[2]
-        causal = torch.ones(t, t, dtype=torch.bool, device=key.device).tril()
-        logits = math.attention_logits(q, key, scale).masked_fill(~causal, math.NEG_INF)
-        return cls(q, key, value, logits)
+        return cls(q, key, value, math.causal_logits(q, key, attention_scale(module)))
 
     def keep(self, policy: Policy) -> tuple[torch.Tensor, int]:
         """The policy's keep-mask ``(B, Hkv, 1, T, T)`` and its budget in tokens."""

@@ -33,6 +33,14 @@ def attention_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Te
     return torch.einsum("bhgqd,bhkd->bhgqk", q, k) * scale
 
 
+def causal_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`attention_logits` with every key after its query at -inf (queries are the last
+    ``Tq`` of the ``Tk`` positions): what a policy scores and what attention normalises."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    causal = torch.ones(tq, tk, dtype=torch.bool, device=k.device).tril(tk - tq)
+    return attention_logits(q, k, scale).masked_fill(~causal, NEG_INF)
+
+
 def masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention probabilities restricted to ``keep`` and the log-sum-exp of the kept logits
     ``(..., 1)``; a row with nothing kept (padding) gives probabilities 0 and lse -inf
@@ -88,6 +96,31 @@ def lowrank_recurrent(
     num = torch.einsum("bhgqr,bhrd->bhgqd", phi_q, state_h)
     den = torch.einsum("bhgqr,bhr->bhgq", phi_q, state_z).unsqueeze(-1)
     return num, den
+
+
+def less_parallel(
+    sparse_out: torch.Tensor,
+    lse: torch.Tensor,
+    phi_q: torch.Tensor,
+    psi_k: torch.Tensor,
+    value: torch.Tensor,
+    steps: torch.Tensor,
+) -> torch.Tensor:
+    """LESS's output for every query at once: the sparse part plus every pair evicted by each
+    query's step (attention's parallel form and the training loss both use this)."""
+    return combine(sparse_out, lse, *lowrank_parallel(phi_q, psi_k, value, steps))
+
+
+def less_recurrent(
+    sparse_out: torch.Tensor,
+    lse: torch.Tensor,
+    phi_q: torch.Tensor,
+    state_h: torch.Tensor,
+    state_z: torch.Tensor,
+) -> torch.Tensor:
+    """LESS's output from the running fp32 state (decoding), in ``sparse_out``'s dtype."""
+    num, den = lowrank_recurrent(phi_q.float(), state_h, state_z)
+    return combine(sparse_out.float(), lse.float(), num, den).to(sparse_out.dtype)
 
 
 def combine(

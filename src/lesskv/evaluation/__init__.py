@@ -1,1 +1,1 @@
-"""Quality evaluations; each is a client of the one attention path in lesskv.integration."""
+"""Quality evaluations; each is a client of the one attention path in lesskv.hf."""

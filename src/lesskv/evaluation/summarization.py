@@ -1,7 +1,7 @@
 """Summarization with real eviction: ROUGE of full / baseline / baseline+ / LESS generations.
 
 Each method generates from the same prompts through one cache object (transformers' dynamic
-cache for full, :class:`~lesskv.cache.LessCache` otherwise); budgets are relative to each
+cache for full, :class:`~lesskv.hf.cache.LessCache` otherwise); budgets are relative to each
 prompt, so every article is compressed by the same ratio.
 """
 

@@ -2,7 +2,7 @@
 
 lm-eval turns every multiple-choice task into loglikelihood requests ``(context,
 continuation)``; :class:`LessLM` scores them teacher-forced through the one attention path of
-:mod:`lesskv.integration`, so full / baseline / baseline+ / less answer exactly the same
+:mod:`lesskv.hf.methods`, so full / baseline / baseline+ / less answer exactly the same
 prompts. A fractional budget resolves against each request's own length (the whole scored
 sequence, context + continuation, as ``set_method`` resolves it for one unpadded sequence), so
 a 16-shot prompt and a 0-shot prompt are compressed by the same ratio and the few-shot examples

@@ -36,7 +36,7 @@ from lesskv.core import math
 from lesskv.core.policies import Policy, keep_mask_from_steps
 from lesskv.errors import LessKVError
 from lesskv.hf.compat import check_versions
-from lesskv.hf.modules import attention_modules
+from lesskv.hf.modules import attention_modules, attention_scale
 
 if TYPE_CHECKING:
     from lesskv.hf.cache import LessCache, LessLayer
@@ -156,7 +156,7 @@ def less_attention(
     parallel form scores whole sequences; batches must be right-padded (as teacher-forced
     scoring naturally is), so that padding only ever follows the real tokens.
     """
-    scale = scaling if scaling is not None else module.head_dim**-0.5
+    scale = scaling if scaling is not None else attention_scale(module)
     layer = _claim(module)
     if layer is not None:
         return _heads_last(recurrent_attention(layer, query, key, value, attention_mask, scale))
@@ -178,9 +178,8 @@ def less_attention(
         )
     q = math.group_queries(query, key.shape[1])
     visible = _visible_keys(attention_mask, q_len, k_len, query.device)
-    needs_logits = policy.uses_attention or setup.kernels is not None
     logits = None
-    if needs_logits:
+    if policy.uses_attention or setup.kernels is not None:
         logits = math.attention_logits(q, key, scale).masked_fill(~visible, math.NEG_INF)
     steps = policy.eviction_steps(logits, slots, k_len)
     keep = keep_mask_from_steps(steps).unsqueeze(2) & visible
@@ -193,8 +192,7 @@ def less_attention(
         return out.transpose(1, 2).contiguous(), None
     out, lse = math.sparse_attention(logits, value, keep)
     phi_q, psi_k = setup.kernels.phi(q), setup.kernels.psi(key)
-    num, den = math.lowrank_parallel(phi_q, psi_k, value, steps)
-    return _heads_last(math.combine(out, lse, num, den))
+    return _heads_last(math.less_parallel(out, lse, phi_q, psi_k, value, steps))
 
 
 # Prompt queries are attended a block at a time: the block's logits (batch x query heads x
@@ -240,9 +238,8 @@ def recurrent_attention(
         probs, lse = math.masked_softmax(logits, block_visible)
         out = torch.einsum("bhgqk,bhkd->bhgqd", probs, value[:, :, cols])
         if layer.kernels is not None:
-            phi = layer.kernels.phi(q[..., rows, :]).float()
-            num, den = math.lowrank_recurrent(phi, layer.state_h, layer.state_z)
-            out = math.combine(out.float(), lse.float(), num, den).to(value.dtype)
+            phi = layer.kernels.phi(q[..., rows, :])
+            out = math.less_recurrent(out, lse, phi, layer.state_h, layer.state_z)
         outputs.append(out)
         if layer.policy.uses_attention:
             scores[..., cols] = layer.policy.update_scores(scores[..., cols], probs.float())

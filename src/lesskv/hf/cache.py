@@ -34,7 +34,7 @@ NEG_INF, POS_INF = float("-inf"), float("inf")
 
 class LessLayer(CacheLayerMixin):
     """One layer's slots and state; lesskv's attention function drives it
-    (:func:`lesskv.attention.recurrent_attention`)."""
+    (:func:`lesskv.hf.attention.recurrent_attention`)."""
 
     is_compileable = False
     is_sliding = False
@@ -263,7 +263,7 @@ class LessCache(Cache):
         if layer_idx == 0 and self._config._attn_implementation != attention.ATTN_NAME:
             raise LessKVError(
                 f"the model's attention implementation is {self._config._attn_implementation!r}; "
-                f"a LessCache needs {attention.ATTN_NAME!r} (lesskv.attention.enable(model))"
+                f"a LessCache needs {attention.ATTN_NAME!r} (lesskv.enable(model))"
             )
         thread = threading.get_ident()
         if self._owner != thread:

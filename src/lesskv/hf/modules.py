@@ -24,6 +24,11 @@ def attention_modules(model: PreTrainedModel) -> list[nn.Module]:
     return sorted(found, key=lambda m: m.layer_idx)
 
 
+def attention_scale(module: nn.Module) -> float:
+    """The logit scale the module's own attention uses (``1/sqrt(D)`` unless it says)."""
+    return getattr(module, "scaling", module.head_dim**-0.5)
+
+
 def on_layer_device(kernels: nn.Module, module: nn.Module) -> nn.Module:
     """Move one layer's kernels (in place) to where that attention layer computes, so a model
     split over devices (``device_map="auto"``) keeps each layer's LESS work on its device."""

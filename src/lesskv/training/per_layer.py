@@ -38,7 +38,7 @@ from lesskv.errors import LessKVError
 from lesskv.hf import attention
 from lesskv.hf.checkpoint import KernelMeta, LessKernels, atomic_write
 from lesskv.hf.methods import extra_tokens, observing
-from lesskv.hf.modules import attention_modules
+from lesskv.hf.modules import attention_modules, attention_scale
 
 RUN_FILE = "run.json"
 
@@ -157,10 +157,7 @@ def collect_activations(
 
         def observe(mod, query, key, value, store=store):
             q = math_ops.group_queries(query, key.shape[1])
-            scale = getattr(mod, "scaling", mod.head_dim**-0.5)
-            logits = math_ops.attention_logits(q, key, scale)
-            causal = torch.ones(t, t, dtype=torch.bool, device=key.device).tril()
-            logits = logits.masked_fill(~causal, math_ops.NEG_INF)
+            logits = math_ops.causal_logits(q, key, attention_scale(mod))
             steps = policy.eviction_steps(logits, slots, t)
             out, lse = math_ops.sparse_attention(
                 logits, value, keep_mask_from_steps(steps)[:, :, None]
@@ -223,10 +220,9 @@ def layer_loss(
     out = batch[sparse].view(b, kv_heads, hq // kv_heads, t, d)
     if kernels is not None:
         q = math_ops.group_queries(query, kv_heads)
-        steps = batch["steps"]
-        num, den = math_ops.lowrank_parallel(kernels.phi(q), kernels.psi(key), value, steps)
         lse = batch["lse"].view(b, kv_heads, hq // kv_heads, t, 1)
-        out = math_ops.combine(out, lse, num, den)
+        phi_q, psi_k = kernels.phi(q), kernels.psi(key)
+        out = math_ops.less_parallel(out, lse, phi_q, psi_k, value, batch["steps"])
     projected = o_proj(out.reshape(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d))
     return F.mse_loss(projected[:, budget:], batch["target"][:, budget:])
 
