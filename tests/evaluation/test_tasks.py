@@ -182,7 +182,7 @@ def test_cli_runs_every_shipped_task_on_the_shared_data(tmp_path, capsys):
 def test_default_model_matches_lm_eval_and_runs_less_with_shipped_kernels():
     from lm_eval.models.huggingface import HFLM
 
-    from lesskv.cli import resolve_kernels
+    from lesskv.hf.checkpoint import resolve_kernels
     from lesskv.hf.loading import load_model
 
     model, tokenizer = load_model()
@@ -195,7 +195,7 @@ def test_default_model_matches_lm_eval_and_runs_less_with_shipped_kernels():
     assert [lp for lp, _ in ours] == pytest.approx([lp for lp, _ in theirs], abs=1e-3)
 
     policy = make_policy("h2o", 0.1)
-    kernels = resolve_kernels(None, "smollm2-135m", model, policy, 0)
+    kernels = list(resolve_kernels(None, "smollm2-135m", model, policy, 0).layers)
     rows = evaluate_tasks(
         model,
         tokenizer,

@@ -28,6 +28,7 @@ from transformers import PreTrainedModel
 
 from lesskv.analysis.plots import plt, save_figure
 from lesskv.core import math
+from lesskv.core.budget import DEFAULT_RANK
 from lesskv.core.policies import Policy, keep_mask_from_steps
 from lesskv.errors import LessKVError
 from lesskv.hf.methods import observing
@@ -147,7 +148,9 @@ def residual_energy(
     )
 
 
-def plot_residual_energy(report: ResidualReport, out_dir: str | Path, rank: int = 8) -> Path:
+def plot_residual_energy(
+    report: ResidualReport, out_dir: str | Path, rank: int = DEFAULT_RANK
+) -> Path:
     """Energy vs layer for every k (output solid, residual dashed), and layer x head maps of
     the top-``rank`` energy (LESS's state has rank 8 by default)."""
     out = torch.tensor(report.output).numpy()  # (L, H, K)

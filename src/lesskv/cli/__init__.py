@@ -1,4 +1,4 @@
-"""The ``lesskv`` command."""
+"""The ``lesskv`` command: :func:`main` builds the parser from one module per command."""
 
 from lesskv.cli.main import main
 

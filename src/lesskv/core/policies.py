@@ -53,6 +53,25 @@ class Policy(ABC):
         """The budget for a sequence of ``seq_len`` tokens, plus ``extra`` pairs (Baseline+)."""
         return self.split(self.budget.tokens(seq_len) + extra)
 
+    def protected(
+        self, positions: torch.Tensor, newest: torch.Tensor | int, slots: Slots
+    ) -> torch.Tensor:
+        """The one eviction rule's exemptions, for pairs at token ``positions``: the ``recent``
+        tokens up to ``newest`` (the incoming token's position; later ones do not exist yet)
+        and the first ``sinks`` tokens. ``newest`` broadcasts against ``positions``."""
+        return (positions > newest - slots.recent) | (positions < slots.sinks)
+
+    def eviction_priority(
+        self,
+        scores: torch.Tensor,
+        positions: torch.Tensor,
+        newest: torch.Tensor | int,
+        slots: Slots,
+    ) -> torch.Tensor:
+        """The pair with the lowest priority is evicted next; protected pairs never are (+inf).
+        Both the teacher-forced simulation and the decoding cache evict by this."""
+        return scores.masked_fill(self.protected(positions, newest, slots), float("inf"))
+
     def update_scores(self, scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """New scores ``(B, Hkv, T)`` after queries with attention ``probs``
         ``(B, Hkv, G, n_queries, T)`` (G query heads share the KV head's kept set)."""
@@ -84,19 +103,17 @@ class Policy(ABC):
         scores = self.update_scores(logits.new_zeros(b, hkv, t), logits[..., :total, :].softmax(-1))
         # Additive mask of evicted keys (-inf); future keys are already -inf in the logits.
         evicted = logits.new_zeros(b, hkv, 1, 1, t)
-        first, last_eligible = slots.sinks, total - slots.recent  # eligible: [first, last]
+        positions = torch.arange(t, device=logits.device)
         with _one_thread():
-            for step in range(total, t):
-                idx = scores[..., first : last_eligible + 1].argmin(-1, keepdim=True)
-                if first:
-                    idx += first
+            for step in range(total, t):  # token ``step`` enters, one pair leaves
+                priority = self.eviction_priority(scores, positions, step, slots)
+                idx = priority.argmin(-1, keepdim=True)
                 steps.scatter_(-1, idx, step)
                 scores.scatter_(-1, idx, float("inf"))  # never chosen again
                 if self.uses_attention:
                     evicted.view(b, hkv, t).scatter_(-1, idx, float("-inf"))
                     probs = (logits[..., step : step + 1, :] + evicted).softmax(-1)
                     scores = self.update_scores(scores, probs)
-                last_eligible += 1
         return steps
 
 

@@ -18,6 +18,7 @@ from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lesskv.core.budget import DEFAULT_RANK
 from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError
 from lesskv.hf.checkpoint import LessKernels
@@ -128,7 +129,7 @@ def evaluate_summarization(
     methods: Sequence[str],
     policy: Policy,
     kernels: LessKernels | None = None,
-    rank: int = 8,
+    rank: int = DEFAULT_RANK,
     max_new_tokens: int = 64,
     progress: bool = True,
 ) -> tuple[list[SummaryResult], list[dict]]:

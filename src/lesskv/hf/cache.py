@@ -29,7 +29,7 @@ from lesskv.hf import attention
 from lesskv.hf.checkpoint import LessKernels
 from lesskv.hf.modules import attention_modules, check_within, max_context, on_layer_device
 
-NEG_INF, POS_INF = float("-inf"), float("inf")
+NEG_INF = float("-inf")
 
 
 class LessLayer(CacheLayerMixin):
@@ -125,11 +125,15 @@ class LessLayer(CacheLayerMixin):
                 setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
 
     # -- eviction ----------------------------------------------------------------------------
-    def _protected(self, positions: torch.Tensor, newest: torch.Tensor) -> torch.Tensor:
-        """Recent tokens (relative to each row's newest real position) and sinks."""
+    def _priority(
+        self, scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """The policy's eviction priority with each row's newest real position; empty slots
+        (padding, or not yet filled) come first."""
+        newest = (self.real_seen - 1).view(-1, 1, 1)
         slots = self.policy.split(self.budget)
-        recent_start = (newest - slots.recent + 1).view(-1, 1, 1)
-        return (positions >= recent_start) | (positions < slots.sinks)
+        priority = self.policy.eviction_priority(scores, positions, newest, slots)
+        return priority.masked_fill(~valid, NEG_INF)
 
     def _fold(self, keys: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> None:
         """Add ``ψ(k)ᵀ v`` of pairs ``(B, Hkv, N, D)`` (``weight`` 0 skips one) to the state."""
@@ -141,9 +145,8 @@ class LessLayer(CacheLayerMixin):
 
     def _insert_one(self, key: torch.Tensor, value: torch.Tensor) -> None:
         newest = self.real_seen  # real position of the incoming token
-        priority = self.scores.masked_fill(self._protected(self.positions, newest), POS_INF)
-        priority = priority.masked_fill(~self.valid, NEG_INF)  # empty slots fill first
-        slot = priority.argmin(-1, keepdim=True)  # (B, Hkv, 1)
+        self.real_seen = self.real_seen + 1
+        slot = self._priority(self.scores, self.positions, self.valid).argmin(-1, keepdim=True)
         index = slot.unsqueeze(-1).expand(-1, -1, 1, key.shape[-1])
         was_valid = self.valid.gather(-1, slot).float()
         self._fold(self.keys.gather(2, index), self.values.gather(2, index), was_valid)
@@ -152,7 +155,6 @@ class LessLayer(CacheLayerMixin):
         self.positions.scatter_(-1, slot, newest.view(-1, 1, 1).expand_as(slot))
         self.scores.scatter_(-1, slot, 0.0)
         self.valid.scatter_(-1, slot, True)
-        self.real_seen = self.real_seen + 1
 
     def compress(
         self,
@@ -172,8 +174,7 @@ class LessLayer(CacheLayerMixin):
         positions = torch.cat([self.positions, new_positions[:, None].expand(b, hkv, q)], -1)
         valid = torch.cat([self.valid, new_valid[:, None].expand(b, hkv, q)], -1)
         self.real_seen = self.real_seen + new_valid.long().sum(1)
-        priority = scores.masked_fill(self._protected(positions, self.real_seen - 1), POS_INF)
-        priority = priority.masked_fill(~valid, NEG_INF)
+        priority = self._priority(scores, positions, valid)
         kept = priority.topk(self.budget, dim=-1, sorted=False).indices.sort(-1).values
         dropped = torch.ones_like(valid).scatter_(-1, kept, False) & valid
         self._fold(keys, values, dropped.float())

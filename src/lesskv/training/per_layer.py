@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from lesskv.core import math as math_ops
+from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK
 from lesskv.core.kernels import KernelShape, LayerKernels
 from lesskv.core.policies import Policy, keep_mask_from_steps
 from lesskv.errors import LessKVError
@@ -57,8 +58,8 @@ class TrainConfig:
     lr: float = 1e-3
     lr_halving_epochs: int = 10
     val_fraction: float = 0.1
-    rank: int = 8
-    hidden: int = 128
+    rank: int = DEFAULT_RANK
+    hidden: int = DEFAULT_HIDDEN
     dropout: float = 0.3
     seed: int = 0
     data: str = ""

@@ -1,0 +1,146 @@
+"""What several commands share: their common options, argument checks, output helpers and
+kernel resolution (so every command words these the same way).
+
+Only light modules are imported here, at the top: ``lesskv --help`` imports every command
+module, and the heavy ones (torch, transformers) load inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lesskv.core.budget import DEFAULT_MODEL
+from lesskv.errors import LessKVError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from lesskv.core.policies import Policy
+    from lesskv.hf.checkpoint import LessKernels
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--model``: every command that loads a model takes the same one."""
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="built-in 'smollm2-135m' (default), a Hugging Face id or a local directory",
+    )
+
+
+def add_policy_args(p: argparse.ArgumentParser, budget: str | None = None) -> None:
+    """``--policy`` and ``--budget``; ``budget=None`` makes the budget required."""
+    p.add_argument("--policy", default="h2o", help="sparse policy: h2o (default) or lambda")
+    p.add_argument(
+        "--budget",
+        default=budget,
+        required=budget is None,
+        help="KV pairs kept per head: a token count (>= 1) or a fraction of the sequence "
+        "(0.1 or 10%%)",
+    )
+
+
+def add_data_args(p: argparse.ArgumentParser, default: str | None = "builtin") -> None:
+    """``--data`` and ``--field``: one text source syntax for every command."""
+    p.add_argument(
+        "--data",
+        default=default,
+        help="'builtin' (Python's documentation text), a .txt/.raw/.jsonl file, or "
+        "hf:NAME[/CONFIG][:SPLIT] (online)",
+    )
+    p.add_argument("--field", default=None, help="jsonl/dataset field holding the text")
+
+
+def add_kernels_arg(p: argparse.ArgumentParser) -> None:
+    """``--kernels``: a trained folder, or (left out) the shipped set of the default model."""
+    p.add_argument(
+        "--kernels",
+        type=Path,
+        default=None,
+        help="trained kernel folder for LESS (default model: the shipped kernels)",
+    )
+
+
+def add_json_arg(p: argparse.ArgumentParser) -> None:
+    """``--json``: the table's rows, machine-readable."""
+    p.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write ``data`` as indented JSON, creating the folder (results go to fresh paths)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """A Markdown table: readable in a terminal and pasteable into docs."""
+
+    def fmt(v: object) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(r[c]) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells:
+        print("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) + " |")
+
+
+def parse_methods(text: str) -> list[str]:
+    """The comma-separated ``--methods``, refused as a whole before anything is loaded."""
+    from lesskv.hf.methods import METHODS
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise LessKVError(
+            f"unknown method(s) {unknown or text!r}: choose from {', '.join(METHODS)}"
+        )
+    return methods
+
+
+def check_training_args(args: argparse.Namespace, *counts: str) -> None:
+    """Training needs data, and each of ``counts`` (argument names) must be at least 1."""
+    if args.data is None:
+        raise LessKVError("--data is required (a file path, builtin, or hf:NAME)")
+    for name in counts:
+        if getattr(args, name) < 1:
+            raise LessKVError(f"--{name.replace('_', '-')} must be >= 1")
+
+
+def kernels_folder(path: Path | None, model_name: str, policy: Policy) -> Path:
+    """``--kernels`` if given, else the shipped set, named on stderr: it may have been trained
+    at another budget than the one asked for, and the user should know what LESS runs with."""
+    if path is not None:
+        return path
+    from lesskv.hf.checkpoint import shipped_kernels
+
+    folder = shipped_kernels(model_name, policy)
+    trained = folder.name.removeprefix(f"{DEFAULT_MODEL}-{policy.name}-")
+    print(
+        f"lesskv: using the shipped kernels {folder.name} (trained for {policy.name} at "
+        f"budget {trained}) for budget {policy.budget}",
+        file=sys.stderr,
+    )
+    return folder
+
+
+def load_kernels(
+    path: Path | None,
+    model_name: str,
+    model: PreTrainedModel,
+    policy: Policy,
+    seq_len: int = 0,
+    transfer: bool = False,
+) -> LessKernels:
+    """Kernels for ``model`` from :func:`kernels_folder`, checked against the model (and the
+    policy unless ``transfer``); ``seq_len`` > 0 warns when far beyond the training length."""
+    from lesskv.hf.checkpoint import resolve_kernels
+
+    folder = kernels_folder(path, model_name, policy)
+    return resolve_kernels(folder, model_name, model, policy, seq_len, transfer=transfer)

@@ -1,0 +1,90 @@
+"""``lesskv eval ppl``: token-level perplexity of each method over the same windows."""
+
+from __future__ import annotations
+
+import argparse
+
+from lesskv.cli.common import (
+    add_data_args,
+    add_json_arg,
+    add_kernels_arg,
+    add_model_args,
+    add_policy_args,
+    load_kernels,
+    parse_methods,
+    print_table,
+    write_json,
+)
+from lesskv.core.budget import DEFAULT_RANK
+from lesskv.errors import LessKVError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``ppl`` under ``lesskv eval``."""
+    ppl = subparsers.add_parser(
+        "ppl",
+        help="token-level perplexity per method over the same windows",
+        description="Perplexity of full / baseline / baseline+ / less on non-overlapping "
+        "windows of --seq-len tokens; every method sees the same windows.",
+    )
+    add_model_args(ppl)
+    add_data_args(ppl, default=None)
+    ppl.add_argument("--seq-len", type=int, default=1024, help="window length in tokens")
+    ppl.add_argument("--windows", type=int, default=None, help="score only the first N windows")
+    add_policy_args(ppl)
+    ppl.add_argument(
+        "--methods",
+        default="full,baseline,baseline+",
+        help="comma-separated: " + ", ".join(["full", "baseline", "baseline+", "less"]),
+    )
+    add_kernels_arg(ppl)
+    ppl.add_argument(
+        "--transfer",
+        action="store_true",
+        help="accept --kernels trained for another policy (transfer studies; budgets always "
+        "transfer)",
+    )
+    ppl.add_argument("--rank", type=int, default=DEFAULT_RANK, help="LESS rank R (sizes Baseline+)")
+    ppl.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    add_json_arg(ppl)
+    ppl.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Check every argument before loading the model, then score and print one row per method."""
+    from lesskv.core.policies import make_policy
+    from lesskv.data import load_texts, token_windows
+    from lesskv.evaluation.perplexity import evaluate_perplexity
+    from lesskv.hf.loading import load_model
+    from lesskv.hf.modules import check_fits
+
+    if args.data is None:
+        raise LessKVError("--data is required (builtin, a file path, or hf:NAME)")
+    methods = parse_methods(args.methods)
+    policy = make_policy(args.policy, args.budget)
+    policy.slots(args.seq_len)  # validates the budget against the window before any loading
+    if args.windows is not None and args.windows < 1:
+        raise LessKVError(f"--windows must be >= 1, got {args.windows}")
+    texts = load_texts(args.data, field=args.field)
+    model, tokenizer = load_model(args.model)
+    check_fits(model, args.seq_len, "--seq-len windows")
+    kernels = None
+    if "less" in methods:
+        less = load_kernels(
+            args.kernels, args.model, model, policy, args.seq_len, transfer=args.transfer
+        )
+        kernels = list(less.layers)
+    windows = token_windows(tokenizer, texts, args.seq_len, max_windows=args.windows)
+    results = evaluate_perplexity(
+        model,
+        windows,
+        methods,
+        policy=policy,
+        kernels=kernels,
+        rank=args.rank,
+        batch_size=args.batch_size,
+    )
+    rows = [r.as_dict() for r in results]
+    print_table(rows, ["method", "policy", "budget_tokens", "ppl", "nll", "tokens"])
+    if args.json is not None:
+        write_json(args.json, rows)

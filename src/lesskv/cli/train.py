@@ -1,0 +1,116 @@
+"""``lesskv train``: fit LESS kernels, layer by layer, for a model, policy and budget; under
+torchrun the layers are split across processes."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lesskv.cli.common import add_data_args, add_model_args, add_policy_args, check_training_args
+from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK
+
+if TYPE_CHECKING:  # the command imports the heavy modules only once it knows what it runs
+    from lesskv.core.policies import Policy
+    from lesskv.training.distributed import Worker
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``train``."""
+    train = subparsers.add_parser(
+        "train",
+        help="train LESS kernels for a model, policy and budget",
+        description="Record the frozen model's attention on --data, then fit each layer's "
+        "kernels to what eviction loses. Reruns resume; --layers splits work across processes, "
+        "and `torchrun --nproc-per-node N -m lesskv train ...` splits the layers across N "
+        "processes (GPUs, or CPU processes without CUDA) and across nodes.",
+    )
+    add_model_args(train)
+    add_policy_args(train)
+    add_data_args(train, default=None)
+    train.add_argument("--sequences", type=int, default=64, help="training windows")
+    train.add_argument("--seq-len", type=int, default=1024, help="window length in tokens")
+    train.add_argument("--epochs", type=int, default=20)
+    train.add_argument("--batch-size", type=int, default=2)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--rank", type=int, default=DEFAULT_RANK, help="LESS rank R")
+    train.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN, help="kernel MLP hidden size")
+    train.add_argument("--layers", default=None, help="train only layers a:b (resumable)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", type=Path, required=True, help="output kernel folder")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace another run's kernels in --out"
+    )
+    train.add_argument(
+        "--distributed",
+        action="store_true",
+        help="split the layers across torchrun's processes (implied when torchrun starts more "
+        "than one); --out must be shared by all of them",
+    )
+    train.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Check the arguments and read the data before any process group or model exists."""
+    from lesskv.core.policies import make_policy
+    from lesskv.data import load_texts
+    from lesskv.training import distributed
+
+    check_training_args(args, "sequences", "epochs", "batch_size", "rank", "hidden")
+    policy = make_policy(args.policy, args.budget)
+    policy.slots(args.seq_len)
+    texts = load_texts(args.data, field=args.field)
+    if args.distributed or distributed.launched_by_torchrun():
+        with distributed.process_group() as worker:
+            _train(args, policy, texts, worker)
+    else:
+        _train(args, policy, texts, None)
+
+
+def _train(
+    args: argparse.Namespace, policy: Policy, texts: list[str], worker: Worker | None
+) -> None:
+    """Load, train, report; ``worker`` is this process's place in a torchrun job, if any."""
+    from lesskv.data import token_windows
+    from lesskv.hf.loading import load_model
+    from lesskv.hf.modules import check_fits
+    from lesskv.training import distributed
+    from lesskv.training.per_layer import TrainConfig, parse_layers, train_kernels
+
+    model, tokenizer = load_model(args.model, device=None if worker is None else str(worker.device))
+    check_fits(model, args.seq_len, "--seq-len windows")
+    layers = parse_layers(args.layers, model.config.num_hidden_layers)
+    windows = token_windows(tokenizer, texts, args.seq_len, max_windows=args.sequences)
+    config = TrainConfig(
+        model=args.model,
+        policy=policy.name,
+        budget=str(policy.budget),
+        seq_len=args.seq_len,
+        sequences=len(windows),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        rank=args.rank,
+        hidden=args.hidden,
+        seed=args.seed,
+        data=args.data,
+    )
+    options = {"layers": layers, "overwrite": args.overwrite, "command": args.command_line}
+    if worker is None:
+        kernels = train_kernels(model, windows, policy, config, args.out, **options)
+    else:
+        kernels = distributed.train_kernels(
+            worker, model, windows, policy, config, args.out, **options
+        )
+        if worker.rank != 0:
+            return
+    if kernels is None:
+        print(
+            f"layers {args.layers} done; rerun without --layers (or finish the others) "
+            f"to assemble {args.out}"
+        )
+    else:
+        from lesskv.analysis.plots import plot_layer_losses
+
+        figure = plot_layer_losses(kernels.meta, args.out / "val_loss.png")
+        print(f"kernels written to {args.out}; per-layer losses plotted in {figure}")

@@ -1,0 +1,72 @@
+"""Commands run end to end on a tiny local model: eval ppl, kernels for another policy,
+finetune, and the demo's generated text."""
+
+import json
+
+import torch
+
+from helpers import WORDS, kernel_set, make_tiny_model, save_tiny, tiny_tokenizer
+from lesskv.cli import main
+from lesskv.cli.demo import _show_generation
+
+
+def _text_file(tmp_path):
+    (tmp_path / "t.txt").write_text(" ".join("abcdefgh"[i % 8] for i in range(3000)))
+    return str(tmp_path / "t.txt")
+
+
+def test_eval_ppl_on_a_local_model(capsys, tmp_path):
+    save_tiny(tmp_path / "model")
+    torch.manual_seed(0)
+    common = ["eval", "ppl", "--model", str(tmp_path / "model"), "--data", _text_file(tmp_path)]
+    too_long = [*common, "--seq-len", "100000", "--budget", "8"]
+    assert main(too_long) == 2
+    err = capsys.readouterr().err
+    assert "--seq-len windows (100000 tokens) exceed the model's context of 256" in err
+    out_json = tmp_path / "rows.json"
+    args = [*common, "--seq-len", "32", "--windows", "2", "--budget", "8", "--json", str(out_json)]
+    assert main(args) == 0
+    rows = json.loads(out_json.read_text())
+    assert [r["method"] for r in rows] == ["full", "baseline", "baseline+"]
+    assert {"method", "policy", "budget_tokens", "ppl", "nll", "tokens"} <= rows[0].keys()
+    assert rows[1]["budget_tokens"] == 8 and rows[0]["tokens"] == 2 * 31
+    assert "| method" in capsys.readouterr().out
+
+
+def test_kernels_for_another_policy_need_transfer(capsys, tmp_path):
+    model = save_tiny(tmp_path / "model")
+    kernel_set(model, policy="lambda").save_pretrained(tmp_path / "kernels")
+    args = ["eval", "ppl", "--model", str(tmp_path / "model"), "--data", _text_file(tmp_path)]
+    args += ["--seq-len", "32", "--windows", "1", "--policy", "h2o", "--budget", "8"]
+    args += ["--methods", "less", "--kernels", str(tmp_path / "kernels")]
+    assert main(args) == 2
+    assert "trained for policy 'lambda'" in capsys.readouterr().err
+    assert main([*args, "--transfer"]) == 0
+    assert "shipped" not in capsys.readouterr().err  # --kernels given: nothing to announce
+
+
+def test_finetune_writes_kernels_and_reports_the_validation_kl(capsys, tmp_path):
+    model = save_tiny(tmp_path / "model")
+    kernel_set(model).save_pretrained(tmp_path / "kernels")
+    args = ["finetune", "--model", str(tmp_path / "model"), "--data", _text_file(tmp_path)]
+    args += ["--kernels", str(tmp_path / "kernels"), "--seq-len", "32", "--sequences", "2"]
+    args += ["--val-sequences", "1", "--out", str(tmp_path / "tuned")]
+    assert main(args) == 0
+    assert "validation KL" in capsys.readouterr().out
+    config = json.loads((tmp_path / "tuned" / "lesskv_kernels.json").read_text())
+    assert config["finetune"]["steps"] == 2 and "lesskv finetune" in config["command"]
+    assert config["finetune"]["base_kernels"] == str(tmp_path / "kernels")
+    assert main([*args[:-2], "--sequences", "0", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_demo_prints_the_continuation_as_indented_text(capsys):
+    model = make_tiny_model()
+    prompt = " ".join(WORDS[2:] * 12)
+    _show_generation(model, tiny_tokenizer(), kernel_set(model), prompt)
+    lines = capsys.readouterr().out.splitlines()
+    heading = lines.index("  the model continues:")
+    continuation = lines[heading + 1]
+    assert continuation.startswith("    ") and continuation.strip()
+    assert not continuation.strip().startswith(("'", '"'))  # text, not a Python repr
+    assert lines[heading - 1] == "    ..." + prompt[-200:]
+    assert lines[-1].startswith("  cache:")

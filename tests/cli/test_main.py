@@ -1,0 +1,88 @@
+"""The command line: help that explains itself, one-line errors for bad input, and one module
+per command behind the parser."""
+
+import argparse
+import json
+
+import pytest
+
+from lesskv.cli import (
+    analyze,
+    bench,
+    demo,
+    eval_ppl,
+    eval_summarize,
+    eval_tasks,
+    finetune,
+    generate,
+    main,
+    train,
+)
+from lesskv.cli.main import build_parser
+
+COMMAND_MODULES = {
+    ("demo",): demo,
+    ("eval", "ppl"): eval_ppl,
+    ("eval", "summarize"): eval_summarize,
+    ("eval", "tasks"): eval_tasks,
+    ("analyze", "residual"): analyze,
+    ("analyze", "attention"): analyze,
+    ("generate",): generate,
+    ("bench",): bench,
+    ("train",): train,
+    ("finetune",): finetune,
+}
+
+
+def test_help_explains_the_methods(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "baseline+" in out and "low-rank" in out
+
+
+def _leaf_commands(parser: argparse.ArgumentParser, prefix=()):
+    """Every runnable command path, e.g. ("eval", "ppl"), with its parser."""
+    groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not groups:
+        yield prefix, parser
+    for group in groups:
+        for name, sub in group.choices.items():
+            yield from _leaf_commands(sub, (*prefix, name))
+
+
+def test_every_command_is_a_module_with_add_parser_and_run():
+    leaves = dict(_leaf_commands(build_parser()))
+    assert leaves.keys() == COMMAND_MODULES.keys()
+    for path, module in COMMAND_MODULES.items():
+        assert callable(module.add_parser) and callable(module.run), module.__name__
+        assert leaves[path].get_default("run") is module.run, path
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--policy", "nope", "--budget", "8"], "unknown policy"),
+        (["--budget", "0"], "budget must be > 0"),
+        (["--budget", "1.5"], "ambiguous"),
+        (["--policy", "lambda", "--budget", "4"], "sinks"),
+        (["--budget", "8", "--methods", "full,magic"], "unknown method"),
+        (["--budget", "8", "--data", "/no/such/file.txt"], "file.txt"),
+    ],
+)
+def test_bad_input_is_one_line_and_non_zero(capsys, tmp_path, args, message):
+    base = ["eval", "ppl", "--data", str(tmp_path / "x.txt")]
+    (tmp_path / "x.txt").write_text("hello world " * 50)
+    assert main(base + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lesskv: error:") and message in err and "\n" not in err
+
+
+def test_empty_text_and_missing_field(capsys, tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    assert main(["eval", "ppl", "--data", str(tmp_path / "empty.txt"), "--budget", "8"]) == 2
+    (tmp_path / "d.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    args = ["eval", "ppl", "--data", str(tmp_path / "d.jsonl"), "--field", "text", "--budget", "8"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "empty" in err.lower() and "body" in err
