@@ -74,7 +74,6 @@ def _train(
     from lesskv.data import token_windows
     from lesskv.hf.loading import load_model
     from lesskv.hf.modules import check_fits
-    from lesskv.training import distributed
     from lesskv.training.per_layer import TrainConfig, parse_layers, train_kernels
 
     model, tokenizer = load_model(args.model, device=None if worker is None else str(worker.device))
@@ -95,15 +94,19 @@ def _train(
         seed=args.seed,
         data=args.data,
     )
-    options = {"layers": layers, "overwrite": args.overwrite, "command": args.command_line}
-    if worker is None:
-        kernels = train_kernels(model, windows, policy, config, args.out, **options)
-    else:
-        kernels = distributed.train_kernels(
-            worker, model, windows, policy, config, args.out, **options
-        )
-        if worker.rank != 0:
-            return
+    kernels = train_kernels(
+        model,
+        windows,
+        policy,
+        config,
+        args.out,
+        layers=layers,
+        overwrite=args.overwrite,
+        command=args.command_line,
+        worker=worker,
+    )
+    if worker is not None and worker.rank != 0:
+        return
     if kernels is None:
         print(
             f"layers {args.layers} done; rerun without --layers (or finish the others) "

@@ -17,18 +17,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-from transformers import PreTrainedModel
 
-from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError
-from lesskv.hf.checkpoint import LessKernels
-from lesskv.hf.modules import attention_modules
-from lesskv.training import per_layer as train
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # Ranks meet at a barrier once their layers are trained; the slowest may arrive hours after the
@@ -87,56 +81,7 @@ def shard(layers: list[int], rank: int, world_size: int) -> list[int]:
     return layers[rank * n // world_size : (rank + 1) * n // world_size]
 
 
-def train_kernels(
-    worker: Worker,
-    model: PreTrainedModel,
-    windows: torch.Tensor,
-    policy: Policy,
-    config: train.TrainConfig,
-    out_dir: str | Path,
-    layers: list[int] | None = None,
-    overwrite: bool = False,
-    command: str = "",
-    progress: bool = True,
-) -> LessKernels | None:
-    """:func:`lesskv.train.train_kernels` with the missing layers split across the ranks.
-
-    ``out_dir`` must be shared by all ranks. Returns the kernels on rank 0 once every layer of
-    the model exists, ``None`` on the other ranks.
-    """
-    out = Path(out_dir)
-    requested = range(len(attention_modules(model))) if layers is None else layers
-
-    def plan() -> list[int]:
-        train.claim_output_dir(out, config, overwrite)
-        return train.missing_layers(out, requested)
-
-    todo = _decided_by_rank0(worker, plan)
-    # The folder is claimed now: the other ranks only check that its run.json is this run's.
-    train.train_kernels(
-        model,
-        windows,
-        policy,
-        config,
-        out,
-        shard(todo, worker.rank, worker.world_size),
-        command=command,
-        progress=progress and worker.rank == 0,
-        assemble=False,
-    )
-    dist.barrier()
-    if worker.rank != 0:
-        return None
-    lost = train.missing_layers(out, todo)
-    if lost:
-        raise LessKVError(
-            f"layers {lost} are not in {out} although every rank finished: "
-            "--out must be a folder that all nodes share"
-        )
-    return train.assemble_kernels(model, policy, config, out, command)
-
-
-def _decided_by_rank0(worker: Worker, decide: Callable[[], T]) -> T:
+def decided_by_rank0(worker: Worker, decide: Callable[[], T]) -> T:
     """Run ``decide`` on rank 0 alone (no races on the folder) and give every rank its result,
     or its LessKVError, so that all ranks stop with the same message instead of hanging."""
     box: list[object] = [None]

@@ -27,7 +27,7 @@ from lesskv.core.policies import Policy, make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf.checkpoint import LessKernels, atomic_write
 from lesskv.hf.methods import using_method
-from lesskv.training.per_layer import claim_output_dir
+from lesskv.training.run import claim_output_dir, freeze, snapshot
 
 STATE_FILE = "finetune_state.pt"
 
@@ -89,8 +89,7 @@ def finetune_kernels(
     claim_output_dir(out, config, overwrite)
     kernels.check_compatible(model)
     policy = make_policy(kernels.meta.policy, kernels.meta.budget)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    freeze(model)
     kernels.eval().requires_grad_(True)
     optimizer = torch.optim.Adam(kernels.parameters(), lr=config.lr)
     total = config.epochs * len(windows)
@@ -98,7 +97,7 @@ def finetune_kernels(
     if state is None:
         before = validation_kl(model, val_windows, policy, kernels)
         state = {"step": 0, "before": before, "best": before, "best_step": 0, "history": []}
-        state["best_kernels"] = _clone(kernels)
+        state["best_kernels"] = snapshot(kernels)
     else:
         kernels.load_state_dict(state["kernels"])
         optimizer.load_state_dict(state["optimizer"])
@@ -124,7 +123,7 @@ def finetune_kernels(
             val = validation_kl(model, val_windows, policy, kernels)
             bar.write(f"step {step + 1}: validation KL {val:.4f} (start {state['before']:.4f})")
             if val < state["best"]:
-                state.update(best=val, best_step=step + 1, best_kernels=_clone(kernels))
+                state.update(best=val, best_step=step + 1, best_kernels=snapshot(kernels))
         state.update(step=step + 1, kernels=kernels.state_dict(), optimizer=optimizer.state_dict())
         atomic_write(out / STATE_FILE, lambda p: torch.save(state, p))
     kernels.load_state_dict(state["best_kernels"])
@@ -141,10 +140,6 @@ def finetune_kernels(
     kernels.requires_grad_(False).save_pretrained(out)
     (out / "finetune_history.json").write_text(json.dumps(state["history"]) + "\n")
     return kernels
-
-
-def _clone(kernels: LessKernels) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in kernels.state_dict().items()}
 
 
 def _load_state(path: Path) -> dict | None:

@@ -20,11 +20,12 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -40,8 +41,8 @@ from lesskv.hf import attention
 from lesskv.hf.checkpoint import KernelMeta, LessKernels, atomic_write
 from lesskv.hf.methods import extra_tokens, observing
 from lesskv.hf.modules import attention_modules, attention_scale
-
-RUN_FILE = "run.json"
+from lesskv.training.distributed import Worker, decided_by_rank0, shard
+from lesskv.training.run import claim_output_dir, freeze, snapshot
 
 
 @dataclass
@@ -278,7 +279,7 @@ def train_layer(
         kernels.eval()
         val_loss = _mean_loss(kernels, o_proj, store, val, config, budget, kv)
         if val_loss < best:
-            best, best_state = val_loss, {k: v.clone() for k, v in kernels.state_dict().items()}
+            best, best_state = val_loss, snapshot(kernels)
     kernels.load_state_dict(best_state)
     log(f"layer {layer:3d}: val MSE  LESS {best:.4g} | Baseline+ {baseline_plus:.4g}")
     return kernels.eval(), {"val_loss": best, "baseline_plus_val_loss": baseline_plus}
@@ -294,43 +295,67 @@ def train_kernels(
     overwrite: bool = False,
     command: str = "",
     progress: bool = True,
-    assemble: bool = True,
+    worker: Worker | None = None,
 ) -> LessKernels | None:
     """Train (or finish training) kernels into ``out_dir``; returns them once all layers exist.
 
-    ``assemble=False`` only writes the per-layer checkpoints: for a process that shares the
-    layers with others, where a single one assembles after all are done.
+    Under torchrun (``worker``), the missing layers are split across the ranks: rank 0 alone
+    claims ``out_dir`` (which every rank must share), lists what is missing and, after all
+    ranks are done, assembles the checkpoint; the other ranks return ``None``.
     """
     out = Path(out_dir)
-    claim_output_dir(out, config, overwrite)
     modules = attention_modules(attention.enable(model))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    todo = missing_layers(out, range(len(modules)) if layers is None else layers)
-    budget = policy.slots(config.seq_len).total
+    requested = range(len(modules)) if layers is None else layers
+
+    def plan() -> list[int]:
+        claim_output_dir(out, config, overwrite)
+        return missing_layers(out, requested)
+
+    todo = plan() if worker is None else decided_by_rank0(worker, plan)
+    mine = todo if worker is None else shard(todo, worker.rank, worker.world_size)
+    lead = worker is None or worker.rank == 0
     meta = _kernel_meta(model, policy, config, command)
-    shape = replace(meta.layer_shape, dropout=config.dropout)
-    if todo:
-        started = time.time()
-        stores = collect_activations(
-            model, windows, todo, policy, out / "activations", config.rank, progress
-        )
-        bar = tqdm(todo, desc="training layers", unit="layer", disable=not progress)
-        for layer in bar:
-            kernels, losses = train_layer(
-                stores[layer], modules[layer].o_proj, shape, config, budget, layer, bar.write
+    _train_layers(model, windows, policy, config, out, mine, meta, progress and lead)
+    if worker is not None:
+        dist.barrier()
+        lost = missing_layers(out, todo) if lead else []
+        if lost:
+            raise LessKVError(
+                f"layers {lost} are not in {out} although every rank finished: "
+                "--out must be a folder that all nodes share"
             )
-            _save_layer(out, layer, kernels, losses)
-            shutil.rmtree(stores[layer].dir, ignore_errors=True)
-        bar.write(f"trained {len(todo)} layer(s) in {time.time() - started:.0f} s")
-    return _assemble(out, meta) if assemble else None
+    return _assemble(out, meta) if lead else None
 
 
-def assemble_kernels(
-    model: PreTrainedModel, policy: Policy, config: TrainConfig, out_dir: str | Path, command: str
-) -> LessKernels | None:
-    """Write the final checkpoint from the per-layer ones; ``None`` while a layer is missing."""
-    return _assemble(Path(out_dir), _kernel_meta(model, policy, config, command))
+def _train_layers(
+    model: PreTrainedModel,
+    windows: torch.Tensor,
+    policy: Policy,
+    config: TrainConfig,
+    out: Path,
+    todo: list[int],
+    meta: KernelMeta,
+    progress: bool,
+) -> None:
+    """Collect activations for ``todo`` in one pass, then train and save each layer."""
+    if not todo:
+        return
+    freeze(model)
+    modules = attention_modules(model)
+    budget = policy.slots(config.seq_len).total
+    shape = replace(meta.layer_shape, dropout=config.dropout)
+    started = time.time()
+    stores = collect_activations(
+        model, windows, todo, policy, out / "activations", config.rank, progress
+    )
+    bar = tqdm(todo, desc="training layers", unit="layer", disable=not progress)
+    for layer in bar:
+        kernels, losses = train_layer(
+            stores[layer], modules[layer].o_proj, shape, config, budget, layer, bar.write
+        )
+        _save_layer(out, layer, kernels, losses)
+        shutil.rmtree(stores[layer].dir, ignore_errors=True)
+    bar.write(f"trained {len(todo)} layer(s) in {time.time() - started:.0f} s")
 
 
 def missing_layers(out_dir: str | Path, layers: Iterable[int]) -> list[int]:
@@ -388,26 +413,3 @@ def _assemble(out: Path, meta: KernelMeta) -> LessKernels | None:
     kernels.save_pretrained(out)
     shutil.rmtree(out / "activations", ignore_errors=True)
     return kernels
-
-
-def claim_output_dir(out: Path, config: object, overwrite: bool) -> None:
-    """Resume our own run (``config`` is its dataclass); refuse to mix with another run's
-    kernels unless told to."""
-    run_file = out / RUN_FILE
-    mine = asdict(config)
-    if run_file.exists():
-        theirs = json.loads(run_file.read_text())
-        if theirs != mine:
-            if not overwrite:
-                differing = sorted(k for k in mine if theirs.get(k) != mine[k])
-                raise LessKVError(
-                    f"{out} holds another training run (differs in {', '.join(differing)}); "
-                    "choose another --out or pass --overwrite"
-                )
-            shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise LessKVError(f"{out} is not empty; choose another --out or pass --overwrite")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_file, lambda p: Path(p).write_text(json.dumps(mine, indent=2) + "\n"))
