@@ -3,7 +3,7 @@
 # evaluated at other policies and budgets, WikiText-2 raw test, first 12 windows of 1024 tokens.
 # Rows go to runs/transfer/*.json; baselines for the same windows come from docs/ppl_grid.sh.
 set -euo pipefail
-kernels=$(python -c "import lesskv.pretrained as p; print(p.HERE)")
+kernels=$(python -c "from lesskv.hf.checkpoint import PRETRAINED; print(PRETRAINED)")
 data=../shared/data/wikitext-2-raw/wiki.test.raw
 mkdir -p runs/transfer
 for trained in h2o lambda; do
