@@ -15,7 +15,7 @@ from lesskv.cli.common import (
     print_table,
     write_json,
 )
-from lesskv.core.budget import DEFAULT_RANK
+from lesskv.core.budget import DEFAULT_RANK, METHODS
 from lesskv.errors import LessKVError
 
 
@@ -35,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument(
         "--methods",
         default="full,baseline,baseline+",
-        help="comma-separated: " + ", ".join(["full", "baseline", "baseline+", "less"]),
+        help="comma-separated: " + ", ".join(METHODS),
     )
     add_kernels_arg(ppl)
     ppl.add_argument(

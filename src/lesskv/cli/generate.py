@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from lesskv.cli.common import add_kernels_arg, add_model_args, load_kernels
+from lesskv.core.budget import METHODS
 from lesskv.errors import LessKVError
 
 
@@ -20,7 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "shipped kernels of the default model); --method full is transformers' own cache.",
     )
     add_model_args(gen)
-    gen.add_argument("--method", choices=["full", "baseline", "less"], default="less")
+    gen.add_argument("--method", choices=METHODS, default="less")
     gen.add_argument("--policy", default="h2o", help="sparse policy: h2o (default) or lambda")
     gen.add_argument(
         "--budget",
@@ -47,20 +48,18 @@ def run(args: argparse.Namespace) -> None:
     """Stream the text to stdout; the cache's size goes to stderr so stdout stays the text."""
     from lesskv.core.policies import make_policy
     from lesskv.evaluation.generation import generate_text
-    from lesskv.hf.cache import LessCache
     from lesskv.hf.loading import load_model
+    from lesskv.hf.methods import make_cache
 
     prompt = _read_prompt(args)
     if args.max_new_tokens < 1:
         raise LessKVError("--max-new-tokens must be >= 1")
     policy = make_policy(args.policy, args.budget)
     model, tokenizer = load_model(args.model)
-    cache = None
-    if args.method == "baseline":
-        cache = LessCache(model, policy)
-    elif args.method == "less":
-        kernels = load_kernels(args.kernels, args.model, model, policy)
-        cache = LessCache(model, policy, kernels=kernels)
+    kernels = (
+        load_kernels(args.kernels, args.model, model, policy) if args.method == "less" else None
+    )
+    cache = make_cache(model, args.method, policy, kernels)
     options = {"do_sample": args.sample}
     if args.sample:
         options["temperature"] = args.temperature

@@ -10,6 +10,9 @@ from lesskv.errors import LessKVError
 DEFAULT_RANK = 8  # R: the paper's rank; one head's state then weighs ~4 KV pairs (D = 64)
 DEFAULT_HIDDEN = 128  # hidden width of the φ/ψ MLPs (ablation in RESULTS.md)
 DEFAULT_MODEL = "smollm2-135m"  # the built-in model, loaded offline from PyPI
+# What every comparison runs: the model's own attention, the sparse policy, the policy with
+# pairs weighing as much as LESS's state (equal memory), and LESS.
+METHODS = ("full", "baseline", "baseline+", "less")
 
 
 @dataclass(frozen=True)

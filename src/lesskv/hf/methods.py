@@ -14,15 +14,13 @@ from contextlib import contextmanager
 from torch import nn
 from transformers import PreTrainedModel
 
-from lesskv.core.budget import DEFAULT_RANK, state_size_in_tokens
+from lesskv.core.budget import DEFAULT_RANK, METHODS, state_size_in_tokens
 from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError
 from lesskv.hf.attention import LayerSetup, Observer, enable, set_setups, using_setups
 from lesskv.hf.cache import LessCache
 from lesskv.hf.checkpoint import LessKernels
 from lesskv.hf.modules import attention_modules, on_layer_device
-
-METHODS = ("full", "baseline", "baseline+", "less")
 
 
 def extra_tokens(method: str, rank: int, head_dim: int) -> int:
