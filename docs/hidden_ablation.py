@@ -24,6 +24,7 @@ from lesskv.hf.checkpoint import KernelMeta
 from lesskv.hf.loading import load_model
 from lesskv.hf.modules import attention_modules
 from lesskv.training.per_layer import TrainConfig, collect_activations, train_layer
+from lesskv.training.run import freeze
 
 DATA = "../shared/data/c4/c4_en_train_first1000.jsonl"
 
@@ -46,8 +47,7 @@ def main() -> None:
         tokenizer, load_texts(args.data), config.seq_len, max_windows=config.sequences
     )
     modules = attention_modules(attention.enable(model))
-    for p in model.parameters():
-        p.requires_grad_(False)
+    freeze(model)
     base_shape = KernelMeta.for_model(model, DEFAULT_MODEL, policy="h2o", budget="0.1").layer_shape
     budget = policy.slots(config.seq_len).total
     rows = []
