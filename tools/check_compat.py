@@ -28,13 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 UV = ROOT / ".venv" / "bin" / "uv"
 FIND_LINKS = Path("/opt/wheels")
-TESTS = [
-    "tests/test_cache.py",
-    "tests/test_integration.py",
-    "tests/test_compat.py",
-    "tests/test_concurrency.py",
-    "tests/test_bench.py",
-]
+TESTS = ["tests/hf", "tests/evaluation/test_bench.py", "tests/core"]
 ENVIRONMENTS = {
     "lowest": ["--resolution", "lowest-direct"],
     "newest": ["--upgrade"],

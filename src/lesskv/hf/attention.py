@@ -26,7 +26,6 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -184,12 +183,7 @@ def less_attention(
     steps = policy.eviction_steps(logits, slots, k_len)
     keep = keep_mask_from_steps(steps).unsqueeze(2) & visible
     if setup.kernels is None:  # no lse needed: the fused kernel is faster than our softmax
-        b, hkv, g = q.shape[:3]
-        mask = keep.expand(b, hkv, g, -1, -1).reshape(b, hkv * g, q_len, k_len)
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, scale=scale, enable_gqa=g > 1
-        )
-        return out.transpose(1, 2).contiguous(), None
+        return _heads_last(math.fused_sparse_attention(q, key, value, keep, scale))
     out, lse = math.sparse_attention(logits, value, keep)
     phi_q, psi_k = setup.kernels.phi(q), setup.kernels.psi(key)
     return _heads_last(math.less_parallel(out, lse, phi_q, psi_k, value, steps))

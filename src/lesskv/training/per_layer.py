@@ -35,7 +35,7 @@ from transformers import PreTrainedModel
 from lesskv.core import math as math_ops
 from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK
 from lesskv.core.kernels import KernelShape, LayerKernels
-from lesskv.core.policies import Policy, keep_mask_from_steps
+from lesskv.core.policies import Policy, Slots, keep_mask_from_steps
 from lesskv.errors import LessKVError
 from lesskv.hf import attention
 from lesskv.hf.checkpoint import KernelMeta, LessKernels, atomic_write
@@ -131,6 +131,12 @@ class _StopForward(Exception):
     """Raised after the last recorded layer to skip the rest of the forward pass."""
 
 
+# Layers whose eviction is simulated together hold at most this many logits (fp32: 1 GiB):
+# the H2O simulation is a loop over decoding steps of tiny ops, so running every layer's in
+# one batch divides its Python overhead by the number of layers.
+SIMULATION_ELEMENTS = 2**28
+
+
 @torch.no_grad()
 def collect_activations(
     model: PreTrainedModel,
@@ -141,68 +147,102 @@ def collect_activations(
     rank: int,
     progress: bool = True,
 ) -> dict[int, ActivationStore]:
-    """Run the full-attention model once over ``windows`` and record each layer in ``layers``."""
+    """Run the full-attention model once over ``windows`` and record each layer in ``layers``:
+    its post-RoPE Q/K/V and output, and the policy's and Baseline+'s sparse outputs."""
     modules = attention_modules(model)
     n, t = windows.shape
-    slots = policy.slots(t)
-    stores: dict[int, ActivationStore] = {}
-    observers = {}
-    handles = []
+    hkv = model.config.num_key_value_heads
+    stores = {
+        layer: ActivationStore(
+            root,
+            layer,
+            n,
+            hkv * modules[layer].num_key_value_groups,
+            hkv,
+            t,
+            modules[layer].head_dim,
+        )
+        for layer in layers
+    }
+    seen: dict[int, tuple[torch.Tensor, ...]] = {}
     current = {"index": 0}
     last_layer = max(layers)
-    for layer in layers:
-        module = modules[layer]
-        hkv = model.config.num_key_value_heads
-        hq = hkv * module.num_key_value_groups
-        store = ActivationStore(root, layer, n, hq, hkv, t, module.head_dim)
-        stores[layer] = store
 
-        def observe(mod, query, key, value, store=store):
-            q = math_ops.group_queries(query, key.shape[1])
-            logits = math_ops.causal_logits(q, key, attention_scale(mod))
-            steps = policy.eviction_steps(logits, slots, t)
-            out, lse = math_ops.sparse_attention(
-                logits, value, keep_mask_from_steps(steps)[:, :, None]
-            )
-            extra = extra_tokens("baseline+", rank, mod.head_dim)
-            plus_steps = policy.eviction_steps(logits, policy.slots(t, extra), t)
-            plus_keep = keep_mask_from_steps(plus_steps)[:, :, None]
-            plus_out, _ = math_ops.sparse_attention(logits, value, plus_keep)
-            store.write(
-                current["index"],
-                query=query[0],
-                key=key[0],
-                value=value[0],
-                steps=steps[0],
-                sparse_out=out[0].flatten(0, 1),
-                lse=lse[0].flatten(0, 1).squeeze(-1),
-                plus_out=plus_out[0].flatten(0, 1),
-            )
+    def observe(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        q = math_ops.group_queries(query, key.shape[1])
+        seen[module.layer_idx] = (q, key, value, attention_scale(module))
+        stores[module.layer_idx].write(current["index"], query=query[0], key=key[0], value=value[0])
 
-        def record_target(mod, args, output, store=store, last=layer == last_layer):
-            store.write(current["index"], target=output[0])
-            if last:
+    def target_recorder(layer: int) -> Callable[..., None]:
+        def record_target(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            stores[layer].write(current["index"], target=output[0])
+            if layer == last_layer:
                 raise _StopForward  # later layers and the LM head are not needed
 
-        observers[layer] = observe
-        handles.append(module.o_proj.register_forward_hook(record_target))
+        return record_target
 
-    def observe_layer(mod: nn.Module, *states: torch.Tensor) -> None:
-        observers[mod.layer_idx](mod, *states)
-
+    handles = [modules[i].o_proj.register_forward_hook(target_recorder(i)) for i in layers]
+    extra = extra_tokens("baseline+", rank, modules[0].head_dim)
     bar = tqdm(range(n), desc="collecting activations", unit="seq", disable=not progress)
     try:
-        with observing(model, observe_layer, layers):
+        with observing(model, observe, layers):
             for i in bar:
                 current["index"] = i
                 with contextlib.suppress(_StopForward):
                     model(input_ids=windows[i : i + 1].to(model.device))
+                for group in _simulation_groups(seen, t):
+                    _record_sparse(
+                        group, seen, stores, i, policy, (policy.slots(t), policy.slots(t, extra))
+                    )
+                seen.clear()
     finally:
         for handle in handles:
             handle.remove()
     for store in stores.values():
         store.flush()
     return stores
+
+
+def _simulation_groups(seen: dict[int, tuple], t: int) -> list[list[int]]:
+    """Layers on one device, in groups whose stacked logits stay under SIMULATION_ELEMENTS."""
+    groups: dict[torch.device, list[list[int]]] = {}
+    for layer, (q, *_rest) in sorted(seen.items()):
+        per_layer = q[0].numel() // q.shape[-1] * t
+        chunks = groups.setdefault(q.device, [[]])
+        if chunks[-1] and (len(chunks[-1]) + 1) * per_layer > SIMULATION_ELEMENTS:
+            chunks.append([])
+        chunks[-1].append(layer)
+    return [chunk for chunks in groups.values() for chunk in chunks]
+
+
+def _record_sparse(
+    group: list[int],
+    seen: dict[int, tuple],
+    stores: dict[int, ActivationStore],
+    index: int,
+    policy: Policy,
+    budgets: tuple[Slots, Slots],
+) -> None:
+    """Simulate the policy at its budget and at Baseline+'s for every layer of ``group`` at
+    once (layers stacked on the batch axis), then store each layer's sparse outputs."""
+    t = seen[group[0]][1].shape[2]
+    logits = torch.cat(
+        [math_ops.causal_logits(q, k, scale) for q, k, _, scale in map(seen.get, group)]
+    )
+    steps, plus_steps = (policy.eviction_steps(logits, slots, t) for slots in budgets)
+    for row, layer in enumerate(group):
+        q, key, value, scale = seen[layer]
+        keep = keep_mask_from_steps(steps[row : row + 1])[:, :, None]
+        out, lse = math_ops.sparse_attention(logits[row : row + 1], value, keep)
+        plus_keep = keep_mask_from_steps(plus_steps[row : row + 1])[:, :, None]
+        plus_out = math_ops.fused_sparse_attention(q, key, value, plus_keep, scale)
+        stores[layer].write(
+            index,
+            steps=steps[row],
+            sparse_out=out[0].flatten(0, 1),
+            lse=lse[0].flatten(0, 1).squeeze(-1),
+            plus_out=plus_out[0].flatten(0, 1),
+        )
 
 
 def layer_loss(
