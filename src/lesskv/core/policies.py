@@ -19,12 +19,14 @@ from abc import ABC
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 
 from lesskv.core.budget import Budget
 from lesskv.errors import LessKVError
+
+T = TypeVar("T", int, torch.Tensor)
 
 
 @dataclass(frozen=True)
@@ -53,24 +55,12 @@ class Policy(ABC):
         """The budget for a sequence of ``seq_len`` tokens, plus ``extra`` pairs (Baseline+)."""
         return self.split(self.budget.tokens(seq_len) + extra)
 
-    def protected(
-        self, positions: torch.Tensor, newest: torch.Tensor | int, slots: Slots
-    ) -> torch.Tensor:
-        """The one eviction rule's exemptions, for pairs at token ``positions``: the ``recent``
-        tokens up to ``newest`` (the incoming token's position; later ones do not exist yet)
-        and the first ``sinks`` tokens. ``newest`` broadcasts against ``positions``."""
-        return (positions > newest - slots.recent) | (positions < slots.sinks)
-
-    def eviction_priority(
-        self,
-        scores: torch.Tensor,
-        positions: torch.Tensor,
-        newest: torch.Tensor | int,
-        slots: Slots,
-    ) -> torch.Tensor:
-        """The pair with the lowest priority is evicted next; protected pairs never are (+inf).
-        Both the teacher-forced simulation and the decoding cache evict by this."""
-        return scores.masked_fill(self.protected(positions, newest, slots), float("inf"))
+    def eligible(self, newest: T, slots: Slots) -> tuple[int, T]:
+        """The one eviction rule: when the token at position ``newest`` arrives, the pair to
+        evict is the lowest-scoring one at positions ``first..last`` (inclusive); the first
+        ``sinks`` and the ``recent`` newest tokens are never evicted. The teacher-forced
+        simulation slices this range, the decoding cache masks by it (``newest`` a tensor)."""
+        return slots.sinks, newest - slots.recent
 
     def update_scores(self, scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """New scores ``(B, Hkv, T)`` after queries with attention ``probs``
@@ -103,11 +93,10 @@ class Policy(ABC):
         scores = self.update_scores(logits.new_zeros(b, hkv, t), logits[..., :total, :].softmax(-1))
         # Additive mask of evicted keys (-inf); future keys are already -inf in the logits.
         evicted = logits.new_zeros(b, hkv, 1, 1, t)
-        positions = torch.arange(t, device=logits.device)
         with _one_thread():
             for step in range(total, t):  # token ``step`` enters, one pair leaves
-                priority = self.eviction_priority(scores, positions, step, slots)
-                idx = priority.argmin(-1, keepdim=True)
+                first, last = self.eligible(step, slots)
+                idx = scores[..., first : last + 1].argmin(-1, keepdim=True) + first
                 steps.scatter_(-1, idx, step)
                 scores.scatter_(-1, idx, float("inf"))  # never chosen again
                 if self.uses_attention:

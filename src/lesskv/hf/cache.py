@@ -29,7 +29,7 @@ from lesskv.hf import attention
 from lesskv.hf.checkpoint import LessKernels
 from lesskv.hf.modules import attention_modules, check_within, max_context, on_layer_device
 
-NEG_INF = float("-inf")
+NEG_INF, POS_INF = float("-inf"), float("inf")
 
 
 class LessLayer(CacheLayerMixin):
@@ -128,11 +128,11 @@ class LessLayer(CacheLayerMixin):
     def _priority(
         self, scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor
     ) -> torch.Tensor:
-        """The policy's eviction priority with each row's newest real position; empty slots
-        (padding, or not yet filled) come first."""
+        """Scores outside the policy's eligible range (for each row's newest real position)
+        made +inf, so they are never evicted; empty slots (padding, unfilled) come first."""
         newest = (self.real_seen - 1).view(-1, 1, 1)
-        slots = self.policy.split(self.budget)
-        priority = self.policy.eviction_priority(scores, positions, newest, slots)
+        first, last = self.policy.eligible(newest, self.policy.split(self.budget))
+        priority = scores.masked_fill((positions < first) | (positions > last), POS_INF)
         return priority.masked_fill(~valid, NEG_INF)
 
     def _fold(self, keys: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> None:
