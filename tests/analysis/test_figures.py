@@ -72,7 +72,8 @@ def test_less_effective_map_reproduces_the_less_output(head, tmp_path):
     logits = logits.masked_fill(~torch.ones(40, 40, dtype=torch.bool).tril(), math.NEG_INF)
     steps = policy.eviction_steps(logits, policy.slots(40), 40)
     with torch.no_grad():
-        out, lse = math.sparse_attention(logits, value, keep_mask_from_steps(steps)[:, :, None])
+        keep = keep_mask_from_steps(steps)[:, :, None]
+        out, lse = math.sparse_attention(q, key, value, keep, captured["scale"])
         num, den = math.lowrank_parallel(kernels[1].phi(q), kernels[1].psi(key), value, steps)
         expected = math.combine(out, lse, num, den)
     kv_head, member = divmod(head, q.shape[2])

@@ -1,5 +1,6 @@
 """The LESS math against direct formulas, and the parallel form against the recurrent one."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -22,8 +23,7 @@ def causal(t):
 def test_sparse_attention_with_causal_mask_equals_sdpa():
     q, k, v, *_ = random_inputs()
     b, hkv, g, t, d = q.shape
-    logits = math.attention_logits(q, k, d**-0.5)
-    out, _ = math.sparse_attention(logits, v, causal(t))
+    out, _ = math.sparse_attention(q, k, v, causal(t), d**-0.5)
     ref = F.scaled_dot_product_attention(
         q.reshape(b, hkv * g, t, d),
         k.repeat_interleave(g, 1),
@@ -31,6 +31,26 @@ def test_sparse_attention_with_causal_mask_equals_sdpa():
         is_causal=True,
     )
     assert torch.allclose(out.reshape(b, hkv * g, t, d), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("g", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_sparse_attention_equals_the_reference_softmax(g, dtype):
+    """The fused CPU kernel (no autograd) and the reference softmax (autograd) agree, rows
+    with nothing kept included (output 0, lse -inf)."""
+    q, k, v, *_ = (x.to(dtype) for x in random_inputs(g=g, t=12))
+    keep = torch.rand(2, 2, 1, 12, 12, generator=torch.Generator().manual_seed(3)) > 0.5
+    keep &= causal(12)
+    keep[..., 2, :] = False
+    with torch.no_grad():
+        fused = math.sparse_attention(q, k, v, keep, 0.3)
+    q.requires_grad_(True)
+    reference = math.sparse_attention(q, k, v, keep, 0.3)
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2  # bf16 softmax: ~3 digits
+    for got, expected in zip(fused, reference, strict=True):
+        assert got.dtype == expected.dtype == dtype
+        assert torch.allclose(got.float(), expected.detach().float(), atol=tolerance)
+    assert fused[1][..., 2, :].eq(math.NEG_INF).all()
 
 
 def test_combination_equals_the_naive_formula():
@@ -41,8 +61,7 @@ def test_combination_equals_the_naive_formula():
     steps = torch.maximum(steps, torch.arange(t) + 1).clamp(max=t)  # not before it arrives
     keep = keep_mask_from_steps(steps).unsqueeze(2)
     evicted = causal(t) & ~keep
-    logits = math.attention_logits(q, k, d**-0.5)
-    out, lse = math.sparse_attention(logits, v, keep)
+    out, lse = math.sparse_attention(q, k, v, keep, d**-0.5)
     num, den = math.lowrank_parallel(phi, psi, v, steps)
     got = math.combine(out, lse, num, den)
 
@@ -57,8 +76,7 @@ def test_combination_equals_the_naive_formula():
 
 def test_without_lowrank_mass_the_combination_is_the_sparse_output():
     q, k, v, phi, psi = random_inputs()
-    logits = math.attention_logits(q, k, q.shape[-1] ** -0.5)
-    out, lse = math.sparse_attention(logits, v, causal(q.shape[3]))
+    out, lse = math.sparse_attention(q, k, v, causal(q.shape[3]), q.shape[-1] ** -0.5)
     never = torch.full((2, 2, q.shape[3]), q.shape[3])
     num, den = math.lowrank_parallel(phi, psi, v, never)
     assert torch.equal(math.combine(out, lse, num, den), out)
@@ -77,9 +95,8 @@ def test_recurrent_state_equals_parallel_rows():
 
 def test_rows_with_nothing_visible_give_zeros_not_nan():
     q, k, v, phi, psi = random_inputs()
-    logits = math.attention_logits(q, k, 1.0)
     nothing = torch.zeros(1, dtype=torch.bool)
-    out, lse = math.sparse_attention(logits, v, nothing)
+    out, lse = math.sparse_attention(q, k, v, nothing, 1.0)
     num, den = math.lowrank_parallel(phi, psi, v, torch.full((2, 2, 10), 10))
     got = math.combine(out, lse, num, den)
     assert not got.isnan().any() and torch.equal(got, torch.zeros_like(got))
@@ -89,9 +106,9 @@ def test_gradients_flow_through_combine_without_nan():
     q, k, v, phi, psi = random_inputs()
     phi.requires_grad_(True)
     psi.requires_grad_(True)
-    logits = math.attention_logits(q, k, q.shape[-1] ** -0.5)
     steps = (torch.arange(10) + 4).clamp(max=10).expand(2, 2, 10)  # keep the last 4
-    out, lse = math.sparse_attention(logits, v, keep_mask_from_steps(steps).unsqueeze(2))
+    keep = keep_mask_from_steps(steps).unsqueeze(2)
+    out, lse = math.sparse_attention(q, k, v, keep, q.shape[-1] ** -0.5)
     num, den = math.lowrank_parallel(phi, psi, v, steps)
     math.combine(out, lse, num, den).sum().backward()
     assert phi.grad.isfinite().all() and psi.grad.isfinite().all()

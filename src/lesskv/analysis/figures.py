@@ -45,11 +45,13 @@ class LayerAttention:
     key: torch.Tensor  # (B, Hkv, T, D)
     value: torch.Tensor
     logits: torch.Tensor  # scaled, causally masked (B, Hkv, G, T, T)
+    scale: float
 
     @classmethod
     def observe(cls, module: nn.Module, query, key, value) -> LayerAttention:
         q = math.group_queries(query, key.shape[1])
-        return cls(q, key, value, math.causal_logits(q, key, attention_scale(module)))
+        scale = attention_scale(module)
+        return cls(q, key, value, math.causal_logits(q, key, scale), scale)
 
     def keep(self, policy: Policy) -> tuple[torch.Tensor, int]:
         """The policy's keep-mask ``(B, Hkv, 1, T, T)`` and its budget in tokens."""
@@ -124,8 +126,8 @@ def residual_energy(
         layer = LayerAttention.observe(module, query, key, value)
         keep, budget = layer.keep(policy)
         causal = layer.logits > math.NEG_INF
-        full, _ = math.sparse_attention(layer.logits, value, causal)
-        sparse, _ = math.sparse_attention(layer.logits, value, keep)
+        full = math.sparse_output(layer.query, layer.key, value, causal, layer.scale)
+        sparse = math.sparse_output(layer.query, layer.key, value, keep, layer.scale)
         full, sparse = full[..., budget:, :].flatten(1, 2), sparse[..., budget:, :].flatten(1, 2)
         energies = torch.stack([top_energy(full, ks), top_energy(full - sparse, ks)])
         total = energies.sum(1)  # over the batch: (2, Hq, K)

@@ -33,12 +33,20 @@ def attention_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Te
     return torch.einsum("bhgqd,bhkd->bhgqk", q, k) * scale
 
 
-def causal_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+def causal_logits(
+    q: torch.Tensor, k: torch.Tensor, scale: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """:func:`attention_logits` with every key after its query at -inf (queries are the last
-    ``Tq`` of the ``Tk`` positions): what a policy scores and what attention normalises."""
+    ``Tq`` of the ``Tk`` positions): what a policy scores and what attention normalises.
+    ``out`` (a preallocated ``(B, Hkv, G, Tq, Tk)`` tensor) is filled in place."""
     tq, tk = q.shape[-2], k.shape[-2]
-    causal = torch.ones(tq, tk, dtype=torch.bool, device=k.device).tril(tk - tq)
-    return attention_logits(q, k, scale).masked_fill(~causal, NEG_INF)
+    future = torch.ones(tq, tk, dtype=torch.bool, device=k.device).triu(tk - tq + 1)
+    if out is None:
+        return attention_logits(q, k, scale).masked_fill_(future, NEG_INF)
+    b, hkv, g, _, d = q.shape  # one (G·Tq, D) @ (D, Tk) product per KV head: plain BLAS
+    rows = out.view(b * hkv, g * tq, tk)
+    torch.matmul(q.reshape(b * hkv, g * tq, d), k.reshape(b * hkv, tk, d).mT, out=rows)
+    return out.mul_(scale).masked_fill_(future, NEG_INF)
 
 
 def masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,20 +59,47 @@ def masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tens
 
 
 def sparse_attention(
-    logits: torch.Tensor, value: torch.Tensor, keep: torch.Tensor
+    q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention restricted to ``keep`` (broadcastable to the logits): the output
-    ``(B, Hkv, G, Tq, D)`` and the kept logits' log-sum-exp ``(B, Hkv, G, Tq, 1)``."""
-    probs, lse = masked_softmax(logits, keep)
+    """Softmax attention restricted to ``keep`` (broadcastable to ``(B, Hkv, G, Tq, Tk)``):
+    the output ``(B, Hkv, G, Tq, D)`` and the kept logits' log-sum-exp ``(B, Hkv, G, Tq, 1)``.
+
+    On CPU without autograd it runs torch's fused flash kernel, which returns the
+    log-sum-exp too: ~10x faster than the softmax below and no ``T x T`` probabilities.
+    That kernel has no gradient for the log-sum-exp, so training keeps the reference path.
+    """
+    if _fused_lse_applies(q, key, value):
+        return _fused_with_lse(q, key, value, keep, scale)
+    probs, lse = masked_softmax(attention_logits(q, key, scale), keep)
     return torch.einsum("bhgqk,bhkd->bhgqd", probs, value), lse
 
 
-def fused_sparse_attention(
+def _fused_lse_applies(*tensors: torch.Tensor) -> bool:
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return tensors[0].device.type == "cpu" and not needs_grad and _CPU_FLASH is not None
+
+
+def _fused_with_lse(
+    q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, hkv, g, tq, d = q.shape
+    keep = keep.expand(b, hkv, keep.shape[-3] if keep.dim() > 2 else 1, tq, key.shape[2])
+    bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, NEG_INF)
+    bias = bias.expand(b, hkv, g, tq, -1).reshape(b, hkv * g, tq, -1)
+    out, lse = _CPU_FLASH(q.reshape(b, hkv * g, tq, d), key, value, attn_mask=bias, scale=scale)
+    lse = lse.view(b, hkv, g, tq, 1).masked_fill(~keep.any(-1, keepdim=True), NEG_INF)
+    return out.view(b, hkv, g, tq, d), lse.to(q.dtype)
+
+
+# Private, so looked up defensively: without it every call takes the reference path.
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def sparse_output(
     q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """:func:`sparse_attention`'s output alone, through torch's fused attention: faster, and
-    no ``T x T`` probabilities in memory, for when the log-sum-exp is not needed. ``keep``
-    broadcasts to ``(B, Hkv, G, Tq, Tk)``; returns ``(B, Hkv, G, Tq, D)``."""
+    """:func:`sparse_attention`'s output alone, through torch's public fused attention (any
+    device, differentiable): for the sparse baselines, which need no log-sum-exp."""
     b, hkv, g, tq, d = q.shape
     mask = keep.expand(b, hkv, g, tq, key.shape[2]).reshape(b, hkv * g, tq, -1)
     out = F.scaled_dot_product_attention(

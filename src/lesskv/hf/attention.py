@@ -178,13 +178,13 @@ def less_attention(
     q = math.group_queries(query, key.shape[1])
     visible = _visible_keys(attention_mask, q_len, k_len, query.device)
     logits = None
-    if policy.uses_attention or setup.kernels is not None:
-        logits = math.attention_logits(q, key, scale).masked_fill(~visible, math.NEG_INF)
-    steps = policy.eviction_steps(logits, slots, k_len)
+    if policy.uses_attention:
+        logits = math.attention_logits(q, key, scale).masked_fill_(~visible, math.NEG_INF)
+    steps = policy.eviction_steps(logits, slots, k_len).expand(*key.shape[:2], k_len)
     keep = keep_mask_from_steps(steps).unsqueeze(2) & visible
-    if setup.kernels is None:  # no lse needed: the fused kernel is faster than our softmax
-        return _heads_last(math.fused_sparse_attention(q, key, value, keep, scale))
-    out, lse = math.sparse_attention(logits, value, keep)
+    if setup.kernels is None:
+        return _heads_last(math.sparse_output(q, key, value, keep, scale))
+    out, lse = math.sparse_attention(q, key, value, keep, scale)
     phi_q, psi_k = setup.kernels.phi(q), setup.kernels.psi(key)
     return _heads_last(math.less_parallel(out, lse, phi_q, psi_k, value, steps))
 

@@ -19,7 +19,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -146,9 +146,11 @@ def collect_activations(
     root: Path,
     rank: int,
     progress: bool = True,
+    validation: Collection[int] | None = None,
 ) -> dict[int, ActivationStore]:
     """Run the full-attention model once over ``windows`` and record each layer in ``layers``:
-    its post-RoPE Q/K/V and output, and the policy's and Baseline+'s sparse outputs."""
+    its post-RoPE Q/K/V and output, and the policy's sparse output; Baseline+'s too for the
+    ``validation`` windows (all by default), the only ones its loss is measured on."""
     modules = attention_modules(model)
     n, t = windows.shape
     hkv = model.config.num_key_value_heads
@@ -165,6 +167,7 @@ def collect_activations(
         for layer in layers
     }
     seen: dict[int, tuple[torch.Tensor, ...]] = {}
+    scratch: dict[tuple[int, ...], torch.Tensor] = {}  # logits buffers, reused across windows
     current = {"index": 0}
     last_layer = max(layers)
 
@@ -190,10 +193,11 @@ def collect_activations(
                 current["index"] = i
                 with contextlib.suppress(_StopForward):
                     model(input_ids=windows[i : i + 1].to(model.device))
+                budgets = [policy.slots(t)]
+                if validation is None or i in validation:
+                    budgets.append(policy.slots(t, extra))
                 for group in _simulation_groups(seen, t):
-                    _record_sparse(
-                        group, seen, stores, i, policy, (policy.slots(t), policy.slots(t, extra))
-                    )
+                    _record_sparse(group, seen, stores, i, policy, budgets, scratch)
                 seen.clear()
     finally:
         for handle in handles:
@@ -221,28 +225,44 @@ def _record_sparse(
     stores: dict[int, ActivationStore],
     index: int,
     policy: Policy,
-    budgets: tuple[Slots, Slots],
+    budgets: list[Slots],
+    scratch: dict[tuple[int, ...], torch.Tensor],
 ) -> None:
-    """Simulate the policy at its budget and at Baseline+'s for every layer of ``group`` at
-    once (layers stacked on the batch axis), then store each layer's sparse outputs."""
-    t = seen[group[0]][1].shape[2]
-    logits = torch.cat(
-        [math_ops.causal_logits(q, k, scale) for q, k, _, scale in map(seen.get, group)]
+    """Simulate the policy at its budget (and at Baseline+'s, when ``budgets`` has both) for
+    every layer of ``group`` at once (layers stacked on the batch axis), then store each
+    layer's sparse outputs."""
+    _, hkv, _, t, _ = seen[group[0]][0].shape
+    logits = _stacked_logits(group, seen, scratch) if policy.uses_attention else None
+    steps, *plus_steps = (
+        policy.eviction_steps(logits, slots, t).expand(len(group), hkv, t) for slots in budgets
     )
-    steps, plus_steps = (policy.eviction_steps(logits, slots, t) for slots in budgets)
     for row, layer in enumerate(group):
         q, key, value, scale = seen[layer]
         keep = keep_mask_from_steps(steps[row : row + 1])[:, :, None]
-        out, lse = math_ops.sparse_attention(logits[row : row + 1], value, keep)
-        plus_keep = keep_mask_from_steps(plus_steps[row : row + 1])[:, :, None]
-        plus_out = math_ops.fused_sparse_attention(q, key, value, plus_keep, scale)
-        stores[layer].write(
-            index,
-            steps=steps[row],
-            sparse_out=out[0].flatten(0, 1),
-            lse=lse[0].flatten(0, 1).squeeze(-1),
-            plus_out=plus_out[0].flatten(0, 1),
-        )
+        out, lse = math_ops.sparse_attention(q, key, value, keep, scale)
+        recorded = {"sparse_out": out, "lse": lse.squeeze(-1)}
+        for plus in plus_steps:
+            plus_keep = keep_mask_from_steps(plus[row : row + 1])[:, :, None]
+            recorded["plus_out"] = math_ops.sparse_output(q, key, value, plus_keep, scale)
+        flat = {name: tensor[0].flatten(0, 1) for name, tensor in recorded.items()}
+        stores[layer].write(index, steps=steps[row], **flat)
+
+
+def _stacked_logits(
+    group: list[int], seen: dict[int, tuple], scratch: dict[tuple[int, ...], torch.Tensor]
+) -> torch.Tensor:
+    """The causal logits of every layer in ``group``, written into one buffer that is reused
+    for every window: stacking fresh tensors would copy, and first touching a new GiB-sized
+    allocation costs more page faults than the products themselves."""
+    q = seen[group[0]][0]
+    shape = (len(group), *q.shape[1:4], q.shape[3])
+    if shape not in scratch:
+        scratch[shape] = q.new_empty(shape)
+    logits = scratch[shape]
+    for row, layer in enumerate(group):
+        q, key, _, scale = seen[layer]
+        math_ops.causal_logits(q, key, scale, out=logits[row : row + 1])
+    return logits
 
 
 def layer_loss(
@@ -281,6 +301,14 @@ def _mean_loss(kernels, o_proj, store, indices, config, budget, kv_heads, sparse
     return total / len(indices)
 
 
+def split_windows(n: int, config: TrainConfig) -> tuple[list[int], list[int]]:
+    """Validation and training windows, the same for every layer (Baseline+'s outputs are
+    collected for the validation windows only)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
+    n_val = max(1, round(n * config.val_fraction)) if n > 1 else 0
+    return order[:n_val] or order, order[n_val:] or order
+
+
 def train_layer(
     store: ActivationStore,
     o_proj: nn.Module,
@@ -293,11 +321,8 @@ def train_layer(
     """Train one layer's kernels on ``o_proj``'s device; returns the best-validation kernels and
     their losses. Every random draw comes from seeds derived from ``config.seed`` and ``layer``
     alone, so a layer trains the same whichever process or run trains it."""
-    n = store.steps.shape[0]
+    val, train = split_windows(store.steps.shape[0], config)
     generator = torch.Generator().manual_seed(config.seed + layer)
-    order = torch.randperm(n, generator=generator).tolist()
-    n_val = max(1, round(n * config.val_fraction)) if n > 1 else 0
-    val, train = order[:n_val] or order, order[n_val:] or order
     torch.manual_seed(config.seed + layer)
     device = o_proj.weight.device
     kernels = LayerKernels(shape).to(device)
@@ -385,8 +410,9 @@ def _train_layers(
     budget = policy.slots(config.seq_len).total
     shape = replace(meta.layer_shape, dropout=config.dropout)
     started = time.time()
+    validation, _ = split_windows(len(windows), config)
     stores = collect_activations(
-        model, windows, todo, policy, out / "activations", config.rank, progress
+        model, windows, todo, policy, out / "activations", config.rank, progress, set(validation)
     )
     bar = tqdm(todo, desc="training layers", unit="layer", disable=not progress)
     for layer in bar:
