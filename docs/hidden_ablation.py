@@ -44,12 +44,11 @@ def main() -> None:
         DEFAULT_MODEL, "h2o", "0.1", sequences=24, epochs=8, batch_size=1, lr=3e-3, data=args.data
     )
     windows = token_windows(
-        tokenizer, load_texts(args.data), config.seq_len, max_windows=config.sequences
+        tokenizer, load_texts(args.data), config.seq_lens[0], max_windows=config.sequences
     )
     modules = attention_modules(attention.enable(model))
     freeze(model)
     base_shape = KernelMeta.for_model(model, DEFAULT_MODEL, policy="h2o", budget="0.1").layer_shape
-    budget = policy.slots(config.seq_len).total
     rows = []
     with tempfile.TemporaryDirectory() as root:
         stores = collect_activations(model, windows, layers, policy, Path(root), config.rank)
@@ -57,7 +56,7 @@ def main() -> None:
             for hidden in hiddens:
                 shape = replace(base_shape, hidden=hidden, dropout=config.dropout)
                 _, losses = train_layer(
-                    stores[layer], modules[layer].o_proj, shape, config, budget, layer
+                    [stores[layer]], modules[layer].o_proj, shape, config, layer
                 )
                 ratio = losses["val_loss"] / losses["baseline_plus_val_loss"]
                 rows.append(

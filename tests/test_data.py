@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from lesskv.data import load_texts, token_windows
+from lesskv.data import length_mix, load_texts, token_windows
 from lesskv.errors import LessKVError
 
 WIKITEXT = Path(__file__).parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -253,3 +253,17 @@ def test_wikitext_windows_with_the_default_tokenizer():
     decoded = tokenizer.decode(every.flatten())
     assert decoded.startswith(" \n = Robert Boulter = \n")
     assert texts[0].startswith(decoded)  # byte-level BPE: windows are the file's text, in order
+
+
+def test_a_length_mix_cuts_disjoint_consecutive_windows(byte_tokenizer):
+    text = "".join(chr(97 + i % 26) for i in range(100))
+    short, long = length_mix(byte_tokenizer, [text], [8, 16], per_length=3)
+    assert short.shape == (3, 8) and long.shape == (3, 16)
+    assert byte_tokenizer.decode(torch.cat([short.flatten(), long.flatten()])) == text[:72]
+
+
+def test_a_length_mix_shares_short_text_equally(byte_tokenizer):
+    mix = length_mix(byte_tokenizer, ["x" * 50], [8, 16], per_length=10)
+    assert [w.shape for w in mix] == [(2, 8), (2, 16)]
+    with pytest.raises(LessKVError, match="one window of each length 32, 64"):
+        length_mix(byte_tokenizer, ["x" * 50], [32, 64], per_length=1)

@@ -10,7 +10,7 @@ A source is a string so the CLI can pass it through unchanged:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,28 @@ def token_windows(
             "use a shorter window or more text"
         )
     return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
+
+
+def length_mix(
+    tokenizer: Any, texts: list[str], seq_lens: Sequence[int], per_length: int
+) -> list[torch.Tensor]:
+    """Up to ``per_length`` windows of each length in ``seq_lens``, cut one after another from
+    the joined documents, so no two windows share a token: the training mix of several
+    lengths. Returns one ``(N, T)`` tensor per length, the same ``N`` for every length."""
+    if min(seq_lens) < 2 or per_length < 1:
+        raise LessKVError(f"need window lengths >= 2 and >= 1 window each, got {seq_lens}")
+    ids = _token_prefix(tokenizer, texts, per_length * sum(seq_lens))
+    count = min(per_length, len(ids) // sum(seq_lens))
+    if count == 0:
+        raise LessKVError(
+            f"the text has only {len(ids)} tokens, not enough for one window of each length "
+            f"{', '.join(map(str, seq_lens))}; use shorter windows or more text"
+        )
+    mix, start = [], 0
+    for t in seq_lens:
+        mix.append(torch.tensor(ids[start : start + count * t], dtype=torch.long).view(count, t))
+        start += count * t
+    return mix
 
 
 def _token_prefix(tokenizer: Any, texts: list[str], needed: int | None) -> list[int]:

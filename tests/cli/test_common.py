@@ -1,8 +1,16 @@
 """The helpers the commands share: the shipped-kernels announcement, methods, tables."""
 
+import argparse
+
 import pytest
 
-from lesskv.cli.common import kernels_folder, parse_methods, print_table
+from lesskv.cli.common import (
+    check_evicts,
+    kernels_folder,
+    parse_methods,
+    print_table,
+    window_lengths,
+)
 from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf.checkpoint import available
@@ -45,3 +53,16 @@ def test_print_table_is_markdown(capsys):
     print_table([{"a": 1.23456, "bb": "x"}], ["a", "bb"])
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["| a     | bb |", "|-------|----|", "| 1.235 | x  |"]
+
+
+@pytest.mark.parametrize("text", ["1024,x", "1", "64,64", ""])
+def test_bad_window_lengths_are_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        window_lengths(text)
+
+
+def test_window_lengths_and_a_window_the_budget_covers():
+    assert window_lengths("1024,2048") == [1024, 2048]
+    check_evicts(make_policy("h2o", 8), [16, 64])
+    with pytest.raises(LessKVError, match="a 8-token window fits in the budget of 8 pairs"):
+        check_evicts(make_policy("h2o", 8), [64, 8])

@@ -126,7 +126,7 @@ def test_a_crash_while_writing_leaves_no_partial_layer_file(monkeypatch, tmp_pat
     model = make_tiny_model("llama-gqa")
     torch.manual_seed(0)
     windows = torch.randint(0, 97, (4, 32))
-    config = train.TrainConfig("tiny", "h2o", "8", seq_len=32, sequences=4, epochs=1, rank=4)
+    config = train.TrainConfig("tiny", "h2o", "8", seq_lens=[32], sequences=4, epochs=1, rank=4)
     writes = []
 
     def crash_on_second_layer(tensors, path, metadata=None):

@@ -21,7 +21,14 @@ def trained(tmp_path_factory):
     torch.manual_seed(0)
     windows = torch.randint(0, 97, (12, T))
     config = TrainConfig(
-        model="tiny", policy="h2o", budget="8", seq_len=T, sequences=8, epochs=2, rank=4, hidden=32
+        model="tiny",
+        policy="h2o",
+        budget="8",
+        seq_lens=[T],
+        sequences=8,
+        epochs=2,
+        rank=4,
+        hidden=32,
     )
     out = tmp_path_factory.mktemp("per-layer")
     train_kernels(model, windows[:8], make_policy("h2o", 8), config, out, progress=False)

@@ -23,13 +23,15 @@ def setup(epochs=12, **overrides):
         model="tiny",
         policy="h2o",
         budget="8",
-        seq_len=T,
-        sequences=24,
-        epochs=epochs,
-        rank=4,
-        hidden=32,
-        lr=1e-2,
-        **overrides,
+        **{
+            "seq_lens": [T],
+            "sequences": 24,
+            "epochs": epochs,
+            "rank": 4,
+            "hidden": 32,
+            "lr": 1e-2,
+            **overrides,
+        },
     )
     return model, windows, make_policy("h2o", 8), config
 
@@ -41,6 +43,16 @@ def test_training_beats_baseline_plus_on_validation(tmp_path):
         assert loss < kernels.meta.baseline_plus_val_loss[layer], f"layer {layer}"
     loaded = LessKernels.from_pretrained(tmp_path, model, policy="h2o")
     assert loaded.meta.val_loss == kernels.meta.val_loss
+    assert not (tmp_path / "activations").exists()
+
+
+def test_a_mix_of_window_lengths_trains_one_set_for_both(tmp_path):
+    model, windows, policy, config = setup(epochs=4, seq_lens=[T, 2 * T])
+    mix = [windows[:12], windows[12:].reshape(6, 2 * T)]
+    kernels = train_kernels(model, mix, policy, config, tmp_path, progress=False)
+    assert kernels.meta.seq_len == 2 * T
+    for layer, loss in kernels.meta.val_loss.items():
+        assert loss < kernels.meta.baseline_plus_val_loss[layer]
     assert not (tmp_path / "activations").exists()
 
 

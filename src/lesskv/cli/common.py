@@ -142,3 +142,26 @@ def load_kernels(
 
     folder = kernels_folder(path, model_name, policy)
     return resolve_kernels(folder, model_name, model, policy, seq_len, transfer=transfer)
+
+
+def window_lengths(text: str) -> list[int]:
+    """``--seq-len 1024,2048`` → ``[1024, 2048]`` (argparse type; errors name the flag)."""
+    try:
+        lengths = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a length or comma-separated lengths"
+        ) from None
+    if min(lengths) < 2 or len(set(lengths)) != len(lengths):
+        raise argparse.ArgumentTypeError(f"{text!r}: lengths must be >= 2 and distinct")
+    return lengths
+
+
+def check_evicts(policy: Policy, seq_lens: Sequence[int]) -> None:
+    """Refuse a training window the budget already covers: nothing would be evicted."""
+    for t in seq_lens:
+        if policy.slots(t).total >= t:
+            raise LessKVError(
+                f"a {t}-token window fits in the budget of {policy.slots(t).total} pairs: "
+                "nothing is evicted, so there is nothing to learn; use longer windows"
+            )

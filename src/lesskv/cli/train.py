@@ -7,7 +7,14 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lesskv.cli.common import add_data_args, add_model_args, add_policy_args, check_training_args
+from lesskv.cli.common import (
+    add_data_args,
+    add_model_args,
+    add_policy_args,
+    check_evicts,
+    check_training_args,
+    window_lengths,
+)
 from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK
 
 if TYPE_CHECKING:  # the command imports the heavy modules only once it knows what it runs
@@ -28,8 +35,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(train)
     add_policy_args(train)
     add_data_args(train, default=None)
-    train.add_argument("--sequences", type=int, default=64, help="training windows")
-    train.add_argument("--seq-len", type=int, default=1024, help="window length in tokens")
+    train.add_argument(
+        "--sequences", type=int, default=64, help="training windows (of each length)"
+    )
+    train.add_argument(
+        "--seq-len",
+        type=window_lengths,
+        default=[1024],
+        help="window length in tokens, or several comma-separated (e.g. 1024,2048,4096): "
+        "a mix of lengths teaches the state to stay calibrated at any length",
+    )
     train.add_argument("--epochs", type=int, default=20)
     train.add_argument("--batch-size", type=int, default=2)
     train.add_argument("--lr", type=float, default=1e-3)
@@ -58,7 +73,7 @@ def run(args: argparse.Namespace) -> None:
 
     check_training_args(args, "sequences", "epochs", "batch_size", "rank", "hidden")
     policy = make_policy(args.policy, args.budget)
-    policy.slots(args.seq_len)
+    check_evicts(policy, args.seq_len)
     texts = load_texts(args.data, field=args.field)
     if args.distributed or distributed.launched_by_torchrun():
         with distributed.process_group() as worker:
@@ -71,21 +86,21 @@ def _train(
     args: argparse.Namespace, policy: Policy, texts: list[str], worker: Worker | None
 ) -> None:
     """Load, train, report; ``worker`` is this process's place in a torchrun job, if any."""
-    from lesskv.data import token_windows
+    from lesskv.data import length_mix
     from lesskv.hf.loading import load_model
     from lesskv.hf.modules import check_fits
     from lesskv.training.per_layer import TrainConfig, parse_layers, train_kernels
 
     model, tokenizer = load_model(args.model, device=None if worker is None else str(worker.device))
-    check_fits(model, args.seq_len, "--seq-len windows")
+    check_fits(model, max(args.seq_len), "--seq-len windows")
     layers = parse_layers(args.layers, model.config.num_hidden_layers)
-    windows = token_windows(tokenizer, texts, args.seq_len, max_windows=args.sequences)
+    windows = length_mix(tokenizer, texts, args.seq_len, args.sequences)
     config = TrainConfig(
         model=args.model,
         policy=policy.name,
         budget=str(policy.budget),
-        seq_len=args.seq_len,
-        sequences=len(windows),
+        seq_lens=args.seq_len,
+        sequences=len(windows[0]),
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,

@@ -19,8 +19,8 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +52,8 @@ class TrainConfig:
     model: str
     policy: str
     budget: str
-    seq_len: int = 1024
-    sequences: int = 64
+    seq_lens: list[int] = field(default_factory=lambda: [1024])  # windows of each length
+    sequences: int = 64  # per length
     epochs: int = 20
     batch_size: int = 2
     lr: float = 1e-3
@@ -87,8 +87,11 @@ def parse_layers(spec: str | None, num_layers: int) -> list[int]:
 class ActivationStore:
     """Per-layer fp16 memmaps of everything one layer's training needs."""
 
-    def __init__(self, root: Path, layer: int, n: int, hq: int, hkv: int, t: int, d: int) -> None:
-        self.dir = root / f"layer_{layer:03d}"
+    def __init__(
+        self, root: Path, layer: int, n: int, hq: int, hkv: int, t: int, d: int, budget: int
+    ) -> None:
+        self.dir = root / f"len_{t}" / f"layer_{layer:03d}"
+        self.budget = budget  # the loss counts positions from here on: something is evicted
         self.dir.mkdir(parents=True, exist_ok=True)
         shapes = {
             "query": (n, hq, t, d),
@@ -106,6 +109,9 @@ class ActivationStore:
         }
         steps_path = self.dir / "steps.i32"
         self.steps = np.memmap(steps_path, np.int32, mode, shape=(n, hkv, t))
+
+    def __len__(self) -> int:
+        return self.steps.shape[0]
 
     def write(self, index: int, **tensors: torch.Tensor) -> None:
         for name, tensor in tensors.items():
@@ -163,6 +169,7 @@ def collect_activations(
             hkv,
             t,
             modules[layer].head_dim,
+            policy.slots(t).total,
         )
         for layer in layers
     }
@@ -289,60 +296,78 @@ def layer_loss(
     return F.mse_loss(projected[:, budget:], batch["target"][:, budget:])
 
 
-def _mean_loss(kernels, o_proj, store, indices, config, budget, kv_heads, sparse="sparse_out"):
-    total = 0.0
+Batch = tuple[ActivationStore, list[int]]  # windows of one store (one length) read together
+
+
+def _mean_loss(
+    kernels: LayerKernels | None,
+    o_proj: nn.Module,
+    batches: list[Batch],
+    kv_heads: int,
+    sparse: str = "sparse_out",
+) -> float:
+    """Mean over windows of :func:`layer_loss`."""
+    total, windows = 0.0, 0
     with torch.no_grad():
-        for i in range(0, len(indices), config.batch_size):
-            chunk = indices[i : i + config.batch_size]
+        for store, chunk in batches:
             batch = store.read(chunk, o_proj.weight.device)
-            total += layer_loss(kernels, o_proj, batch, budget, kv_heads, sparse).item() * len(
-                chunk
-            )
-    return total / len(indices)
+            loss = layer_loss(kernels, o_proj, batch, store.budget, kv_heads, sparse)
+            total, windows = total + loss.item() * len(chunk), windows + len(chunk)
+    return total / windows
 
 
 def split_windows(n: int, config: TrainConfig) -> tuple[list[int], list[int]]:
-    """Validation and training windows, the same for every layer (Baseline+'s outputs are
-    collected for the validation windows only)."""
+    """Validation and training windows of one length, the same for every layer (Baseline+'s
+    outputs are collected for the validation windows only)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
     n_val = max(1, round(n * config.val_fraction)) if n > 1 else 0
     return order[:n_val] or order, order[n_val:] or order
 
 
+def _batches(stores: list[ActivationStore], windows: list[list[int]], size: int) -> list[Batch]:
+    return [
+        (store, chunk[i : i + size])
+        for store, chunk in zip(stores, windows, strict=True)
+        for i in range(0, len(chunk), size)
+    ]
+
+
 def train_layer(
-    store: ActivationStore,
+    stores: list[ActivationStore],
     o_proj: nn.Module,
     shape: KernelShape,
     config: TrainConfig,
-    budget: int,
     layer: int,
     log: Callable[[str], None] = print,
 ) -> tuple[LayerKernels, dict[str, float]]:
-    """Train one layer's kernels on ``o_proj``'s device; returns the best-validation kernels and
-    their losses. Every random draw comes from seeds derived from ``config.seed`` and ``layer``
-    alone, so a layer trains the same whichever process or run trains it."""
-    val, train = split_windows(store.steps.shape[0], config)
+    """Train one layer's kernels on ``o_proj``'s device from its activations at every window
+    length (one store each; a batch never mixes lengths); returns the best-validation kernels
+    and their losses. Every random draw comes from seeds derived from ``config.seed`` and
+    ``layer`` alone, so a layer trains the same whichever process or run trains it."""
+    splits = [split_windows(len(store), config) for store in stores]
+    val = _batches(stores, [v for v, _ in splits], config.batch_size)
     generator = torch.Generator().manual_seed(config.seed + layer)
     torch.manual_seed(config.seed + layer)
-    device = o_proj.weight.device
-    kernels = LayerKernels(shape).to(device)
+    kernels = LayerKernels(shape).to(o_proj.weight.device)
     optimizer = torch.optim.Adam(kernels.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_halving_epochs, gamma=0.5)
     kv = shape.kv_heads
-    baseline_plus = _mean_loss(None, o_proj, store, val, config, budget, kv, "plus_out")
+    baseline_plus = _mean_loss(None, o_proj, val, kv, "plus_out")
     best, best_state = math.inf, None
     for _epoch in range(config.epochs):
         kernels.train()
-        perm = torch.randperm(len(train), generator=generator).tolist()
-        for i in range(0, len(train), config.batch_size):
-            batch = store.read([train[j] for j in perm[i : i + config.batch_size]], device)
-            loss = layer_loss(kernels, o_proj, batch, budget, kv)
+        shuffled = [[t[j] for j in torch.randperm(len(t), generator=generator)] for _, t in splits]
+        train = _batches(stores, shuffled, config.batch_size)
+        for k in torch.randperm(len(train), generator=generator).tolist():
+            store, chunk = train[k]
+            batch = store.read(chunk, o_proj.weight.device)
+            loss = layer_loss(kernels, o_proj, batch, store.budget, kv)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         schedule.step()
         kernels.eval()
-        val_loss = _mean_loss(kernels, o_proj, store, val, config, budget, kv)
+        val_loss = _mean_loss(kernels, o_proj, val, kv)
         if val_loss < best:
             best, best_state = val_loss, snapshot(kernels)
     kernels.load_state_dict(best_state)
@@ -352,7 +377,7 @@ def train_layer(
 
 def train_kernels(
     model: PreTrainedModel,
-    windows: torch.Tensor,
+    windows: torch.Tensor | Sequence[torch.Tensor],
     policy: Policy,
     config: TrainConfig,
     out_dir: str | Path,
@@ -363,12 +388,14 @@ def train_kernels(
     worker: Worker | None = None,
 ) -> LessKernels | None:
     """Train (or finish training) kernels into ``out_dir``; returns them once all layers exist.
+    ``windows``: ``(N, T)`` token windows, or one such tensor per window length.
 
     Under torchrun (``worker``), the missing layers are split across the ranks: rank 0 alone
     claims ``out_dir`` (which every rank must share), lists what is missing and, after all
     ranks are done, assembles the checkpoint; the other ranks return ``None``.
     """
     out = Path(out_dir)
+    windows = [windows] if isinstance(windows, torch.Tensor) else list(windows)
     modules = attention_modules(attention.enable(model))
     requested = range(len(modules)) if layers is None else layers
 
@@ -394,7 +421,7 @@ def train_kernels(
 
 def _train_layers(
     model: PreTrainedModel,
-    windows: torch.Tensor,
+    windows: list[torch.Tensor],
     policy: Policy,
     config: TrainConfig,
     out: Path,
@@ -402,25 +429,36 @@ def _train_layers(
     meta: KernelMeta,
     progress: bool,
 ) -> None:
-    """Collect activations for ``todo`` in one pass, then train and save each layer."""
+    """Collect activations for ``todo`` in one pass per window length, then train and save
+    each layer."""
     if not todo:
         return
     freeze(model)
     modules = attention_modules(model)
-    budget = policy.slots(config.seq_len).total
     shape = replace(meta.layer_shape, dropout=config.dropout)
     started = time.time()
-    validation, _ = split_windows(len(windows), config)
-    stores = collect_activations(
-        model, windows, todo, policy, out / "activations", config.rank, progress, set(validation)
-    )
+    by_length = [
+        collect_activations(
+            model,
+            group,
+            todo,
+            policy,
+            out / "activations",
+            config.rank,
+            progress,
+            set(split_windows(len(group), config)[0]),
+        )
+        for group in windows
+    ]
     bar = tqdm(todo, desc="training layers", unit="layer", disable=not progress)
     for layer in bar:
+        stores = [stores[layer] for stores in by_length]
         kernels, losses = train_layer(
-            stores[layer], modules[layer].o_proj, shape, config, budget, layer, bar.write
+            stores, modules[layer].o_proj, shape, config, layer, bar.write
         )
         _save_layer(out, layer, kernels, losses)
-        shutil.rmtree(stores[layer].dir, ignore_errors=True)
+        for store in stores:
+            shutil.rmtree(store.dir, ignore_errors=True)
     bar.write(f"trained {len(todo)} layer(s) in {time.time() - started:.0f} s")
 
 
@@ -439,7 +477,7 @@ def _kernel_meta(
         budget=str(policy.budget),
         rank=config.rank,
         hidden=config.hidden,
-        seq_len=config.seq_len,
+        seq_len=max(config.seq_lens),
         training_data=config.data,
         command=command,
     )

@@ -31,7 +31,7 @@ def claim_output_dir(out: Path, config: object, overwrite: bool) -> None:
     """Resume our own run (``config`` is its dataclass); refuse to mix with another run's
     kernels unless told to."""
     run_file = out / RUN_FILE
-    mine = asdict(config)
+    mine = json.loads(json.dumps(asdict(config)))  # as stored: tuples become lists
     if run_file.exists():
         theirs = json.loads(run_file.read_text())
         if theirs != mine:
