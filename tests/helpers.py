@@ -60,8 +60,9 @@ def tiny_kernels(model, seed=0):
         kv_heads = model.config.num_key_value_heads
         shape = KernelShape(kv_heads * groups, kv_heads, module.head_dim, rank=4, hidden=16)
         layer = LayerKernels(shape).eval()
-        with torch.no_grad():  # make the low-rank part matter, as after training
-            layer.psi_scale.fill_(1.0)
+        with torch.no_grad():  # make the low-rank part and its decay matter, as after training
+            layer.psi_scale.fill_(3.0)
+            layer.decay.copy_(torch.linspace(0.05, 0.2, kv_heads))  # half-lives 17 to 277 tokens
         kernels.append(layer)
     return kernels
 

@@ -74,6 +74,33 @@ def test_combination_equals_the_naive_formula():
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def random_steps(b, hkv, t, seed=1):
+    torch.manual_seed(seed)
+    steps = torch.randperm(t).add(1).expand(b, hkv, t).clone()  # token j leaves at steps[j]
+    return torch.maximum(steps, torch.arange(t) + 1).clamp(max=t)  # not before it arrives
+
+
+@pytest.mark.parametrize("rates", [[0.05, 0.0], [3.0, 40.0]])  # 40: blocks of one query
+def test_decayed_state_equals_the_naive_formula(rates):
+    q, k, v, phi, psi = random_inputs(t=12)
+    steps = random_steps(2, 2, 12)
+    num, den = math.lowrank_parallel(phi, psi, v, steps, torch.tensor(rates))
+    pos = torch.arange(12)
+    evicted = steps.unsqueeze(-2) <= pos.view(12, 1)  # (B, Hkv, i, j): j evicted by step i
+    distance = (pos.view(12, 1) - pos).clamp_min(0)
+    weights = torch.exp(-torch.tensor(rates).view(2, 1, 1) * distance) * evicted
+    lin = torch.einsum("bhgir,bhjr->bhgij", phi, psi) * weights.unsqueeze(2)
+    assert torch.allclose(num, lin @ v.unsqueeze(2), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(den, lin.sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
+
+
+def test_zero_decay_is_the_papers_state_exactly():
+    _, _, v, phi, psi = random_inputs()
+    steps = random_steps(2, 2, 10)
+    paper = math.lowrank_parallel(phi, psi, v, steps)
+    assert all(map(torch.equal, paper, math.lowrank_parallel(phi, psi, v, steps, torch.zeros(2))))
+
+
 def test_without_lowrank_mass_the_combination_is_the_sparse_output():
     q, k, v, phi, psi = random_inputs()
     out, lse = math.sparse_attention(q, k, v, causal(q.shape[3]), q.shape[-1] ** -0.5)

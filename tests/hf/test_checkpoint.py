@@ -1,9 +1,11 @@
 """Kernel shapes, non-negativity, and checkpoints that refuse to be misused."""
 
+import json
 import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from helpers import make_tiny_model
 from lesskv.errors import LessKVError
@@ -66,3 +68,43 @@ def test_use_far_beyond_the_training_window_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         kernels.warn_if_far_beyond_training_length(2048)
+
+
+def test_a_checkpoint_from_before_the_decay_loads_as_the_papers_form(tmp_path):
+    model = make_tiny_model("llama-gqa")
+    kernels = kernels_for(model, state="paper")
+    kernels.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    del config["state"]  # as written before the field existed, without decay tensors
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(config))
+    weights = {k: v for k, v in load_file(tmp_path / WEIGHTS_FILE).items() if "decay" not in k}
+    save_file(weights, tmp_path / WEIGHTS_FILE)
+    loaded = LessKernels.from_pretrained(tmp_path, model)
+    assert loaded.meta.state == "paper"
+    for a, b in zip(kernels.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert all(layer.decay_rate().eq(0).all() for layer in loaded.layers)
+
+
+def test_kernels_of_one_form_saved_as_another_are_refused(tmp_path):
+    model = make_tiny_model("llama-gqa")
+    kernels_for(model, state="paper").save_pretrained(tmp_path)
+    weights = {k: v for k, v in load_file(tmp_path / WEIGHTS_FILE).items() if "decay" not in k}
+    save_file(weights, tmp_path / WEIGHTS_FILE)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**config, "state": "decay"}))
+    with pytest.raises(LessKVError, match="does not hold 'decay'-form kernels"):
+        LessKernels.from_pretrained(tmp_path, model)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**config, "state": "gated"}))
+    with pytest.raises(LessKVError, match="unknown kernel state 'gated'"):
+        LessKernels.from_pretrained(tmp_path, model)
+
+
+def test_the_papers_form_has_no_decay_and_keeps_none_under_training():
+    layer = LessKernels(
+        KernelMeta.for_model(
+            make_tiny_model("llama-gqa"), "tiny", policy="h2o", budget="8", state="paper"
+        )
+    ).layers[0]
+    layer.decay_rate().sum().backward()
+    assert layer.decay_rate().eq(0).all() and layer.decay.grad.eq(0).all()

@@ -261,7 +261,10 @@ def attention_maps(
     if kernels is not None:
         phi = kernels[layer].phi(att.query)[0, kv_head, member]  # (T, R)
         psi = kernels[layer].psi(att.key)[0, kv_head]
-        lowrank = (phi @ psi.T).log()  # phi, psi >= 0: log 0 = -inf, weight 0
+        positions = torch.arange(phi.shape[0], device=phi.device)
+        distance = (positions[:, None] - positions).clamp_min(0)
+        # phi, psi >= 0: log 0 = -inf, weight 0; the state's decay fades distant pairs.
+        lowrank = (phi @ psi.T).log() - kernels[layer].decay_rate()[kv_head] * distance
         weights = torch.where(keep, logits, torch.where(causal, lowrank, math.NEG_INF))
         maps["less"] = weights.softmax(-1)
     return AttentionMaps(

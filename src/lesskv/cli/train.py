@@ -15,7 +15,7 @@ from lesskv.cli.common import (
     check_training_args,
     window_lengths,
 )
-from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK
+from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK, STATES
 
 if TYPE_CHECKING:  # the command imports the heavy modules only once it knows what it runs
     from lesskv.core.policies import Policy
@@ -50,6 +50,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--rank", type=int, default=DEFAULT_RANK, help="LESS rank R")
     train.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN, help="kernel MLP hidden size")
+    train.add_argument(
+        "--kernel",
+        choices=STATES,
+        default=STATES[0],
+        help="the state's form: 'decay' (default) learns how fast each head's evicted pairs "
+        "fade with distance, which keeps LESS calibrated far beyond the training length; "
+        "'paper' is the paper's state, every evicted pair weighing the same forever",
+    )
     train.add_argument("--layers", default=None, help="train only layers a:b (resumable)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", type=Path, required=True, help="output kernel folder")
@@ -108,6 +116,7 @@ def _train(
         hidden=args.hidden,
         seed=args.seed,
         data=args.data,
+        state=args.kernel,
     )
     kernels = train_kernels(
         model,

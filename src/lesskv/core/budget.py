@@ -13,6 +13,9 @@ DEFAULT_MODEL = "smollm2-135m"  # the built-in model, loaded offline from PyPI
 # What every comparison runs: the model's own attention, the sparse policy, the policy with
 # pairs weighing as much as LESS's state (equal memory), and LESS.
 METHODS = ("full", "baseline", "baseline+", "less")
+# The forms of LESS's state (lesskv.core.kernels): a learned decay with distance (the default),
+# or the paper's, where every evicted pair weighs the same forever.
+STATES = ("decay", "paper")
 
 
 @dataclass(frozen=True)

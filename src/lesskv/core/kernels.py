@@ -4,24 +4,33 @@ Both are two-layer GELU MLPs whose outputs are made non-negative, so φ(q)·ψ(k
 (unnormalised) attention weight. ψ starts scaled by 1e-4, so an untrained layer is the plain
 sparse policy and training only ever adds what eviction lost. Heads are batched as a leading
 weight dimension (einsum), never as a Python loop.
+
+The state comes in two forms. The paper's weighs every evicted pair the same forever, so at
+several times the training length it has absorbed far more mass than it learned to expect.
+The default adds a learned decay rate λ per KV head: a pair ``d`` tokens behind the query
+weighs ``exp(-λ d)`` times its kernel weight, as real attention to distant tokens fades; the
+state stays O(1) (it decays by ``exp(-λ)`` per token).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK
+from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK, STATES
+from lesskv.errors import LessKVError
 
 SCALE_INIT = 1e-4
+DECAY_INIT = math.log(2) / 1024  # a half-life of 1024 tokens before training
 
 
 @dataclass(frozen=True)
 class KernelShape:
-    """Everything that fixes the parameter shapes of one layer's kernels."""
+    """Everything that fixes one layer's kernel parameters: their shapes and the state form."""
 
     query_heads: int
     kv_heads: int
@@ -29,6 +38,11 @@ class KernelShape:
     rank: int = DEFAULT_RANK
     hidden: int = DEFAULT_HIDDEN
     dropout: float = 0.3
+    state: str = STATES[0]
+
+    def __post_init__(self) -> None:
+        if self.state not in STATES:
+            raise LessKVError(f"unknown kernel state {self.state!r}: choose from {STATES}")
 
 
 def _per_head_weight(heads: int, fan_in: int, fan_out: int) -> nn.Parameter:
@@ -63,6 +77,14 @@ class LayerKernels(nn.Module):
         self.psi_mix = _per_head_weight(shape.kv_heads, r, r)
         self.psi_scale = nn.Parameter(torch.full((shape.kv_heads, r), SCALE_INIT))
         self.psi_mix_scale = nn.Parameter(torch.full((shape.kv_heads, r), SCALE_INIT))
+        # λ = decay²: no sign constraint to enforce, and its gradient vanishes at 0, so the
+        # paper's form (0) stays exactly that under any training.
+        rate = DECAY_INIT if shape.state == "decay" else 0.0
+        self.decay = nn.Parameter(torch.full((shape.kv_heads,), math.sqrt(rate)))
+
+    def decay_rate(self) -> torch.Tensor:
+        """λ >= 0 per KV head ``(Hkv,)``; all zeros for the paper's state."""
+        return self.decay.square()
 
     def phi(self, q: torch.Tensor) -> torch.Tensor:
         """``(B, Hkv, G, T, D)`` queries → ``(B, Hkv, G, T, R)`` non-negative features."""

@@ -109,7 +109,11 @@ def sparse_output(
 
 
 def lowrank_parallel(
-    phi_q: torch.Tensor, psi_k: torch.Tensor, value: torch.Tensor, steps: torch.Tensor
+    phi_q: torch.Tensor,
+    psi_k: torch.Tensor,
+    value: torch.Tensor,
+    steps: torch.Tensor,
+    decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-rank terms for every query at once (teacher forcing), as running states.
 
@@ -117,18 +121,55 @@ def lowrank_parallel(
     at which each token is evicted (T: never). Evicted tokens never return, so the state at
     step i is a prefix sum over tokens in eviction order: H_i = Σ_{steps[j] <= i} ψ(k_j)ᵀ v_j,
     accumulated in the same order as the decode-time cache. O(T·R·D) instead of O(T²).
+
+    ``decay`` (``(Hkv,)`` rates λ >= 0) weighs pair j by ``exp(-λ (i - j))`` for query i, as
+    the decoding cache's state decays by ``exp(-λ)`` per token. The weights are taken relative
+    to the first query of blocks short enough that none exceeds ``exp(EXP_LIMIT)``.
     """
     t = steps.shape[-1]
     sorted_steps, order = steps.sort(dim=-1, stable=True)
     psi_sorted = psi_k.gather(2, order.unsqueeze(-1).expand_as(psi_k))
     v_sorted = value.gather(2, order.unsqueeze(-1).expand_as(value))
+    queries = torch.arange(t, device=steps.device)
+    evicted_by = torch.searchsorted(
+        sorted_steps.contiguous(), queries.expand_as(steps).contiguous(), right=True
+    )
+    rate = None if decay is None else decay.view(-1, 1).to(psi_k.dtype)
+    block = t if rate is None else _decay_block(rate, t)
+    parts = []
+    for start in range(0, t, block):
+        rows = slice(start, min(t, start + block))
+        psi_w = psi_sorted
+        if rate is not None:  # pair j's weight as seen from query ``start``
+            psi_w = psi_sorted * (rate * (order - start)).clamp_max(EXP_LIMIT).exp().unsqueeze(-1)
+        num, den = _prefix_states(phi_q[..., rows, :], psi_w, v_sorted, evicted_by[..., rows])
+        if rate is not None:  # and from there on to each query of the block
+            to_query = (-rate * (queries[rows] - start)).exp()[None, :, None, :, None]
+            num, den = num * to_query, den * to_query
+        parts.append((num, den))
+    return torch.cat([n for n, _ in parts], 3), torch.cat([d for _, d in parts], 3)
+
+
+# exp() of at most this: far from float32's limit (88), so products and sums stay finite.
+EXP_LIMIT = 60.0
+
+
+def _decay_block(rate: torch.Tensor, t: int) -> int:
+    """The most queries one block may span so that ``rate * block <= EXP_LIMIT``."""
+    fastest = float(rate.detach().max())
+    return t if fastest * t <= EXP_LIMIT else max(1, int(EXP_LIMIT / fastest))
+
+
+def _prefix_states(
+    phi_q: torch.Tensor, psi_sorted: torch.Tensor, v_sorted: torch.Tensor, evicted_by: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """φ(q)·H and φ(q)·z for queries that have seen ``evicted_by`` evictions, H and z being
+    prefix sums of the pairs in eviction order."""
     # State after c evictions, c = 0..T: index 0 is the empty state.
     state_h = F.pad(
         torch.einsum("bhtr,bhtd->bhtrd", psi_sorted, v_sorted).cumsum(2), (0, 0, 0, 0, 1, 0)
     )
     state_z = F.pad(psi_sorted.cumsum(2), (0, 0, 1, 0))
-    positions = torch.arange(t, device=steps.device).expand_as(sorted_steps).contiguous()
-    evicted_by = torch.searchsorted(sorted_steps.contiguous(), positions, right=True)
     h_i = state_h.gather(
         2, evicted_by[..., None, None].expand(*evicted_by.shape, *state_h.shape[-2:])
     )
@@ -154,10 +195,11 @@ def less_parallel(
     psi_k: torch.Tensor,
     value: torch.Tensor,
     steps: torch.Tensor,
+    decay: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LESS's output for every query at once: the sparse part plus every pair evicted by each
     query's step (attention's parallel form and the training loss both use this)."""
-    return combine(sparse_out, lse, *lowrank_parallel(phi_q, psi_k, value, steps))
+    return combine(sparse_out, lse, *lowrank_parallel(phi_q, psi_k, value, steps, decay))
 
 
 def less_recurrent(

@@ -185,8 +185,9 @@ def less_attention(
     if setup.kernels is None:
         return _heads_last(math.sparse_output(q, key, value, keep, scale))
     out, lse = math.sparse_attention(q, key, value, keep, scale)
-    phi_q, psi_k = setup.kernels.phi(q), setup.kernels.psi(key)
-    return _heads_last(math.less_parallel(out, lse, phi_q, psi_k, value, steps))
+    kernels = setup.kernels
+    phi_q, psi_k, decay = kernels.phi(q), kernels.psi(key), kernels.decay_rate()
+    return _heads_last(math.less_parallel(out, lse, phi_q, psi_k, value, steps, decay))
 
 
 # Prompt queries are attended a block at a time: the block's logits (batch x query heads x
@@ -217,6 +218,9 @@ def recurrent_attention(
         else _chunk_visibility(layer, attention_mask, q.shape[3])
     )
     extra = key.shape[2] - layer.budget
+    # A chunk's queries see the state aged to their own positions (a decoding step's state
+    # was aged by ``update``): real tokens of the chunk up to each query.
+    ages = None if decoding else visible[:, 0, 0, -1, layer.budget :].long().cumsum(1)
     scores = layer.scores  # decoding updates the scores in place; a chunk appends its own
     if extra:
         scores = torch.cat([scores, scores.new_zeros(*scores.shape[:2], extra)], -1)
@@ -233,6 +237,8 @@ def recurrent_attention(
         out = torch.einsum("bhgqk,bhkd->bhgqd", probs, value[:, :, cols])
         if layer.kernels is not None:
             phi = layer.kernels.phi(q[..., rows, :])
+            if ages is not None:
+                phi = phi * layer.fading(ages[:, None, None, rows, None].float())
             out = math.less_recurrent(out, lse, phi, layer.state_h, layer.state_z)
         outputs.append(out)
         if layer.policy.uses_attention:

@@ -135,10 +135,32 @@ class LessLayer(CacheLayerMixin):
         priority = scores.masked_fill((positions < first) | (positions > last), POS_INF)
         return priority.masked_fill(~valid, NEG_INF)
 
-    def _fold(self, keys: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> None:
-        """Add ``ψ(k)ᵀ v`` of pairs ``(B, Hkv, N, D)`` (``weight`` 0 skips one) to the state."""
+    def fading(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``exp(-λ · tokens)``, λ the kernels' decay rate per KV head: how much a state
+        contribution fades over ``tokens`` ``(B, Hkv | 1, ...)`` of distance."""
+        rate = self.kernels.decay_rate().float()
+        return torch.exp(-rate.view(-1, *[1] * (tokens.dim() - 2)) * tokens)
+
+    def _age(self, tokens: torch.Tensor) -> None:
+        """The state moves ``tokens`` ``(B,)`` positions on: every absorbed pair fades."""
+        if self.kernels is not None:
+            factor = self.fading(tokens.float().view(-1, 1))  # (B, Hkv)
+            self.state_h *= factor[..., None, None]
+            self.state_z *= factor[..., None]
+
+    def _fold(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        weight: torch.Tensor,
+    ) -> None:
+        """Add ``ψ(k)ᵀ v`` of pairs ``(B, Hkv, N, D)`` at ``positions`` ``(B, Hkv, N)`` to the
+        state, faded by their distance to the newest token (``weight`` 0 skips a pair)."""
         if self.kernels is None:
             return
+        distance = (self.real_seen - 1).view(-1, 1, 1) - positions
+        weight = weight * self.fading(distance.float())
         psi = self.kernels.psi(keys).float() * weight.unsqueeze(-1)
         self.state_h += torch.einsum("bhnr,bhnd->bhrd", psi, values.float())
         self.state_z += psi.sum(2)
@@ -149,7 +171,9 @@ class LessLayer(CacheLayerMixin):
         slot = self._priority(self.scores, self.positions, self.valid).argmin(-1, keepdim=True)
         index = slot.unsqueeze(-1).expand(-1, -1, 1, key.shape[-1])
         was_valid = self.valid.gather(-1, slot).float()
-        self._fold(self.keys.gather(2, index), self.values.gather(2, index), was_valid)
+        self._age(torch.ones_like(newest))
+        evicted = self.keys.gather(2, index), self.values.gather(2, index)
+        self._fold(*evicted, self.positions.gather(-1, slot), was_valid)
         self.keys.scatter_(2, index, key)
         self.values.scatter_(2, index, value)
         self.positions.scatter_(-1, slot, newest.view(-1, 1, 1).expand_as(slot))
@@ -174,10 +198,11 @@ class LessLayer(CacheLayerMixin):
         positions = torch.cat([self.positions, new_positions[:, None].expand(b, hkv, q)], -1)
         valid = torch.cat([self.valid, new_valid[:, None].expand(b, hkv, q)], -1)
         self.real_seen = self.real_seen + new_valid.long().sum(1)
+        self._age(new_valid.long().sum(1))
         priority = self._priority(scores, positions, valid)
         kept = priority.topk(self.budget, dim=-1, sorted=False).indices.sort(-1).values
         dropped = torch.ones_like(valid).scatter_(-1, kept, False) & valid
-        self._fold(keys, values, dropped.float())
+        self._fold(keys, values, positions, dropped.float())
         index = kept.unsqueeze(-1).expand(-1, -1, -1, d)
         self.keys, self.values = keys.gather(2, index), values.gather(2, index)
         self.positions, self.valid = positions.gather(-1, kept), valid.gather(-1, kept)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_MODEL, DEFAULT_RANK
+from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_MODEL, DEFAULT_RANK, STATES
 from lesskv.core.kernels import KernelShape, LayerKernels
 from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError
@@ -46,10 +46,15 @@ class KernelMeta:
     val_loss: dict[str, float] = field(default_factory=dict)
     baseline_plus_val_loss: dict[str, float] = field(default_factory=dict)
     finetune: dict[str, object] = field(default_factory=dict)  # set by `lesskv finetune`
+    # The state's form (lesskv.core.kernels.STATES). Configs saved before the field existed
+    # hold the paper's form and load as such (from_pretrained).
+    state: str = STATES[0]
 
     @property
     def layer_shape(self) -> KernelShape:
-        return KernelShape(self.query_heads, self.kv_heads, self.head_dim, self.rank, self.hidden)
+        return KernelShape(
+            self.query_heads, self.kv_heads, self.head_dim, self.rank, self.hidden, state=self.state
+        )
 
     @classmethod
     def for_model(cls, model: PreTrainedModel, model_name: str, **fields) -> KernelMeta:
@@ -125,15 +130,27 @@ class LessKernels(nn.Module):
             if not path.is_file():
                 raise LessKVError(f"{path} is missing: {directory} is not a lesskv kernel folder")
         try:
-            meta = KernelMeta(**json.loads(config_path.read_text()))
+            meta = KernelMeta(**{"state": "paper", **json.loads(config_path.read_text())})
         except (json.JSONDecodeError, TypeError) as err:
             raise LessKVError(f"{config_path} is corrupt ({err})") from None
-        kernels = cls(meta)
         try:
-            state = load_file(weights_path)
-            kernels.load_state_dict({k: v.float() for k, v in state.items()})
+            kernels = cls(meta)
+            state = {k: v.float() for k, v in load_file(weights_path).items()}
+        except LessKVError as err:
+            raise LessKVError(f"{config_path}: {err}") from None
         except Exception as err:  # safetensors raises several types for damaged files
             raise LessKVError(f"{weights_path} is corrupt or partial ({err})") from None
+        if meta.state == "paper":  # saved before the decay existed: the paper's form is 0
+            for name, value in kernels.state_dict().items():
+                if name.endswith(".decay"):
+                    state.setdefault(name, torch.zeros_like(value))
+        try:
+            kernels.load_state_dict(state)
+        except RuntimeError as err:
+            raise LessKVError(
+                f"{weights_path} does not hold {meta.state!r}-form kernels of the shape its "
+                f"config names ({err})"
+            ) from None
         if model is not None:
             kernels.check_compatible(model, policy)
         return kernels.eval()

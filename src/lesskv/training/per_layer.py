@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from lesskv.core import math as math_ops
-from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK
+from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK, STATES
 from lesskv.core.kernels import KernelShape, LayerKernels
 from lesskv.core.policies import Policy, Slots, keep_mask_from_steps
 from lesskv.errors import LessKVError
@@ -64,6 +64,7 @@ class TrainConfig:
     dropout: float = 0.3
     seed: int = 0
     data: str = ""
+    state: str = STATES[0]  # the kernels' state form: learned decay, or the paper's
 
 
 def parse_layers(spec: str | None, num_layers: int) -> list[int]:
@@ -290,8 +291,8 @@ def layer_loss(
     if kernels is not None:
         q = math_ops.group_queries(query, kv_heads)
         lse = batch["lse"].view(b, kv_heads, hq // kv_heads, t, 1)
-        phi_q, psi_k = kernels.phi(q), kernels.psi(key)
-        out = math_ops.less_parallel(out, lse, phi_q, psi_k, value, batch["steps"])
+        phi_q, psi_k, decay = kernels.phi(q), kernels.psi(key), kernels.decay_rate()
+        out = math_ops.less_parallel(out, lse, phi_q, psi_k, value, batch["steps"], decay)
     projected = o_proj(out.reshape(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d))
     return F.mse_loss(projected[:, budget:], batch["target"][:, budget:])
 
@@ -478,6 +479,7 @@ def _kernel_meta(
         rank=config.rank,
         hidden=config.hidden,
         seq_len=max(config.seq_lens),
+        state=config.state,
         training_data=config.data,
         command=command,
     )
