@@ -255,15 +255,15 @@ def test_wikitext_windows_with_the_default_tokenizer():
     assert texts[0].startswith(decoded)  # byte-level BPE: windows are the file's text, in order
 
 
-def test_a_length_mix_cuts_disjoint_consecutive_windows(byte_tokenizer):
+def test_a_length_mix_cuts_disjoint_windows_with_equal_tokens_per_length(byte_tokenizer):
     text = "".join(chr(97 + i % 26) for i in range(100))
-    short, long = length_mix(byte_tokenizer, [text], [8, 16], per_length=3)
-    assert short.shape == (3, 8) and long.shape == (3, 16)
-    assert byte_tokenizer.decode(torch.cat([short.flatten(), long.flatten()])) == text[:72]
+    short, long = length_mix(byte_tokenizer, [text], [8, 16], windows=4)
+    assert short.shape == (4, 8) and long.shape == (2, 16)
+    assert byte_tokenizer.decode(torch.cat([short.flatten(), long.flatten()])) == text[:64]
 
 
-def test_a_length_mix_shares_short_text_equally(byte_tokenizer):
-    mix = length_mix(byte_tokenizer, ["x" * 50], [8, 16], per_length=10)
-    assert [w.shape for w in mix] == [(2, 8), (2, 16)]
-    with pytest.raises(LessKVError, match="one window of each length 32, 64"):
-        length_mix(byte_tokenizer, ["x" * 50], [32, 64], per_length=1)
+def test_a_length_mix_shrinks_every_length_alike_on_short_text(byte_tokenizer):
+    mix = length_mix(byte_tokenizer, ["x" * 50], [8, 16], windows=10)  # wants 160 tokens
+    assert [w.shape for w in mix] == [(3, 8), (1, 16)]
+    with pytest.raises(LessKVError, match="only 50 tokens.*windows of 32, 64 tokens"):
+        length_mix(byte_tokenizer, ["x" * 50], [32, 64], windows=1)

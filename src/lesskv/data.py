@@ -75,22 +75,28 @@ def token_windows(
 
 
 def length_mix(
-    tokenizer: Any, texts: list[str], seq_lens: Sequence[int], per_length: int
+    tokenizer: Any, texts: list[str], seq_lens: Sequence[int], windows: int
 ) -> list[torch.Tensor]:
-    """Up to ``per_length`` windows of each length in ``seq_lens``, cut one after another from
-    the joined documents, so no two windows share a token: the training mix of several
-    lengths. Returns one ``(N, T)`` tensor per length, the same ``N`` for every length."""
-    if min(seq_lens) < 2 or per_length < 1:
-        raise LessKVError(f"need window lengths >= 2 and >= 1 window each, got {seq_lens}")
-    ids = _token_prefix(tokenizer, texts, per_length * sum(seq_lens))
-    count = min(per_length, len(ids) // sum(seq_lens))
-    if count == 0:
+    """The training mix of several window lengths: ``windows`` windows of the shortest length
+    and as many tokens of each other length (fewer, longer windows; at least one each), cut
+    one after another from the joined documents so no two windows share a token. Returns
+    one ``(N, T)`` tensor per length; with too little text every count shrinks alike."""
+    if min(seq_lens) < 2 or windows < 1:
+        raise LessKVError(f"need window lengths >= 2 and >= 1 window, got {seq_lens}, {windows}")
+    shortest = min(seq_lens)
+    counts = [max(1, windows * shortest // t) for t in seq_lens]
+    needed = sum(c * t for c, t in zip(counts, seq_lens, strict=True))
+    ids = _token_prefix(tokenizer, texts, needed)
+    if len(ids) < needed:
+        share = len(ids) / needed
+        counts = [int(c * share) for c in counts]
+    if min(counts) == 0:
         raise LessKVError(
-            f"the text has only {len(ids)} tokens, not enough for one window of each length "
-            f"{', '.join(map(str, seq_lens))}; use shorter windows or more text"
+            f"the text has only {len(ids)} tokens, not enough for a mix of windows of "
+            f"{', '.join(map(str, seq_lens))} tokens; use shorter windows or more text"
         )
     mix, start = [], 0
-    for t in seq_lens:
+    for count, t in zip(counts, seq_lens, strict=True):
         mix.append(torch.tensor(ids[start : start + count * t], dtype=torch.long).view(count, t))
         start += count * t
     return mix

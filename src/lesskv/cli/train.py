@@ -36,7 +36,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_policy_args(train)
     add_data_args(train, default=None)
     train.add_argument(
-        "--sequences", type=int, default=64, help="training windows (of each length)"
+        "--sequences",
+        type=int,
+        default=64,
+        help="training windows of the shortest --seq-len (each longer length gets as many "
+        "tokens in fewer windows)",
     )
     train.add_argument(
         "--seq-len",
@@ -108,7 +112,7 @@ def _train(
         policy=policy.name,
         budget=str(policy.budget),
         seq_lens=args.seq_len,
-        sequences=len(windows[0]),
+        sequences=args.sequences,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,

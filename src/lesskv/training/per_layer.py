@@ -52,8 +52,8 @@ class TrainConfig:
     model: str
     policy: str
     budget: str
-    seq_lens: list[int] = field(default_factory=lambda: [1024])  # windows of each length
-    sequences: int = 64  # per length
+    seq_lens: list[int] = field(default_factory=lambda: [1024])
+    sequences: int = 64  # windows of the shortest length (data.length_mix)
     epochs: int = 20
     batch_size: int = 2
     lr: float = 1e-3
@@ -138,10 +138,10 @@ class _StopForward(Exception):
     """Raised after the last recorded layer to skip the rest of the forward pass."""
 
 
-# Layers whose eviction is simulated together hold at most this many logits (fp32: 1 GiB):
+# Layers whose eviction is simulated together hold at most this many logits (fp32: 4 GiB):
 # the H2O simulation is a loop over decoding steps of tiny ops, so running every layer's in
 # one batch divides its Python overhead by the number of layers.
-SIMULATION_ELEMENTS = 2**28
+SIMULATION_ELEMENTS = 2**30
 
 
 @torch.no_grad()
