@@ -70,3 +70,21 @@ def test_demo_prints_the_continuation_as_indented_text(capsys):
     assert not continuation.strip().startswith(("'", '"'))  # text, not a Python repr
     assert lines[heading - 1] == "    ..." + prompt[-200:]
     assert lines[-1].startswith("  cache:")
+
+
+def test_train_a_second_round_on_sparse_upstream_inputs(capsys, tmp_path):
+    model = save_tiny(tmp_path / "model")
+    kernel_set(model).save_pretrained(tmp_path / "first")
+    args = ["train", "--model", str(tmp_path / "model"), "--data", _text_file(tmp_path)]
+    args += ["--budget", "8", "--seq-len", "32,64", "--sequences", "4", "--epochs", "1"]
+    args += ["--rank", "4", "--hidden", "16", "--kernel", "paper"]
+    args += ["--upstream", str(tmp_path / "first"), "--out", str(tmp_path / "second")]
+    assert main(args) == 0
+    config = json.loads((tmp_path / "second" / "lesskv_kernels.json").read_text())
+    assert config["state"] == "paper" and config["seq_len"] == 64
+    assert "--upstream" in config["command"]
+    run = json.loads((tmp_path / "second" / "run.json").read_text())
+    assert run["upstream"] == str(tmp_path / "first") and run["seq_lens"] == [32, 64]
+    lambda_kernels = [*args[:-4], "--policy", "lambda", "--upstream", str(tmp_path / "first")]
+    assert main([*lambda_kernels, "--out", str(tmp_path / "third")]) == 2
+    assert "trained for policy 'h2o'" in capsys.readouterr().err

@@ -1,16 +1,25 @@
 """Kernel training end to end on a tiny random model."""
 
+import functools
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from helpers import make_tiny_model
+from helpers import make_tiny_model, tiny_kernels
+from lesskv.core import math
 from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf.checkpoint import LessKernels
 from lesskv.hf.methods import set_method
-from lesskv.training.per_layer import TrainConfig, parse_layers, train_kernels
+from lesskv.hf.modules import attention_modules
+from lesskv.training.per_layer import (
+    TrainConfig,
+    collect_activations,
+    parse_layers,
+    train_kernels,
+)
 
 T = 64
 
@@ -98,3 +107,22 @@ def test_layer_ranges():
     assert parse_layers(None, 3) == [0, 1, 2]
     assert parse_layers("1:", 3) == [1, 2]
     assert parse_layers("2", 3) == [2]
+
+
+def test_upstream_kernels_record_each_layer_on_its_inference_inputs(tmp_path):
+    model, windows, policy, _ = setup()
+    kernels = tiny_kernels(model)
+    record = functools.partial(collect_activations, model, windows[:2], [0, 1], policy)
+    full = record(tmp_path / "full", 4, progress=False)
+    sparse = record(tmp_path / "sparse", 4, progress=False, upstream=kernels)
+    for name in ("query", "key", "value", "target", "sparse_out"):  # layer 0: nothing upstream
+        assert np.allclose(full[0].arrays[name], sparse[0].arrays[name], atol=1e-3)
+    assert not np.allclose(full[1].arrays["query"], sparse[1].arrays["query"], atol=1e-2)
+    # The target stays full attention, over the inputs LESS upstream gave this layer.
+    batch = sparse[1].read([0, 1])
+    module = attention_modules(model)[1]
+    q = batch["query"].view(2, 2, 3, T, -1)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    out = math.sparse_output(q, batch["key"], batch["value"], causal, module.scaling)
+    expected = module.o_proj(out.flatten(1, 2).transpose(1, 2).flatten(2))
+    assert torch.allclose(expected, batch["target"], atol=2e-3)

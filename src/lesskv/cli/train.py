@@ -62,6 +62,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "fade with distance, which keeps LESS calibrated far beyond the training length; "
         "'paper' is the paper's state, every evicted pair weighing the same forever",
     )
+    train.add_argument(
+        "--upstream",
+        type=Path,
+        default=None,
+        metavar="KERNELS",
+        help="kernels (for this model and policy) that every layer runs while the activations "
+        "are recorded, so each layer learns from the inputs it gets at inference, with the "
+        "layers before it sparse too: a second round after a first `lesskv train`",
+    )
     train.add_argument("--layers", default=None, help="train only layers a:b (resumable)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", type=Path, required=True, help="output kernel folder")
@@ -121,7 +130,13 @@ def _train(
         seed=args.seed,
         data=args.data,
         state=args.kernel,
+        upstream=str(args.upstream or ""),
     )
+    upstream = None
+    if args.upstream is not None:
+        from lesskv.hf.checkpoint import LessKernels
+
+        upstream = list(LessKernels.from_pretrained(args.upstream, model, policy.name).layers)
     kernels = train_kernels(
         model,
         windows,
@@ -132,6 +147,7 @@ def _train(
         overwrite=args.overwrite,
         command=args.command_line,
         worker=worker,
+        upstream=upstream,
     )
     if worker is not None and worker.rank != 0:
         return

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import shutil
@@ -39,7 +40,7 @@ from lesskv.core.policies import Policy, Slots, keep_mask_from_steps
 from lesskv.errors import LessKVError
 from lesskv.hf import attention
 from lesskv.hf.checkpoint import KernelMeta, LessKernels, atomic_write
-from lesskv.hf.methods import extra_tokens, observing
+from lesskv.hf.methods import extra_tokens, layer_setups, observing
 from lesskv.hf.modules import attention_modules, attention_scale
 from lesskv.training.distributed import Worker, decided_by_rank0, shard
 from lesskv.training.run import claim_output_dir, freeze, snapshot
@@ -65,6 +66,7 @@ class TrainConfig:
     seed: int = 0
     data: str = ""
     state: str = STATES[0]  # the kernels' state form: learned decay, or the paper's
+    upstream: str = ""  # kernels the layers run while recording (collect_activations)
 
 
 def parse_layers(spec: str | None, num_layers: int) -> list[int]:
@@ -154,49 +156,49 @@ def collect_activations(
     rank: int,
     progress: bool = True,
     validation: Collection[int] | None = None,
+    upstream: Sequence[nn.Module] | None = None,
 ) -> dict[int, ActivationStore]:
-    """Run the full-attention model once over ``windows`` and record each layer in ``layers``:
-    its post-RoPE Q/K/V and output, and the policy's sparse output; Baseline+'s too for the
-    ``validation`` windows (all by default), the only ones its loss is measured on."""
+    """Run the model once over ``windows`` and record each layer in ``layers``: its post-RoPE
+    Q/K/V, its full-attention output after ``o_proj`` (the target), and the policy's sparse
+    output; Baseline+'s too for the ``validation`` windows (all by default), the only ones its
+    loss is measured on.
+
+    The model runs full attention (the paper's recipe), or with ``upstream`` kernels LESS in
+    every layer, so that each layer is recorded on the inputs it gets at inference, when the
+    layers before it are sparse too; its target stays full attention over those inputs."""
     modules = attention_modules(model)
     n, t = windows.shape
-    hkv = model.config.num_key_value_heads
-    stores = {
-        layer: ActivationStore(
-            root,
-            layer,
-            n,
-            hkv * modules[layer].num_key_value_groups,
-            hkv,
-            t,
-            modules[layer].head_dim,
-            policy.slots(t).total,
-        )
-        for layer in layers
-    }
+    stores = {layer: _store(model, layer, root, n, t, policy) for layer in layers}
     seen: dict[int, tuple[torch.Tensor, ...]] = {}
     scratch: dict[tuple[int, ...], torch.Tensor] = {}  # logits buffers, reused across windows
     current = {"index": 0}
     last_layer = max(layers)
 
+    def record_target(layer: int, output: torch.Tensor) -> None:
+        stores[layer].write(current["index"], target=output[0])
+        if layer == last_layer:
+            raise _StopForward  # later layers and the LM head are not needed
+
     def observe(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
-        q = math_ops.group_queries(query, key.shape[1])
-        seen[module.layer_idx] = (q, key, value, attention_scale(module))
+        q, scale = math_ops.group_queries(query, key.shape[1]), attention_scale(module)
+        seen[module.layer_idx] = (q, key, value, scale)
         stores[module.layer_idx].write(current["index"], query=query[0], key=key[0], value=value[0])
+        if upstream is not None:  # the model runs LESS here: full attention is ours to compute
+            causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+            full = math_ops.sparse_output(q, key, value, causal, scale)
+            record_target(
+                module.layer_idx, module.o_proj(full.flatten(1, 2).transpose(1, 2).flatten(2))
+            )
 
-    def target_recorder(layer: int) -> Callable[..., None]:
-        def record_target(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            stores[layer].write(current["index"], target=output[0])
-            if layer == last_layer:
-                raise _StopForward  # later layers and the LM head are not needed
-
-        return record_target
-
-    handles = [modules[i].o_proj.register_forward_hook(target_recorder(i)) for i in layers]
+    handles = []
+    if upstream is None:  # full attention runs in the model: its o_proj outputs are the targets
+        for i in layers:
+            hook = functools.partial(lambda i, module, args, out: record_target(i, out), i)
+            handles.append(modules[i].o_proj.register_forward_hook(hook))
     extra = extra_tokens("baseline+", rank, modules[0].head_dim)
     bar = tqdm(range(n), desc="collecting activations", unit="seq", disable=not progress)
     try:
-        with observing(model, observe, layers):
+        with _recording(model, observe, layers, policy, upstream, rank):
             for i in bar:
                 current["index"] = i
                 with contextlib.suppress(_StopForward):
@@ -213,6 +215,32 @@ def collect_activations(
     for store in stores.values():
         store.flush()
     return stores
+
+
+def _store(
+    model: PreTrainedModel, layer: int, root: Path, n: int, t: int, policy: Policy
+) -> ActivationStore:
+    module, hkv = attention_modules(model)[layer], model.config.num_key_value_heads
+    hq = hkv * module.num_key_value_groups
+    return ActivationStore(root, layer, n, hq, hkv, t, module.head_dim, policy.slots(t).total)
+
+
+def _recording(
+    model: PreTrainedModel,
+    observe: Callable[..., None],
+    layers: list[int],
+    policy: Policy,
+    upstream: Sequence[nn.Module] | None,
+    rank: int,
+) -> contextlib.AbstractContextManager:
+    """Full attention with ``observe`` on ``layers``, or LESS with ``upstream`` everywhere."""
+    if upstream is None:
+        return observing(model, observe, layers)
+    setups = layer_setups(model, "less", policy, upstream, rank)
+    modules = attention_modules(model)
+    for i in layers:
+        setups[modules[i]] = replace(setups[modules[i]], observer=observe)
+    return attention.using_setups(model, setups)
 
 
 def _simulation_groups(seen: dict[int, tuple], t: int) -> list[list[int]]:
@@ -387,9 +415,11 @@ def train_kernels(
     command: str = "",
     progress: bool = True,
     worker: Worker | None = None,
+    upstream: Sequence[nn.Module] | None = None,
 ) -> LessKernels | None:
     """Train (or finish training) kernels into ``out_dir``; returns them once all layers exist.
-    ``windows``: ``(N, T)`` token windows, or one such tensor per window length.
+    ``windows``: ``(N, T)`` token windows, or one such tensor per window length; with
+    ``upstream`` kernels every layer trains on the inputs it sees when all run LESS.
 
     Under torchrun (``worker``), the missing layers are split across the ranks: rank 0 alone
     claims ``out_dir`` (which every rank must share), lists what is missing and, after all
@@ -408,7 +438,7 @@ def train_kernels(
     mine = todo if worker is None else shard(todo, worker.rank, worker.world_size)
     lead = worker is None or worker.rank == 0
     meta = _kernel_meta(model, policy, config, command)
-    _train_layers(model, windows, policy, config, out, mine, meta, progress and lead)
+    _train_layers(model, windows, policy, config, out, mine, meta, progress and lead, upstream)
     if worker is not None:
         dist.barrier()
         lost = missing_layers(out, todo) if lead else []
@@ -429,6 +459,7 @@ def _train_layers(
     todo: list[int],
     meta: KernelMeta,
     progress: bool,
+    upstream: Sequence[nn.Module] | None,
 ) -> None:
     """Collect activations for ``todo`` in one pass per window length, then train and save
     each layer."""
@@ -448,6 +479,7 @@ def _train_layers(
             config.rank,
             progress,
             set(split_windows(len(group), config)[0]),
+            upstream,
         )
         for group in windows
     ]
