@@ -218,9 +218,10 @@ def recurrent_attention(
         else _chunk_visibility(layer, attention_mask, q.shape[3])
     )
     extra = key.shape[2] - layer.budget
-    # A chunk's queries see the state aged to their own positions (a decoding step's state
-    # was aged by ``update``): real tokens of the chunk up to each query.
-    ages = None if decoding else visible[:, 0, 0, -1, layer.budget :].long().cumsum(1)
+    # The chunk's real (non-padding) tokens; its queries see the state aged to their own
+    # positions, counted in real tokens (a decoding step's state was aged by ``update``).
+    new_valid = None if decoding else visible[:, 0, 0, -1, layer.budget :].expand(q.shape[0], -1)
+    ages = None if decoding else new_valid.long().cumsum(1)
     scores = layer.scores  # decoding updates the scores in place; a chunk appends its own
     if extra:
         scores = torch.cat([scores, scores.new_zeros(*scores.shape[:2], extra)], -1)
@@ -246,7 +247,6 @@ def recurrent_attention(
     if decoding:
         layer.scores = scores
     else:
-        new_valid = visible[:, 0, 0, -1, layer.budget :].expand(key.shape[0], -1)
         layer.compress(key, value, scores, new_valid)
     return torch.cat(outputs, 3)
 
