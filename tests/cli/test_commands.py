@@ -59,6 +59,17 @@ def test_finetune_writes_kernels_and_reports_the_validation_kl(capsys, tmp_path)
     assert main([*args[:-2], "--sequences", "0", "--out", str(tmp_path / "x")]) == 2
 
 
+def test_finetune_holds_out_windows_of_every_length(capsys, tmp_path):
+    model = save_tiny(tmp_path / "model")
+    kernel_set(model).save_pretrained(tmp_path / "kernels")
+    args = ["finetune", "--model", str(tmp_path / "model"), "--data", _text_file(tmp_path)]
+    args += ["--kernels", str(tmp_path / "kernels"), "--seq-len", "32,64", "--sequences", "4"]
+    args += ["--val-sequences", "2", "--out", str(tmp_path / "tuned")]
+    assert main(args) == 0
+    run = json.loads((tmp_path / "tuned" / "run.json").read_text())
+    assert run["seq_lens"] == [32, 64] and run["sequences"] == 6 and run["val_sequences"] == 3
+
+
 def test_demo_prints_the_continuation_as_indented_text(capsys):
     model = make_tiny_model()
     prompt = " ".join(WORDS[2:] * 12)

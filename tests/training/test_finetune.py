@@ -40,7 +40,7 @@ def run(trained, out, **overrides):
     kernels = LessKernels.from_pretrained(base, model)
     options = dict(sequences=8, val_sequences=4, epochs=2, lr=3e-3, val_every=4) | overrides
     config = FinetuneConfig(
-        model="tiny", base_kernels=str(base), data="random", seq_len=T, **options
+        model="tiny", base_kernels=str(base), data="random", seq_lens=[T], **options
     )
     return finetune_kernels(model, kernels, windows[:8], windows[8:], config, out, progress=False)
 
@@ -93,6 +93,23 @@ def test_kernels_for_another_model_are_refused(trained, tmp_path):
     _, windows, base = trained
     other = make_tiny_model("llama-mha")
     kernels = LessKernels.from_pretrained(base)
-    config = FinetuneConfig(model="tiny", base_kernels=str(base), data="random", seq_len=T)
+    config = FinetuneConfig(model="tiny", base_kernels=str(base), data="random", seq_lens=[T])
     with pytest.raises(LessKVError, match="kernels were trained for"):
         finetune_kernels(other, kernels, windows[:8], windows[8:], config, tmp_path)
+
+
+def test_the_learning_rate_decays_from_lr_to_zero():
+    rates = [finetune.cosine_lr(1e-3, step, 10) for step in range(11)]
+    assert rates[0] == 1e-3 and rates[5] == pytest.approx(5e-4) and rates[10] == pytest.approx(0)
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+
+
+def test_windows_of_several_lengths_train_together(trained, tmp_path):
+    model, windows, base = trained
+    mixed = [*windows[:4], *windows[4:8].reshape(2, 2 * T)]
+    kernels = LessKernels.from_pretrained(base, model)
+    config = FinetuneConfig(
+        model="tiny", base_kernels=str(base), data="random", seq_lens=[T, 2 * T], val_every=6
+    )
+    tuned = finetune_kernels(model, kernels, mixed, windows[8:], config, tmp_path, progress=False)
+    assert tuned.meta.finetune["steps"] == 6

@@ -10,9 +10,11 @@ from lesskv.cli.common import (
     add_kernels_arg,
     add_model_args,
     add_policy_args,
+    check_evicts,
     check_training_args,
     kernels_folder,
     load_kernels,
+    window_lengths,
 )
 from lesskv.errors import LessKVError
 
@@ -36,9 +38,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     finetune.add_argument(
         "--val-sequences", type=int, default=4, help="validation windows (after the training ones)"
     )
-    finetune.add_argument("--seq-len", type=int, default=1024, help="window length in tokens")
+    finetune.add_argument(
+        "--seq-len",
+        type=window_lengths,
+        default=[1024],
+        help="window length in tokens, or several (1024,2048): the shortest gets --sequences "
+        "windows (and --val-sequences), every other length as many tokens; one length per step",
+    )
     finetune.add_argument("--epochs", type=int, default=1)
-    finetune.add_argument("--lr", type=float, default=1e-3)
+    finetune.add_argument(
+        "--lr", type=float, default=1e-3, help="starting learning rate (cosine decay to 0)"
+    )
     finetune.add_argument(
         "--val-every", type=int, default=16, help="steps between validations (and at the end)"
     )
@@ -54,36 +64,33 @@ def run(args: argparse.Namespace) -> None:
     """Tune the starting kernels (whatever policy they were trained for: the policy only picks
     the shipped set) and report the validation KL before and after."""
     from lesskv.core.policies import make_policy
-    from lesskv.data import load_texts, token_windows
+    from lesskv.data import length_mix, load_texts
     from lesskv.hf.loading import load_model
     from lesskv.hf.modules import check_fits
     from lesskv.training.finetune import FinetuneConfig, finetune_kernels
 
     check_training_args(args, "sequences", "val_sequences", "epochs", "val_every")
     model, tokenizer = load_model(args.model)
-    check_fits(model, args.seq_len, "--seq-len windows")
+    check_fits(model, max(args.seq_len), "--seq-len windows")
     policy = make_policy(args.policy, args.budget)
+    check_evicts(policy, args.seq_len)
     base = kernels_folder(args.kernels, args.model, policy)
     kernels = load_kernels(base, args.model, model, policy, transfer=True)
-    wanted = args.sequences + args.val_sequences
     texts = load_texts(args.data, field=args.field)
-    windows = token_windows(tokenizer, texts, args.seq_len, max_windows=wanted)
-    if len(windows) < 2:
-        raise LessKVError(f"--data holds {len(windows)} window(s) of {args.seq_len} tokens; need 2")
-    n_val = min(args.val_sequences, len(windows) // 2)
+    mix = length_mix(tokenizer, texts, args.seq_len, args.sequences + args.val_sequences)
+    train, val = _split(mix, args.val_sequences / (args.sequences + args.val_sequences))
     config = FinetuneConfig(
         model=args.model,
         base_kernels=str(base),
         data=args.data,
-        seq_len=args.seq_len,
-        sequences=len(windows) - n_val,
-        val_sequences=n_val,
+        seq_lens=args.seq_len,
+        sequences=len(train),
+        val_sequences=len(val),
         epochs=args.epochs,
         lr=args.lr,
         val_every=args.val_every,
         seed=args.seed,
     )
-    train, val = windows[:-n_val], windows[-n_val:]
     tuned = finetune_kernels(
         model, kernels, train, val, config, args.out, args.overwrite, args.command_line
     )
@@ -92,3 +99,16 @@ def run(args: argparse.Namespace) -> None:
         f"validation KL {info['val_kl_before']:.4f} -> {info['val_kl_after']:.4f} "
         f"(best at step {info['best_step']}); kernels written to {args.out}"
     )
+
+
+def _split(mix: list, val_share: float) -> tuple[list, list]:
+    """Hold out the last ``val_share`` of each length's windows (at least one, at most half;
+    a length with a single window only trains), so validation covers every length."""
+    train, val = [], []
+    for windows in mix:
+        n_val = min(max(1, round(len(windows) * val_share)), len(windows) // 2)
+        train += list(windows[: len(windows) - n_val])
+        val += list(windows[len(windows) - n_val :])
+    if not val:
+        raise LessKVError("--data holds too little text for a training and a validation window")
+    return train, val

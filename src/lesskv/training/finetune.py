@@ -8,6 +8,11 @@ divergence from the full model's next-token distribution to the LESS model's, at
 positions where something has been evicted. The LLM stays frozen. Kernels run without
 dropout here, so the end-to-end signal is not drowned by thirty layers of noise.
 
+The learning rate follows a cosine from ``lr`` down to zero over the run, so the last steps
+refine instead of jumping around the minimum (a constant rate stalled in earlier runs,
+docs/RESULTS.md §2). Windows may have several lengths, one length per step, so the kernels
+that win validation are the ones that hold at every length.
+
 A state file (kernels, optimizer, step, best validation) is written atomically after every
 step, so an interrupted run resumes where it stopped and ends with the same kernels.
 """
@@ -15,7 +20,9 @@ step, so an interrupted run resumes where it stopped and ends with the same kern
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -39,7 +46,7 @@ class FinetuneConfig:
     model: str
     base_kernels: str
     data: str
-    seq_len: int = 1024
+    seq_lens: list[int] = field(default_factory=lambda: [1024])
     sequences: int = 32
     val_sequences: int = 4
     epochs: int = 1
@@ -63,7 +70,7 @@ def next_token_kl(
 
 @torch.no_grad()
 def validation_kl(
-    model: PreTrainedModel, windows: torch.Tensor, policy: Policy, kernels: LessKernels
+    model: PreTrainedModel, windows: Sequence[torch.Tensor], policy: Policy, kernels: LessKernels
 ) -> float:
     """Mean next-token KL over the validation windows (one window per forward pass)."""
     losses = [next_token_kl(model, w[None], policy, kernels).item() for w in windows]
@@ -73,16 +80,17 @@ def validation_kl(
 def finetune_kernels(
     model: PreTrainedModel,
     kernels: LessKernels,
-    windows: torch.Tensor,
-    val_windows: torch.Tensor,
+    windows: Sequence[torch.Tensor],
+    val_windows: Sequence[torch.Tensor],
     config: FinetuneConfig,
     out_dir: str | Path,
     overwrite: bool = False,
     command: str = "",
     progress: bool = True,
 ) -> LessKernels:
-    """Fine-tune ``kernels`` (in place) on ``windows``; writes and returns the kernels with
-    the best validation KL (the starting kernels count, so this never makes them worse)."""
+    """Fine-tune ``kernels`` (in place) on ``windows`` (1-D token windows, lengths may differ);
+    writes and returns the kernels with the best validation KL (the starting kernels count,
+    so this never makes them worse)."""
     if len(windows) == 0 or len(val_windows) == 0:
         raise LessKVError("fine-tuning needs at least one training and one validation window")
     out = Path(out_dir)
@@ -113,6 +121,8 @@ def finetune_kernels(
         epoch, i = divmod(step, len(windows))
         generator = torch.Generator().manual_seed(config.seed + epoch)
         order = torch.randperm(len(windows), generator=generator)
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(config.lr, step, total)
         loss = next_token_kl(model, windows[order[i]][None], policy, kernels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -140,6 +150,12 @@ def finetune_kernels(
     kernels.requires_grad_(False).save_pretrained(out)
     (out / "finetune_history.json").write_text(json.dumps(state["history"]) + "\n")
     return kernels
+
+
+def cosine_lr(lr: float, step: int, total: int) -> float:
+    """The rate at ``step`` of ``total``: ``lr`` at the start, half way at the middle, ~0 at
+    the end; a function of the step alone, so a resumed run follows the same curve."""
+    return lr * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
 def _load_state(path: Path) -> dict | None:
