@@ -108,3 +108,34 @@ def test_h2o_kept_set_is_per_kv_head():
 def test_bad_policy_settings_are_refused(name, budget):
     with pytest.raises(LessKVError):
         make_policy(name, budget).slots(T)
+
+
+def reference_tova(logits, total):
+    """TOVA from its definition: after each query attends, the cache over budget drops the
+    pair that query attended to least (summed over the group); the newest one stays."""
+    b, hkv, g, t, _ = logits.shape
+    out = torch.zeros(b, hkv, t, t, dtype=torch.bool)
+    for bi in range(b):
+        for h in range(hkv):
+            kept, last = [], None
+            for i in range(t):
+                kept.append(i)
+                if len(kept) > total:
+                    candidates = [j for j in kept if j < i]
+                    kept.remove(min(candidates, key=lambda j: (last[j].item(), j)))
+                out[bi, h, i, kept] = True
+                last = torch.zeros(t)
+                last[kept] = logits[bi, h, :, i, kept].softmax(-1).sum(0)
+    return out
+
+
+def test_tova_matches_a_plain_reference_loop_with_gqa():
+    logits = causal_logits(b=2, hkv=2, g=3)
+    policy = make_policy("tova", 10)
+    assert policy.keep_mask(logits, policy.slots(T), T).equal(reference_tova(logits, 10))
+
+
+def test_every_policy_is_named_where_the_cli_lists_them():
+    from lesskv.core.budget import POLICY_NAMES
+
+    assert tuple(POLICIES) == POLICY_NAMES

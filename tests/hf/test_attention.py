@@ -4,8 +4,11 @@ import pytest
 import torch
 
 from helpers import make_tiny_model, tiny_kernels
-from lesskv.core.policies import make_policy
+from lesskv.core.policies import POLICIES, make_policy
 from lesskv.errors import LessKVError
+from lesskv.hf.attention import LayerSetup, using_setups
+from lesskv.hf.cache import LessCache
+from lesskv.hf.compat import cache_argument
 from lesskv.hf.methods import set_method
 from lesskv.hf.modules import attention_modules
 
@@ -30,8 +33,8 @@ def test_full_method_equals_the_models_own_sdpa(tiny_model, ids):
     assert torch.allclose(logits_for(tiny_model, ids), reference, atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["h2o", "lambda"])
-@pytest.mark.parametrize("method", ["baseline", "baseline+", "less"])
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("method", ["baseline", "baseline+", "merge", "less"])
 def test_budget_covering_the_window_equals_full(tiny_model, ids, policy, method):
     with torch.no_grad():
         reference = tiny_model(input_ids=ids).logits
@@ -40,19 +43,38 @@ def test_budget_covering_the_window_equals_full(tiny_model, ids, policy, method)
     assert torch.allclose(got, reference, atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["h2o", "lambda"])
+@pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_methods_differ_once_tokens_are_evicted(tiny_model, ids, policy):
     options = dict(policy=make_policy(policy, 8), kernels=tiny_kernels(tiny_model))
     full = logits_for(tiny_model, ids)
     baseline = logits_for(tiny_model, ids, "baseline", **options)
-    plus = logits_for(tiny_model, ids, "baseline+", **options)
-    less = logits_for(tiny_model, ids, "less", **options)
+    others = [logits_for(tiny_model, ids, m, **options) for m in ("baseline+", "merge", "less")]
     # Before the budget fills nothing is evicted, so every method agrees there.
-    for other in (baseline, plus, less):
+    for other in (baseline, *others):
         assert torch.allclose(other[:, :8], full[:, :8], atol=1e-5)
     assert not torch.allclose(baseline[:, 12:], full[:, 12:], atol=1e-3)
-    assert not torch.allclose(plus[:, 12:], baseline[:, 12:], atol=1e-3)
-    assert not torch.allclose(less[:, 12:], baseline[:, 12:], atol=1e-3)
+    for other in others:
+        assert not torch.allclose(other[:, 12:], baseline[:, 12:], atol=1e-3)
+
+
+def test_merge_without_slots_is_the_baseline_exactly(ids):
+    model = make_tiny_model("llama-gqa")
+    policy = make_policy("h2o", 8)
+    baseline = logits_for(model, ids, "baseline", policy=policy)
+    modules = attention_modules(model)
+    setups = {m: LayerSetup(policy=policy, merge_slots=0) for m in modules}
+    with using_setups(model, setups), torch.no_grad():
+        parallel = model(input_ids=ids).logits
+    assert torch.equal(parallel, baseline)
+    cache = LessCache(model, policy, merge_slots=0)
+    reference = LessCache(model, policy)
+    set_method(model, "full")
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            step = ids[:, t : t + 1]
+            got = model(input_ids=step, use_cache=True, **cache_argument(model, cache)).logits
+            want = model(input_ids=step, use_cache=True, **cache_argument(model, reference)).logits
+            assert torch.equal(got, want)
 
 
 def test_switching_back_to_full_restores_the_model(ids):

@@ -7,27 +7,26 @@ import pytest
 import torch
 
 from helpers import BUDGET, kernel_set, make_tiny_model, prompt
-from lesskv.core.policies import make_policy
+from lesskv.core.policies import POLICIES, make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf import attention
 from lesskv.hf.cache import LessCache
 from lesskv.hf.compat import cache_argument
-from lesskv.hf.methods import set_method, using_method
+from lesskv.hf.methods import make_cache, set_method, using_method
 
 
-@pytest.mark.parametrize("policy", ["h2o", "lambda"])
-@pytest.mark.parametrize("with_kernels", [False, True])
-def test_token_by_token_decoding_equals_the_parallel_form(tiny_model, policy, with_kernels):
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("method", ["baseline", "merge", "less"])
+def test_token_by_token_decoding_equals_the_parallel_form(tiny_model, policy, method):
     ids = prompt(40, batch=2)
     pol = make_policy(policy, BUDGET)
-    kernels = kernel_set(tiny_model, policy) if with_kernels else None
-    method = "less" if with_kernels else "baseline"
-    layers = list(kernels.layers) if with_kernels else None
+    kernels = kernel_set(tiny_model, policy) if method == "less" else None
+    layers = list(kernels.layers) if kernels is not None else None
     set_method(tiny_model, method, policy=pol, kernels=layers, rank=4)
     with torch.no_grad():
         parallel = tiny_model(input_ids=ids).logits
     set_method(tiny_model, "full")
-    cache = LessCache(tiny_model, pol, kernels=kernels, rank=4)
+    cache = make_cache(tiny_model, method, pol, kernels=kernels, rank=4)
     steps = []
     with torch.no_grad():
         for t in range(ids.shape[1]):
@@ -40,18 +39,23 @@ def test_token_by_token_decoding_equals_the_parallel_form(tiny_model, policy, wi
                 assert int(layer.valid.sum(-1).max()) == min(t + 1, BUDGET)
     assert torch.allclose(torch.cat(steps, 1), parallel, atol=1e-4)
     assert cache.get_seq_length() == ids.shape[1]
+    if method == "merge":  # every evicted pair sits in exactly one slot
+        for layer in cache.layers:
+            counts = layer.merge.counts.sum(-1)
+            assert torch.equal(counts, torch.full_like(counts, 40.0 - BUDGET))
 
 
-def test_batched_left_padded_generation_equals_one_by_one():
+@pytest.mark.parametrize("method", ["merge", "less"])
+def test_batched_left_padded_generation_equals_one_by_one(method):
     model = make_tiny_model("llama-gqa")
-    kernels = kernel_set(model)
+    kernels = kernel_set(model) if method == "less" else None
     a, b = prompt(20, seed=1), prompt(14, seed=2)
     batch = torch.cat([a, torch.cat([torch.zeros(1, 6, dtype=torch.long), b], 1)])
     mask = torch.ones_like(batch)
     mask[1, :6] = 0
 
     def generate(ids, attention_mask=None):
-        cache = LessCache(model, "h2o", BUDGET, kernels=kernels)
+        cache = make_cache(model, method, make_policy("h2o", BUDGET), kernels, rank=4)
         out = model.generate(
             input_ids=ids,
             attention_mask=attention_mask,
@@ -66,18 +70,27 @@ def test_batched_left_padded_generation_equals_one_by_one():
     assert torch.equal(together[1], generate(b)[0][0])
     for layer in cache.layers:
         assert not layer.state_h.isnan().any() and not layer.state_z.isnan().any()
+        assert method != "merge" or not layer.merge.keys.isnan().any()
 
 
-def test_padding_never_enters_the_state():
+def summary(layer):
+    """What a layer keeps of its evicted pairs: LESS's state or the merge slots."""
+    if layer.merge is not None:
+        return [layer.merge.keys, layer.merge.values, layer.merge.counts]
+    return [layer.state_h, layer.state_z]
+
+
+@pytest.mark.parametrize("method", ["merge", "less"])
+def test_padding_never_enters_the_state(method):
     model = make_tiny_model("qwen2")
-    kernels = kernel_set(model)
+    kernels = kernel_set(model) if method == "less" else None
     ids = prompt(20)
     padded = torch.cat([torch.zeros(1, 7, dtype=torch.long), ids], 1)
     mask = torch.ones_like(padded)
     mask[:, :7] = 0
     states = []
     for inputs, attention_mask in ((ids, None), (padded, mask)):
-        cache = LessCache(model, "h2o", BUDGET, kernels=kernels)
+        cache = make_cache(model, method, make_policy("h2o", BUDGET), kernels, rank=4)
         positions = None if attention_mask is None else (attention_mask.cumsum(1) - 1).clamp(min=0)
         with torch.no_grad():
             model(
@@ -86,9 +99,13 @@ def test_padding_never_enters_the_state():
                 position_ids=positions,
                 **cache_argument(model, cache),
             )
-        states.append([(layer.state_h, layer.state_z) for layer in cache.layers])
-    for (h1, z1), (h2, z2) in zip(*states, strict=True):
-        assert torch.allclose(h1, h2, atol=1e-5) and torch.allclose(z1, z2, atol=1e-6)
+        states.append([summary(layer) for layer in cache.layers])
+    for unpadded, padded_state in zip(*states, strict=True):
+        for a, b in zip(unpadded, padded_state, strict=True):
+            assert torch.allclose(a, b, atol=1e-5)
+    if method == "merge":
+        for layer in cache.layers:
+            assert torch.equal(layer.merge.counts.sum(-1), torch.full((1, 2), 20.0 - BUDGET))
 
 
 def test_fully_padded_rows_give_no_nan():
@@ -140,15 +157,20 @@ def test_beam_search_and_sampling_work():
     assert samples.shape == (3, 18)
 
 
-def test_cache_size_equals_budget_plus_state():
+@pytest.mark.parametrize("method", ["merge", "less"])
+def test_cache_size_equals_budget_plus_state(method):
     model = make_tiny_model("llama-gqa")
-    cache = LessCache(model, "h2o", BUDGET, kernels=kernel_set(model))
+    kernels = kernel_set(model) if method == "less" else None
+    cache = make_cache(model, method, make_policy("h2o", BUDGET), kernels, rank=4)
     with torch.no_grad():
         model(input_ids=prompt(30), **cache_argument(model, cache))
-    kv_heads, head_dim, layers = 2, 16, 2
+    kv_heads, head_dim, layers, rank = 2, 16, 2, 4
+    state = rank * (head_dim + 1) * 4  # LESS: H and z, fp32
+    if method == "merge":  # as many slots (key sum, value sum, count) as fit in that
+        state = state // ((2 * head_dim + 1) * 4) * (2 * head_dim + 1) * 4
     assert cache.memory_bytes() == {
         "kv": layers * 2 * kv_heads * BUDGET * head_dim * 4,
-        "state": layers * kv_heads * 4 * (head_dim + 1) * 4,
+        "state": layers * kv_heads * state,
     }
 
 

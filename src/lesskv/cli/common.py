@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lesskv.core.budget import DEFAULT_MODEL, METHODS
+from lesskv.core.budget import DEFAULT_MODEL, METHODS, POLICY_NAMES
 from lesskv.errors import LessKVError
 
 if TYPE_CHECKING:
@@ -35,7 +35,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_policy_args(p: argparse.ArgumentParser, budget: str | None = None) -> None:
     """``--policy`` and ``--budget``; ``budget=None`` makes the budget required."""
-    p.add_argument("--policy", default="h2o", help="sparse policy: h2o (default) or lambda")
+    p.add_argument(
+        "--policy",
+        default="h2o",
+        help="sparse policy: " + ", ".join(POLICY_NAMES) + " (h2o default)",
+    )
     p.add_argument(
         "--budget",
         default=budget,

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lesskv.cli.common import add_kernels_arg, add_model_args, load_kernels
+from lesskv.cli.common import add_kernels_arg, add_model_args, add_policy_args, load_kernels
 from lesskv.core.budget import METHODS
 from lesskv.errors import LessKVError
 
@@ -18,16 +18,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="stream a continuation with real eviction (baseline) or LESS",
         description="Generate text with a cache that really evicts: --method baseline keeps "
         "--budget pairs per KV head; --method less adds the learned state (--kernels DIR, or the "
-        "shipped kernels of the default model); --method full is transformers' own cache.",
+        "shipped kernels of the default model); --method merge adds training-free merge slots "
+        "for the evicted pairs; --method full is transformers' own cache. A fractional "
+        "--budget is relative to the prompt.",
     )
     add_model_args(gen)
     gen.add_argument("--method", choices=METHODS, default="less")
-    gen.add_argument("--policy", default="h2o", help="sparse policy: h2o (default) or lambda")
-    gen.add_argument(
-        "--budget",
-        default="0.1",
-        help="pairs kept per KV head: tokens, or a fraction of the prompt (default 0.1)",
-    )
+    add_policy_args(gen, budget="0.1")
     add_kernels_arg(gen)
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text")
@@ -77,7 +74,7 @@ def run(args: argparse.Namespace) -> None:
         memory = cache.memory_bytes()
         print(
             f"\n[{args.method}: cache holds {memory['kv'] / 2**20:.2f} MiB of K/V"
-            f" + {memory['state'] / 2**10:.1f} KiB of LESS state]",
+            f" + {memory['state'] / 2**10:.1f} KiB summarising the evicted pairs]",
             file=sys.stderr,
         )
 

@@ -18,19 +18,20 @@ from lesskv.hf.compat import check_versions
 
 DESCRIPTION = """\
 lesskv: LESS (Dong et al., ICML 2024) for Hugging Face models. A sparse KV-cache policy
-(H2O, Λ-shaped attention sinks) keeps a small budget of key/value pairs per head; LESS adds
+(H2O, Λ-shaped attention sinks, TOVA) keeps a small budget of key/value pairs per head; LESS adds
 a tiny learned low-rank state that absorbs every evicted pair, so no past token is forgotten.
 
 Methods compared everywhere:
   full       the model's own attention over every past token
   baseline   the sparse policy alone, keeping BUDGET pairs per KV head
   baseline+  the policy with extra pairs weighing as much as LESS's state (fair comparison)
+  merge      the policy plus training-free merge slots for the evicted pairs (same memory)
   less       the policy plus the learned low-rank state (needs kernels)
 
 Examples:
   lesskv demo
   lesskv eval ppl --data wiki.test.raw --seq-len 1024 --windows 12 --policy h2o --budget 0.1 \\
-      --methods full,baseline,baseline+,less
+      --methods full,baseline,baseline+,merge,less
   lesskv train --policy h2o --budget 0.1 --data c4.jsonl --sequences 64 --out runs/h2o-0.1
   lesskv finetune --policy h2o --budget 0.1 --data c4.jsonl --sequences 32 --out runs/h2o-ft
   lesskv generate --method less --budget 0.1 --prompt "Once upon a time"

@@ -10,12 +10,15 @@ from lesskv.errors import LessKVError
 DEFAULT_RANK = 8  # R: the paper's rank; one head's state then weighs ~4 KV pairs (D = 64)
 DEFAULT_HIDDEN = 128  # hidden width of the φ/ψ MLPs (ablation in RESULTS.md)
 DEFAULT_MODEL = "smollm2-135m"  # the built-in model, loaded offline from PyPI
-# What every comparison runs: the model's own attention, the sparse policy, the policy with
-# pairs weighing as much as LESS's state (equal memory), and LESS.
-METHODS = ("full", "baseline", "baseline+", "less")
+# What every comparison runs: the model's own attention, the sparse policy, and three ways to
+# spend the memory of LESS's state on top of it: more pairs (baseline+), training-free merge
+# slots for the evicted pairs (merge), and LESS's learned low-rank state.
+METHODS = ("full", "baseline", "baseline+", "merge", "less")
 # The forms of LESS's state (lesskv.core.kernels): a learned decay with distance (the default),
 # or the paper's, where every evicted pair weighs the same forever.
 STATES = ("decay", "paper")
+# The sparse policies (lesskv.core.policies.POLICIES), named here so that help texts need no torch.
+POLICY_NAMES = ("h2o", "lambda", "tova")
 
 
 @dataclass(frozen=True)
@@ -77,3 +80,15 @@ def state_size_in_tokens(rank: int, head_dim: int) -> int:
     (R = 8, D = 64: 520 numbers vs 128 per pair -> 4 pairs).
     """
     return max(1, round(rank * (head_dim + 1) / (2 * head_dim)))
+
+
+def merge_slots_in_state(rank: int, head_dim: int) -> int:
+    """Merge slots (fp32 key sum, value sum and count: 2D + 1 numbers) that fit in one head's
+    LESS state (R·D + R fp32 numbers): R = 8, D = 64 -> 520 // 129 = 4 slots."""
+    slots = rank * (head_dim + 1) // (2 * head_dim + 1)
+    if slots < 1:
+        raise LessKVError(
+            f"a rank-{rank} state ({rank * (head_dim + 1) * 4} bytes per head) holds no merge "
+            f"slot ({(2 * head_dim + 1) * 4} bytes): use rank >= 2 for the merge method"
+        )
+    return slots

@@ -224,6 +224,15 @@ def combine(
     has_lowrank = den > 0
     safe_den = den.clamp_min(torch.finfo(den.dtype).tiny)  # keeps log and division finite
     log_den = torch.where(has_lowrank, safe_den.log(), NEG_INF)
-    log_total = torch.logaddexp(lse, log_den).nan_to_num(neginf=0.0)
     lowrank_mean = torch.where(has_lowrank, num / safe_den, 0.0)
-    return torch.exp(lse - log_total) * sparse_out + torch.exp(log_den - log_total) * lowrank_mean
+    return join_attention(sparse_out, lse, lowrank_mean, log_den)
+
+
+def join_attention(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:
+    """One softmax over two disjoint sets of keys from each set's output and log-sum-exp
+    (the kept pairs and LESS's state, or the kept pairs and merge slots); a set with lse
+    -inf (nothing in it) must have output 0."""
+    log_total = torch.logaddexp(lse_a, lse_b).nan_to_num(neginf=0.0)
+    return torch.exp(lse_a - log_total) * out_a + torch.exp(lse_b - log_total) * out_b

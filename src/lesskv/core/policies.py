@@ -150,6 +150,21 @@ class LambdaShape(Policy):
         return steps.expand(*shape, seq_len)
 
 
+@dataclass(frozen=True)
+class TOVA(Policy):
+    """Token Omission Via Attention (Oren et al., 2024): the pairs the *latest* query attends
+    to most, nothing accumulated; the newest token is kept (no query has scored it yet)."""
+
+    name: ClassVar[str] = "tova"
+
+    def split(self, total: int) -> Slots:
+        return Slots(total=total, sinks=0, recent=1)
+
+    def update_scores(self, scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        latest = probs[..., -1, :].sum(-2)  # the last query's attention, summed over the group
+        return torch.where(scores == float("inf"), scores, latest)  # evicted stays evicted
+
+
 def keep_mask_from_steps(steps: torch.Tensor) -> torch.Tensor:
     """``(B, Hkv, T)`` eviction steps → boolean keep-mask ``(B, Hkv, T, T)``."""
     t = steps.shape[-1]
@@ -169,11 +184,12 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (H2O, LambdaShape)}
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (H2O, LambdaShape, TOVA)}
 
 
 def make_policy(name: str, budget: Budget | str | float, **options) -> Policy:
-    """Build a policy by name (``h2o``, ``lambda``), with a clear error for unknown names."""
+    """Build a policy by name (``h2o``, ``lambda``, ``tova``), with a clear error for unknown
+    names."""
     key = name.strip().lower().replace("λ", "lambda")
     if key not in POLICIES:
         raise LessKVError(f"unknown policy {name!r}: choose one of {', '.join(POLICIES)}")

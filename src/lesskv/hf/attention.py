@@ -32,6 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lesskv.core import math
+from lesskv.core.merge import merge_parallel
 from lesskv.core.policies import Policy, keep_mask_from_steps
 from lesskv.errors import LessKVError
 from lesskv.hf.compat import check_versions
@@ -46,11 +47,13 @@ Observer = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 @dataclass(frozen=True)
 class LayerSetup:
-    """What one attention layer does in the parallel form: no policy means full attention."""
+    """What one attention layer does in the parallel form: no policy means full attention;
+    the evicted pairs go into LESS's state (``kernels``), merge slots, or nowhere."""
 
     policy: Policy | None = None
     extra_tokens: int = 0
     kernels: nn.Module | None = None
+    merge_slots: int = 0
     # Sees (module, query, key, value) on every call: how training records post-RoPE states.
     observer: Observer | None = None
 
@@ -182,10 +185,13 @@ def less_attention(
         logits = math.attention_logits(q, key, scale).masked_fill_(~visible, math.NEG_INF)
     steps = policy.eviction_steps(logits, slots, k_len).expand(*key.shape[:2], k_len)
     keep = keep_mask_from_steps(steps).unsqueeze(2) & visible
-    if setup.kernels is None:
+    if setup.kernels is None and not setup.merge_slots:
         return _heads_last(math.sparse_output(q, key, value, keep, scale))
     out, lse = math.sparse_attention(q, key, value, keep, scale)
     kernels = setup.kernels
+    if kernels is None:
+        slots = merge_parallel(q, key, value, steps, setup.merge_slots, scale)
+        return _heads_last(math.join_attention(out.float(), lse.float(), *slots).to(out.dtype))
     phi_q, psi_k, decay = kernels.phi(q), kernels.psi(key), kernels.decay_rate()
     return _heads_last(math.less_parallel(out, lse, phi_q, psi_k, value, steps, decay))
 
@@ -241,6 +247,9 @@ def recurrent_attention(
             if ages is not None:
                 phi = phi * layer.fading(ages[:, None, None, rows, None].float())
             out = math.less_recurrent(out, lse, phi, layer.state_h, layer.state_z)
+        elif layer.merge is not None:
+            slots = layer.merge.attend(q[..., rows, :], scale)
+            out = math.join_attention(out.float(), lse.float(), *slots).to(out.dtype)
         outputs.append(out)
         if layer.policy.uses_attention:
             scores[..., cols] = layer.policy.update_scores(scores[..., cols], probs.float())

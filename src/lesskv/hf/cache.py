@@ -4,7 +4,9 @@ Each layer holds a fixed number of slots per KV head (the budget): keys, values,
 position of the token in each slot, the policy's score, and whether the slot holds a token at
 all. A decoding step writes the new token into the slot of the pair the policy evicts, in
 place, and folds the evicted pair into the low-rank state (``H += ψ(k)ᵀv``, ``z += ψ(k)``,
-fp32). Storage is O(budget + R) per head however long generation runs.
+fp32), or, for the training-free ``merge`` method, into merge slots
+(:class:`~lesskv.core.merge.MergeSlots`). Storage is O(budget + R) per head however long
+generation runs.
 
 A multi-token call (the prompt, or a chunk of it) attends over the slots plus the new tokens
 (full attention for the first call, as in the reference code), then compresses back to the
@@ -23,6 +25,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from lesskv.core.budget import DEFAULT_RANK, Budget
 from lesskv.core.kernels import LayerKernels
+from lesskv.core.merge import MergeSlots
 from lesskv.core.policies import Policy, make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf import attention
@@ -41,11 +44,19 @@ class LessLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(
-        self, policy: Policy, kernels: LayerKernels | None, rank: int, context: int, extra: int = 0
+        self,
+        policy: Policy,
+        kernels: LayerKernels | None,
+        rank: int,
+        context: int,
+        extra: int = 0,
+        merge_slots: int = 0,
     ) -> None:
         super().__init__()
         self.policy, self.kernels, self.rank, self.context = policy, kernels, rank, context
         self.extra = extra  # Baseline+'s additional pairs
+        self.merge_slots = merge_slots
+        self.merge: MergeSlots | None = None
         self.seen = 0  # tokens seen, padding included: what positions and masks count
         self.budget = 0  # slots per KV head, fixed at the first call (fractions need a length)
 
@@ -62,6 +73,8 @@ class LessLayer(CacheLayerMixin):
         self.real_seen = torch.zeros(b, dtype=torch.long, device=dev)  # non-padding tokens
         self.state_h = torch.zeros(b, hkv, self.rank, d, dtype=torch.float32, device=dev)
         self.state_z = torch.zeros(b, hkv, self.rank, dtype=torch.float32, device=dev)
+        if self.merge_slots:
+            self.merge = MergeSlots.empty(b, hkv, self.merge_slots, d, dev)
         self.dtype, self.device = dt, dev
         self.is_initialized = True
 
@@ -116,13 +129,16 @@ class LessLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
+            indices = indices.to(self.device)
             for name in self._per_batch():
-                setattr(self, name, getattr(self, name)[indices.to(self.device)])
+                setattr(self, name, getattr(self, name)[indices])
+            if self.merge is not None:
+                self.merge = self.merge.select(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            for name in self._per_batch():
-                setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+            rows = torch.arange(self.keys.shape[0], device=self.device)
+            self.batch_select_indices(rows.repeat_interleave(repeats))
 
     # -- eviction ----------------------------------------------------------------------------
     def _priority(
@@ -148,6 +164,20 @@ class LessLayer(CacheLayerMixin):
             self.state_h *= factor[..., None, None]
             self.state_z *= factor[..., None]
 
+    def _evict(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        weight: torch.Tensor,
+    ) -> None:
+        """Pairs ``(B, Hkv, N, D)`` at ``positions`` ``(B, Hkv, N)`` leave the slots: into the
+        LESS state or the merge slots, if the layer has one (``weight`` 0 skips a pair)."""
+        if self.kernels is not None:
+            self._fold(keys, values, positions, weight)
+        if self.merge is not None:
+            self._merge(keys, values, positions, weight)
+
     def _fold(
         self,
         keys: torch.Tensor,
@@ -155,15 +185,32 @@ class LessLayer(CacheLayerMixin):
         positions: torch.Tensor,
         weight: torch.Tensor,
     ) -> None:
-        """Add ``ψ(k)ᵀ v`` of pairs ``(B, Hkv, N, D)`` at ``positions`` ``(B, Hkv, N)`` to the
-        state, faded by their distance to the newest token (``weight`` 0 skips a pair)."""
-        if self.kernels is None:
-            return
+        """Add ``ψ(k)ᵀ v`` to the state, faded by the distance to the newest token."""
         distance = (self.real_seen - 1).view(-1, 1, 1) - positions
         weight = weight * self.fading(distance.float())
         psi = self.kernels.psi(keys).float() * weight.unsqueeze(-1)
         self.state_h += torch.einsum("bhnr,bhnd->bhrd", psi, values.float())
         self.state_z += psi.sum(2)
+
+    def _merge(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        weight: torch.Tensor,
+    ) -> None:
+        """Merge the pairs one by one, oldest first: the order teacher-forced decoding would
+        have evicted them in, had the pairs left one per step."""
+        real = weight > 0
+        order = positions.masked_fill(~real, positions.max() + 1).argsort(dim=-1, stable=True)
+        for i in range(int(real.sum(-1).max())):
+            index = order[..., i : i + 1]
+            pair = index.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+            self.merge.absorb(
+                keys.gather(2, pair)[:, :, 0],
+                values.gather(2, pair)[:, :, 0],
+                weight.gather(-1, index)[..., 0],
+            )
 
     def _insert_one(self, key: torch.Tensor, value: torch.Tensor) -> None:
         newest = self.real_seen  # real position of the incoming token
@@ -173,7 +220,7 @@ class LessLayer(CacheLayerMixin):
         was_valid = self.valid.gather(-1, slot).float()
         self._age(torch.ones_like(newest))
         evicted = self.keys.gather(2, index), self.values.gather(2, index)
-        self._fold(*evicted, self.positions.gather(-1, slot), was_valid)
+        self._evict(*evicted, self.positions.gather(-1, slot), was_valid)
         self.keys.scatter_(2, index, key)
         self.values.scatter_(2, index, value)
         self.positions.scatter_(-1, slot, newest.view(-1, 1, 1).expand_as(slot))
@@ -202,7 +249,7 @@ class LessLayer(CacheLayerMixin):
         priority = self._priority(scores, positions, valid)
         kept = priority.topk(self.budget, dim=-1, sorted=False).indices.sort(-1).values
         dropped = torch.ones_like(valid).scatter_(-1, kept, False) & valid
-        self._fold(keys, values, positions, dropped.float())
+        self._evict(keys, values, positions, dropped.float())
         index = kept.unsqueeze(-1).expand(-1, -1, -1, d)
         self.keys, self.values = keys.gather(2, index), values.gather(2, index)
         self.positions, self.valid = positions.gather(-1, kept), valid.gather(-1, kept)
@@ -210,11 +257,14 @@ class LessLayer(CacheLayerMixin):
         self.seen += q
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held: kept K/V and the LESS state (only counted when kernels are attached)."""
+        """Bytes held: kept K/V and the summary of the evicted pairs (the LESS state, counted
+        only when kernels are attached, or the merge slots)."""
         kv = self.keys.numel() * self.keys.element_size() * 2 if self.is_initialized else 0
         state = 0
         if self.is_initialized and self.kernels is not None:
             state = (self.state_h.numel() + self.state_z.numel()) * 4
+        if self.is_initialized and self.merge is not None:
+            state = self.merge.nbytes()
         return {"kv": kv, "state": state}
 
 
@@ -223,7 +273,8 @@ class LessCache(Cache):
 
     ``LessCache(model, policy="h2o", budget=64)`` is the sparse baseline with real eviction;
     pass ``kernels=`` (or use :meth:`from_pretrained`) for LESS, ``extra_tokens=`` for
-    Baseline+. A fractional budget is relative to the prompt (the first call).
+    Baseline+, ``merge_slots=`` for the training-free merge of evicted pairs. A fractional
+    budget is relative to the prompt (the first call).
 
     A LessCache holds one generation's state: it serves the model it was built for, one batch
     size, and the thread that first uses it; anything else raises :class:`LessKVError`.
@@ -237,7 +288,13 @@ class LessCache(Cache):
         kernels: LessKernels | None = None,
         rank: int | None = None,
         extra_tokens: int = 0,
+        merge_slots: int = 0,
     ) -> None:
+        if merge_slots < 0 or (merge_slots and kernels is not None):
+            raise LessKVError(
+                f"merge_slots={merge_slots}: use a count >= 0, and either kernels (LESS) or "
+                "merge slots, not both"
+            )
         if isinstance(policy, str):
             if budget is None:
                 raise LessKVError("LessCache needs a budget (tokens, or a fraction of the prompt)")
@@ -260,6 +317,7 @@ class LessCache(Cache):
                 rank or DEFAULT_RANK,
                 context,
                 extra=extra_tokens,
+                merge_slots=merge_slots,
             )
             for i, m in enumerate(modules)
         ]

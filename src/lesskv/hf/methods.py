@@ -3,7 +3,9 @@ one for the recurrent form (a LessCache, or None for transformers' own full cach
 
 The methods compared everywhere: ``full`` (the model's own attention), ``baseline`` (the
 sparse policy), ``baseline+`` (the policy with extra pairs weighing as much as LESS's state:
-the equal-memory comparison) and ``less`` (the policy plus the learned low-rank state).
+the equal-memory comparison), ``merge`` (the policy plus as many training-free merge slots for
+the evicted pairs as that memory holds) and ``less`` (the policy plus the learned low-rank
+state).
 """
 
 from __future__ import annotations
@@ -14,8 +16,13 @@ from contextlib import contextmanager
 from torch import nn
 from transformers import PreTrainedModel
 
-from lesskv.core.budget import DEFAULT_RANK, METHODS, state_size_in_tokens
-from lesskv.core.policies import Policy
+from lesskv.core.budget import (
+    DEFAULT_RANK,
+    METHODS,
+    merge_slots_in_state,
+    state_size_in_tokens,
+)
+from lesskv.core.policies import POLICIES, Policy
 from lesskv.errors import LessKVError
 from lesskv.hf.attention import LayerSetup, Observer, enable, set_setups, using_setups
 from lesskv.hf.cache import LessCache
@@ -28,6 +35,11 @@ def extra_tokens(method: str, rank: int, head_dim: int) -> int:
     return state_size_in_tokens(rank, head_dim) if method == "baseline+" else 0
 
 
+def merge_slots(method: str, rank: int, head_dim: int) -> int:
+    """Merge slots per head for ``method``: as many as LESS's state weighs (``merge`` only)."""
+    return merge_slots_in_state(rank, head_dim) if method == "merge" else 0
+
+
 def set_method(
     model: PreTrainedModel,
     method: str,
@@ -36,7 +48,8 @@ def set_method(
     rank: int = DEFAULT_RANK,
 ) -> None:
     """Switch every layer to ``full``, ``baseline``, ``baseline+`` (policy + pairs as large
-    as a rank-``rank`` state) or ``less`` (policy + one kernel module per layer).
+    as a rank-``rank`` state), ``merge`` (policy + merge slots as large as that state) or
+    ``less`` (policy + one kernel module per layer).
 
     The choice holds for the calling thread (or asyncio task) only; other threads using the
     same model keep theirs. :func:`using_method` limits it to a block.
@@ -83,6 +96,7 @@ def layer_setups(
         module: LayerSetup(
             policy=policy,
             extra_tokens=extra_tokens(method, rank, module.head_dim),
+            merge_slots=merge_slots(method, rank, module.head_dim),
             kernels=on_layer_device(kernels[i], module) if method == "less" else None,
         )
         for i, module in enumerate(modules)
@@ -103,7 +117,13 @@ def make_cache(
     if method == "less":
         return LessCache(model, policy, kernels=kernels)
     head_dim = attention_modules(model)[0].head_dim
-    return LessCache(model, policy, rank=rank, extra_tokens=extra_tokens(method, rank, head_dim))
+    return LessCache(
+        model,
+        policy,
+        rank=rank,
+        extra_tokens=extra_tokens(method, rank, head_dim),
+        merge_slots=merge_slots(method, rank, head_dim),
+    )
 
 
 def check_method(method: str, policy: Policy | None, kernels: object | None) -> None:
@@ -111,6 +131,6 @@ def check_method(method: str, policy: Policy | None, kernels: object | None) -> 
     if method not in METHODS:
         raise LessKVError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
     if method != "full" and policy is None:
-        raise LessKVError(f"method {method!r} needs a policy (h2o or lambda) and a budget")
+        raise LessKVError(f"method {method!r} needs a policy ({', '.join(POLICIES)}) and a budget")
     if method == "less" and kernels is None:
         raise LessKVError("method 'less' needs trained kernels (--kernels DIR)")
