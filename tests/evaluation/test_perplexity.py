@@ -32,3 +32,29 @@ def test_budget_covering_the_window_gives_full_perplexity():
         model, windows, ["full", "baseline"], make_policy("lambda", 16), progress=False
     )
     assert math.isclose(rows[0].ppl, rows[1].ppl, rel_tol=1e-6)
+
+
+def test_reported_head_bytes_are_what_the_caches_hold():
+    """The table's memory column against the tensors a LessCache really allocates."""
+    from helpers import kernel_set
+    from lesskv.hf.compat import cache_argument
+    from lesskv.hf.methods import make_cache
+
+    model = make_tiny_model("llama-gqa")
+    kernels = kernel_set(model)
+    policy = make_policy("h2o", 8)
+    windows = torch.randint(0, 97, (1, 32))
+    methods = ["baseline", "baseline+", "merge", "less"]
+    rows = evaluate_perplexity(
+        model, windows, methods, policy, list(kernels.layers), rank=4, progress=False
+    )
+    for method, row in zip(methods, rows, strict=True):
+        cache = make_cache(model, method, policy, kernels if method == "less" else None, rank=4)
+        with torch.no_grad():
+            model(input_ids=windows, **cache_argument(model, cache))
+        held = cache.memory_bytes()
+        heads = len(cache.layers) * 2  # layers x KV heads
+        assert row.head_bytes == (held["kv"] + held["state"]) // heads, method
+    pair = 2 * 16 * 4  # one K/V pair in fp32: the equal-memory methods agree within one
+    assert all(abs(r.head_bytes - rows[1].head_bytes) <= pair for r in rows[2:])
+    assert rows[1].head_bytes > rows[0].head_bytes

@@ -24,7 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ppl = subparsers.add_parser(
         "ppl",
         help="token-level perplexity per method over the same windows",
-        description="Perplexity of full / baseline / baseline+ / less on non-overlapping "
+        description="Perplexity of full / baseline / baseline+ / merge / less on non-overlapping "
         "windows of --seq-len tokens; every method sees the same windows.",
     )
     add_model_args(ppl)
@@ -85,6 +85,6 @@ def run(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
     )
     rows = [r.as_dict() for r in results]
-    print_table(rows, ["method", "policy", "budget_tokens", "ppl", "nll", "tokens"])
+    print_table(rows, ["method", "policy", "budget_tokens", "head_bytes", "ppl", "nll", "tokens"])
     if args.json is not None:
         write_json(args.json, rows)

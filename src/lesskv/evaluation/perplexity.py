@@ -14,18 +14,20 @@ from transformers import PreTrainedModel
 
 from lesskv.core.budget import DEFAULT_RANK
 from lesskv.core.policies import Policy
-from lesskv.hf.methods import extra_tokens, set_method
+from lesskv.hf.methods import extra_tokens, set_method, state_bytes
 from lesskv.hf.modules import attention_modules
 
 
 @dataclass
 class PerplexityResult:
-    """One table row; ``budget_tokens`` is what each KV head may hold (the window for full)."""
+    """One table row; ``budget_tokens`` is what each KV head may hold (the window for full),
+    ``head_bytes`` its memory: those K/V pairs plus the summary of the evicted ones."""
 
     method: str
     policy: str
     budget: str
     budget_tokens: int
+    head_bytes: int
     ppl: float
     nll: float
     tokens: int
@@ -78,12 +80,15 @@ def evaluate_perplexity(
                 nll += window_nll(model, batch.to(model.device))
                 bar.update(len(batch))
             tokens = n * (seq_len - 1)
+            kept = kept_tokens(method, policy, seq_len, head_dim, rank)
+            pair_bytes = 2 * head_dim * model.dtype.itemsize
             results.append(
                 PerplexityResult(
                     method=method,
                     policy=policy.name if policy is not None and method != "full" else "none",
                     budget=str(policy.budget) if policy is not None and method != "full" else "",
-                    budget_tokens=kept_tokens(method, policy, seq_len, head_dim, rank),
+                    budget_tokens=kept,
+                    head_bytes=kept * pair_bytes + state_bytes(method, rank, head_dim),
                     ppl=math.exp(nll / tokens),
                     nll=nll / tokens,
                     tokens=tokens,

@@ -40,6 +40,14 @@ def merge_slots(method: str, rank: int, head_dim: int) -> int:
     return merge_slots_in_state(rank, head_dim) if method == "merge" else 0
 
 
+def state_bytes(method: str, rank: int, head_dim: int) -> int:
+    """fp32 bytes per KV head that summarise the evicted pairs: LESS's state (H and z) or
+    the merge slots (key sum, value sum, count); what the caches' tensors hold."""
+    if method == "less":
+        return rank * (head_dim + 1) * 4
+    return merge_slots(method, rank, head_dim) * (2 * head_dim + 1) * 4
+
+
 def set_method(
     model: PreTrainedModel,
     method: str,
