@@ -24,6 +24,7 @@ _HOMES = {
     "Policy": "lesskv.core.policies",
     "H2O": "lesskv.core.policies",
     "LambdaShape": "lesskv.core.policies",
+    "TOVA": "lesskv.core.policies",
     "make_policy": "lesskv.core.policies",
     "LessKVError": "lesskv.errors",
     "LessCache": "lesskv.hf.cache",
@@ -45,6 +46,7 @@ __all__ = [
     "LessKVError",
     "LessKernels",
     "Policy",
+    "TOVA",
     "__version__",
     "cache_argument",
     "enable",
@@ -57,7 +59,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from lesskv.core.budget import Budget
-    from lesskv.core.policies import H2O, LambdaShape, Policy, make_policy
+    from lesskv.core.policies import H2O, TOVA, LambdaShape, Policy, make_policy
     from lesskv.errors import LessKVError
     from lesskv.hf.attention import enable
     from lesskv.hf.cache import LessCache

@@ -2,16 +2,23 @@
 
 import math
 
+import pytest
 import torch
 
 from lesskv.core.budget import merge_slots_in_state
 from lesskv.core.merge import MergeSlots, merge_parallel, slot_attention
 from lesskv.core.policies import make_policy
+from lesskv.errors import LessKVError
 
 
 def test_four_slots_fit_the_default_state():
     assert merge_slots_in_state(8, 64) == 4
     assert 4 * (2 * 64 + 1) * 4 <= 8 * (64 + 1) * 4  # bytes: slots <= LESS's state
+
+
+def test_a_state_too_small_for_one_slot_is_refused():
+    with pytest.raises(LessKVError, match="holds no merge slot"):
+        merge_slots_in_state(1, 64)
 
 
 def test_pairs_seed_empty_slots_then_join_the_most_similar():
