@@ -139,3 +139,35 @@ def test_each_layers_kernels_move_to_that_layers_device():
     kernels = LessKernels(meta, tiny_kernels(model))
     LessCache(model, policy, kernels=kernels)
     assert devices(kernels) == [{"cpu"}, {"meta"}]
+
+
+def test_a_sliding_window_shorter_than_the_sequence_is_refused_not_ignored(ids):
+    model = make_tiny_model("mistral", sliding_window=16)
+    policy = make_policy("h2o", 8)
+    with pytest.raises(LessKVError, match="sliding window of 16"):
+        logits_for(model, ids, "baseline", policy=policy)
+    set_method(model, "full")
+    cache = LessCache(model, policy)
+    with pytest.raises(LessKVError, match="sliding window of 16"), torch.no_grad():
+        model(input_ids=ids, **cache_argument(model, cache))
+    inside = ids[:, :16]  # within the window the window changes nothing: decoding works
+    with torch.no_grad():
+        model(input_ids=inside, **cache_argument(model, LessCache(model, policy)))
+
+
+def test_softcapped_attention_is_refused_not_ignored(ids):
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    config = Gemma2Config(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4096,
+    )
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with pytest.raises(LessKVError, match="softcapping"):
+        logits_for(model, ids, "baseline", policy=make_policy("h2o", 8))

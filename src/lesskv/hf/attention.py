@@ -161,6 +161,8 @@ def less_attention(
     scale = scaling if scaling is not None else attention_scale(module)
     layer = _claim(module)
     if layer is not None:
+        chunk = query.shape[2] if key.shape[2] != layer.budget else 0
+        _refuse_what_sparse_attention_ignores(module, kwargs, layer.seen + chunk)
         return _heads_last(recurrent_attention(layer, query, key, value, attention_mask, scale))
     setup = _setup_of(module)
     if setup.observer is not None:
@@ -173,6 +175,7 @@ def less_attention(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
         return out, None
+    _refuse_what_sparse_attention_ignores(module, kwargs, k_len)
     if q_len != k_len:
         raise LessKVError(
             "a sparse method cannot decode from transformers' own cache (its parallel form "
@@ -194,6 +197,24 @@ def less_attention(
         return _heads_last(math.join_attention(out.float(), lse.float(), *slots).to(out.dtype))
     phi_q, psi_k, decay = kernels.phi(q), kernels.psi(key), kernels.decay_rate()
     return _heads_last(math.less_parallel(out, lse, phi_q, psi_k, value, steps, decay))
+
+
+def _refuse_what_sparse_attention_ignores(module: nn.Module, options: dict, tokens: int) -> None:
+    """Sliding windows and logit softcapping reach attention as options that lesskv's sparse
+    forms do not apply yet: refuse where they would change the result, never decode wrong.
+    A window longer than the sequence changes nothing, so such calls go through."""
+    if options.get("softcap") is not None:
+        raise LessKVError(
+            f"{type(module).__name__} caps its attention logits (softcapping, e.g. Gemma 2), "
+            "which lesskv's sparse methods do not apply yet; use method 'full' for this model"
+        )
+    window = options.get("sliding_window")
+    if window is not None and tokens > window:
+        raise LessKVError(
+            f"layer {module.layer_idx} attends within a sliding window of {window} tokens and "
+            f"this sequence has {tokens}; lesskv's sparse methods do not apply sliding windows "
+            "yet: keep sequences within the window or use method 'full'"
+        )
 
 
 # Prompt queries are attended a block at a time: the block's logits (batch x query heads x
