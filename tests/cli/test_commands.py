@@ -31,6 +31,10 @@ def test_eval_ppl_on_a_local_model(capsys, tmp_path):
     assert {"method", "policy", "budget_tokens", "ppl", "nll", "tokens"} <= rows[0].keys()
     assert rows[1]["budget_tokens"] == 8 and rows[0]["tokens"] == 2 * 31
     assert "| method" in capsys.readouterr().out
+    half = [*args[:-1], str(tmp_path / "bf16.json"), "--dtype", "bfloat16", "--methods", "merge"]
+    assert main(half) == 0
+    (merge,) = json.loads((tmp_path / "bf16.json").read_text())
+    assert merge["head_bytes"] == 8 * 2 * 16 * 2 + 4 * 33 * 4  # bf16 pairs, 4 fp32 slots (R = 8)
 
 
 def test_kernels_for_another_policy_need_transfer(capsys, tmp_path):

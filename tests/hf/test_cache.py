@@ -245,3 +245,30 @@ def test_sparse_decoding_without_a_less_cache_raises(method):
         pytest.raises(LessKVError, match="LessCache"),
     ):
         model.generate(input_ids=prompt(20), max_new_tokens=4, do_sample=False)
+
+
+@pytest.mark.parametrize("method", ["baseline", "merge", "less"])
+def test_a_bf16_model_caches_bf16_pairs_beside_an_fp32_summary(method):
+    """fp32 kernels serve a bf16 model; both forms still agree (to bf16's precision)."""
+    model = make_tiny_model("llama-gqa").to(torch.bfloat16)
+    kernels = kernel_set(model) if method == "less" else None
+    ids, pol = prompt(40, batch=2), make_policy("h2o", BUDGET)
+    set_method(model, method, policy=pol, kernels=kernels and list(kernels.layers), rank=4)
+    with torch.no_grad():
+        parallel = model(input_ids=ids).logits.float()
+    set_method(model, "full")
+    cache = make_cache(model, method, pol, kernels, rank=4)
+    with torch.no_grad():
+        steps = [
+            model(input_ids=ids[:, t : t + 1], **cache_argument(model, cache)).logits
+            for t in range(ids.shape[1])
+        ]
+    assert torch.allclose(torch.cat(steps, 1).float(), parallel, atol=3e-2)
+    layer = cache.layers[0]
+    assert layer.keys.dtype == layer.values.dtype == torch.bfloat16
+    assert all(t.dtype == torch.float32 for t in summary(layer))
+    full_precision = make_tiny_model("llama-gqa")
+    fp32 = make_cache(full_precision, method, pol, kernels and kernel_set(full_precision), rank=4)
+    with torch.no_grad():
+        full_precision(input_ids=ids, **cache_argument(full_precision, fp32))
+    assert cache.memory_bytes()["kv"] * 2 == fp32.memory_bytes()["kv"]

@@ -9,10 +9,12 @@ from pathlib import Path
 
 from lesskv.cli.common import (
     add_data_args,
+    add_dtype_arg,
     add_kernels_arg,
     add_model_args,
     add_policy_args,
     load_kernels,
+    model_dtype,
     print_table,
 )
 from lesskv.errors import LessKVError
@@ -32,6 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "residual.json to --out.",
     )
     add_model_args(residual)
+    add_dtype_arg(residual)
     add_data_args(residual)
     add_policy_args(residual, budget="0.1")
     residual.add_argument("--seq-len", type=int, default=512, help="window length in tokens")
@@ -46,6 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "phi(q).psi(k)). Writes attention.png and attention.json to --out.",
     )
     add_model_args(attention)
+    add_dtype_arg(attention)
     add_data_args(attention)
     attention.add_argument("--text", default=None, help="the text (instead of --data)")
     add_policy_args(attention, budget="0.1")
@@ -78,7 +82,7 @@ def run_residual(args: argparse.Namespace) -> None:
     if args.windows < 1:
         raise LessKVError(f"--windows must be >= 1, got {args.windows}")
     texts = load_texts(args.data, field=args.field)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=model_dtype(args))
     check_fits(model, args.seq_len, "--seq-len windows")
     windows = token_windows(tokenizer, texts, args.seq_len, max_windows=args.windows)
     report = residual_energy(model, windows, policy, model_name=args.model)
@@ -97,7 +101,7 @@ def run_attention(args: argparse.Namespace) -> None:
     from lesskv.hf.modules import check_fits
 
     policy = make_policy(args.policy, args.budget)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=model_dtype(args))
     check_fits(model, args.seq_len, "the --seq-len tokens of the text")
     if args.text is not None:
         ids = tokenizer(args.text, return_tensors="pt").input_ids[:, : args.seq_len]

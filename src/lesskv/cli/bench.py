@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING
 
 from lesskv.cli.common import (
     add_data_args,
+    add_dtype_arg,
     add_json_arg,
     add_kernels_arg,
     add_model_args,
     add_policy_args,
     load_kernels,
+    model_dtype,
     print_table,
     write_json,
 )
@@ -49,6 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "Prints a Markdown table and how many sequences fit --memory-budget-gib of cache.",
     )
     add_model_args(bench)
+    add_dtype_arg(bench)
     add_policy_args(bench, budget="0.1")
     add_kernels_arg(bench)
     bench.add_argument(
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> None:
     for context in contexts:
         policy.slots(context)  # validates the budget before any loading
     texts = load_texts(args.data, field=args.field)
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_model(args.model, dtype=model_dtype(args), device=args.device)
     check_contexts(model, contexts, args.new_tokens)
     kernels = None
     if "less" in methods:

@@ -18,6 +18,7 @@ from lesskv.core.budget import DEFAULT_MODEL, METHODS, POLICY_NAMES
 from lesskv.errors import LessKVError
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel
 
     from lesskv.core.policies import Policy
@@ -31,6 +32,27 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL,
         help="built-in 'smollm2-135m' (default), a Hugging Face id or a local directory",
     )
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    """``--dtype``: the model's weights and K/V cache; LESS's state stays fp32 whatever it is."""
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="model weights and K/V cache dtype (default float32); bfloat16 halves the cache, "
+        "LESS's state and kernels stay float32",
+    )
+
+
+def model_dtype(args: argparse.Namespace) -> torch.dtype:
+    """``--dtype`` as a torch dtype (torch imported here, so ``--help`` stays fast)."""
+    import torch
+
+    return getattr(torch, args.dtype)
 
 
 def add_policy_args(p: argparse.ArgumentParser, budget: str | None = None) -> None:

@@ -6,11 +6,13 @@ import argparse
 
 from lesskv.cli.common import (
     add_data_args,
+    add_dtype_arg,
     add_json_arg,
     add_kernels_arg,
     add_model_args,
     add_policy_args,
     load_kernels,
+    model_dtype,
     parse_methods,
     print_table,
     write_json,
@@ -28,6 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "windows of --seq-len tokens; every method sees the same windows.",
     )
     add_model_args(ppl)
+    add_dtype_arg(ppl)
     add_data_args(ppl, default=None)
     ppl.add_argument("--seq-len", type=int, default=1024, help="window length in tokens")
     ppl.add_argument("--windows", type=int, default=None, help="score only the first N windows")
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> None:
     if args.windows is not None and args.windows < 1:
         raise LessKVError(f"--windows must be >= 1, got {args.windows}")
     texts = load_texts(args.data, field=args.field)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=model_dtype(args))
     check_fits(model, args.seq_len, "--seq-len windows")
     kernels = None
     if "less" in methods:

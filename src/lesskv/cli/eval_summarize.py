@@ -6,11 +6,13 @@ import argparse
 from pathlib import Path
 
 from lesskv.cli.common import (
+    add_dtype_arg,
     add_json_arg,
     add_kernels_arg,
     add_model_args,
     add_policy_args,
     load_kernels,
+    model_dtype,
     parse_methods,
     print_table,
     write_json,
@@ -28,6 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "Budgets are relative to each prompt.",
     )
     add_model_args(summ)
+    add_dtype_arg(summ)
     summ.add_argument(
         "--data",
         default="xsum",
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> None:
     if args.samples < 1:
         raise LessKVError("--samples must be >= 1")
     examples = load_examples(args.data, args.samples, args.data_dir)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=model_dtype(args))
     kernels = None
     if "less" in methods:
         kernels = load_kernels(args.kernels, args.model, model, policy)

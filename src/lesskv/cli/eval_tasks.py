@@ -6,11 +6,13 @@ import argparse
 from pathlib import Path
 
 from lesskv.cli.common import (
+    add_dtype_arg,
     add_json_arg,
     add_kernels_arg,
     add_model_args,
     add_policy_args,
     load_kernels,
+    model_dtype,
     parse_methods,
     print_table,
     write_json,
@@ -30,6 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "arc_challenge and winogrande instead.",
     )
     add_model_args(tasks)
+    add_dtype_arg(tasks)
     tasks.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     tasks.add_argument(
         "--data-dir",
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     policy = make_policy(args.policy, args.budget)
     quiet_lm_eval()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=model_dtype(args))
     kernels = None
     if "less" in methods:
         kernels = list(load_kernels(args.kernels, args.model, model, policy).layers)

@@ -6,7 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from lesskv.cli.common import add_kernels_arg, add_model_args, add_policy_args, load_kernels
+from lesskv.cli.common import (
+    add_dtype_arg,
+    add_kernels_arg,
+    add_model_args,
+    add_policy_args,
+    load_kernels,
+    model_dtype,
+)
 from lesskv.core.budget import METHODS
 from lesskv.errors import LessKVError
 
@@ -23,6 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--budget is relative to the prompt.",
     )
     add_model_args(gen)
+    add_dtype_arg(gen)
     gen.add_argument("--method", choices=METHODS, default="less")
     add_policy_args(gen, budget="0.1")
     add_kernels_arg(gen)
@@ -52,7 +60,7 @@ def run(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise LessKVError("--max-new-tokens must be >= 1")
     policy = make_policy(args.policy, args.budget)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=model_dtype(args))
     kernels = (
         load_kernels(args.kernels, args.model, model, policy) if args.method == "less" else None
     )

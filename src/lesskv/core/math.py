@@ -198,8 +198,11 @@ def less_parallel(
     decay: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LESS's output for every query at once: the sparse part plus every pair evicted by each
-    query's step (attention's parallel form and the training loss both use this)."""
-    return combine(sparse_out, lse, *lowrank_parallel(phi_q, psi_k, value, steps, decay))
+    query's step (attention's parallel form and the training loss both use this). The state
+    and the combine run in the kernels' dtype (fp32), the output is in ``sparse_out``'s."""
+    num, den = lowrank_parallel(phi_q, psi_k, value.to(psi_k.dtype), steps, decay)
+    dtype = num.dtype
+    return combine(sparse_out.to(dtype), lse.to(dtype), num, den).to(sparse_out.dtype)
 
 
 def less_recurrent(
