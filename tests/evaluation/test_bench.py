@@ -129,6 +129,7 @@ def test_cli_prints_table_json_plot_and_memory_fit(setup, tmp_path, capsys):
     assert main([*args, "--plot", str(out_png)]) == 0
     out = capsys.readouterr().out
     assert "| method" in out and "max_batch" in out and "decode_tokens_per_s" in out
+    assert out.count("baseline/full") == 4  # a paired ratio per grid point
     rows = json.loads(out_json.read_text())
     assert len(rows) == 8 and {r["method"] for r in rows} == {"full", "baseline"}
     assert out_png.read_bytes().startswith(b"\x89PNG")
@@ -137,3 +138,23 @@ def test_cli_prints_table_json_plot_and_memory_fit(setup, tmp_path, capsys):
     assert err.startswith("lesskv: error:") and "by 4 tokens" in err
     assert main([*common, "--contexts", "32,x"]) == 2
     assert "--contexts" in capsys.readouterr().err
+
+
+def test_interleaved_methods_keep_their_caches_apart(setup):
+    """Decoding methods round robin gives each the tokens and cache it gets alone."""
+    from lesskv.evaluation import bench
+
+    model, tokenizer, policy, kernels = setup
+    ids = bench.prompt_batch(tokenizer, TEXT, 40, 2)
+    together = bench._interleaved(model, ids, METHODS, policy, kernels, 6, "sdpa", 2)
+    for run in together:
+        (alone,) = bench._interleaved(model, ids, [run.method], policy, kernels, 6, "sdpa", 2)
+        assert torch.equal(run.token, alone.token), run.method
+        for mine, theirs in zip(run.cache.layers, alone.cache.layers, strict=True):
+            assert torch.equal(mine.keys, theirs.keys)
+    base, less = (r for r in together if r.method != "full")
+    ratio, low, high = bench.paired_ratio(
+        bench._row(less, policy, 40, 2, False, ids.device),
+        bench._row(base, policy, 40, 2, False, ids.device),
+    )
+    assert 0 < low <= ratio <= high

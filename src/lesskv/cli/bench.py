@@ -47,7 +47,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "bench",
         help="decode speed and cache memory: full vs baseline vs less, per context and batch",
         description="Prefill a batch of real-text prompts of each --contexts length, then time "
-        "--new-tokens greedy decoding steps one by one, for every method and batch size. "
+        "--new-tokens greedy decoding steps one by one, for every method and batch size; the "
+        "methods decode round robin (each its own cache), so the step-time ratios between "
+        "them, printed with their spread, hold on a noisy machine. "
         "Prints a Markdown table and how many sequences fit --memory-budget-gib of cache.",
     )
     add_model_args(bench)
@@ -149,10 +151,40 @@ def _report_timings(args: argparse.Namespace, rows: list) -> None:
         for d in dicts
     ]
     print_table(shown, TIMING_COLUMNS)
+    print("\nDecode step time ratios, paired round by round (median and 25th-75th percentile):")
+    print_table(_ratios(rows), ["context", "batch", "ratio", "median", "p25", "p75"])
     if args.json is not None:
         write_json(args.json, dicts)
     if args.plot is not None:
         print(f"plot written to {plot_benchmark(rows, args.plot)}")
+
+
+PAIRS = (("less", "baseline"), ("less", "full"), ("baseline", "full"))
+
+
+def _ratios(rows: list) -> list[dict[str, object]]:
+    """Every pair of :data:`PAIRS` that ran at a grid point, as one table row."""
+    from lesskv.evaluation.bench import paired_ratio
+
+    by = {(r.method, r.context, r.batch): r for r in rows}
+    table = []
+    for method, context, batch in by:
+        for numerator, denominator in PAIRS:
+            if method == numerator and (denominator, context, batch) in by:
+                median, low, high = paired_ratio(
+                    by[method, context, batch], by[denominator, context, batch]
+                )
+                table.append(
+                    {
+                        "context": context,
+                        "batch": batch,
+                        "ratio": f"{numerator}/{denominator}",
+                        "median": median,
+                        "p25": low,
+                        "p75": high,
+                    }
+                )
+    return table
 
 
 def _report_memory_fit(

@@ -19,7 +19,7 @@ import resource
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -48,9 +48,11 @@ class BenchRow:
     ``decode_ms_per_token`` is the median latency of one decoding step, which produces one new
     token for every sequence of the batch; ``decode_tokens_per_s`` counts all of them.
     ``peak_rss_bytes`` is the process's high-water mark so far (it never goes down, so a row
-    only bounds the rows before it); ``rss_bytes`` is the resident memory right after this
-    row's decoding, with its cache still alive. ``peak_device_bytes`` is the accelerator's
-    peak allocation during this row (``None`` on CPU). With ``shared_prefill`` one sequence
+    only bounds the rows before it); ``rss_bytes`` is the resident memory right after the grid
+    point's decoding, with every method's cache still alive. ``step_ms`` is each decoding
+    step's time, in the rounds all methods of the grid point shared (:func:`paired_ratio`).
+    ``peak_device_bytes`` is the accelerator's peak allocation during the grid point (``None``
+    on CPU). With ``shared_prefill`` one sequence
     was prefilled (``prefill_s`` is its time) and its cache repeated across the batch.
     """
 
@@ -72,6 +74,7 @@ class BenchRow:
     peak_device_bytes: int | None
     device: str
     shared_prefill: bool = False
+    step_ms: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -167,23 +170,30 @@ def _make_cache(
     return make_cache(model, method, policy, kernels)
 
 
+@dataclass
+class _Decoding:
+    """One method's generation in progress at a grid point: its own cache and last token."""
+
+    method: str
+    cache: DynamicCache | LessCache
+    token: torch.Tensor
+    prefill_s: float
+    steps: list[float]
+
+
 @torch.no_grad()
-def _run_one(
+def _prefill(
     model: PreTrainedModel,
     ids: torch.Tensor,
     method: str,
     policy: Policy | None,
     kernels: LessKernels | None,
-    new_tokens: int,
     stock_attention: str,
     batch: int,
-) -> BenchRow:
-    """Prefill ``ids``, repeat the cache up to ``batch`` sequences if ``ids`` holds fewer, then
-    ``new_tokens`` greedy steps, each timed alone."""
+) -> _Decoding:
+    """Prefill ``ids`` into a fresh cache, repeated up to ``batch`` sequences if ``ids``
+    holds fewer (as ``generate()`` does for ``num_return_sequences``)."""
     device = ids.device
-    context = ids.shape[1]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     cache = _make_cache(model, method, policy, kernels, stock_attention)
     _sync(device)
     start = time.perf_counter()
@@ -191,34 +201,72 @@ def _run_one(
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     prefill_s = time.perf_counter() - start
-    del out
-    shared = ids.shape[0] < batch
-    if shared:  # as generate() does for num_return_sequences
+    if ids.shape[0] < batch:
         cache.batch_repeat_interleave(batch)
         token = token.repeat_interleave(batch, dim=0)
-    steps: list[float] = []
-    for _ in range(new_tokens):
-        start = time.perf_counter()
-        out = model(
-            input_ids=token, use_cache=True, logits_to_keep=1, **cache_argument(model, cache)
-        )
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        _sync(device)
-        steps.append(time.perf_counter() - start)
-        del out
-    memory = cache_memory(cache)
-    budget = context if method == "full" else cache.layers[0].budget
-    row = BenchRow(
-        method=method,
-        policy="" if method == "full" or policy is None else f"{policy.name}-{policy.budget}",
+    return _Decoding(method, cache, token, prefill_s, [])
+
+
+@torch.no_grad()
+def _step(model: PreTrainedModel, run: _Decoding, stock_attention: str) -> None:
+    """One greedy step of ``run``, timed alone (the attention switch happens before)."""
+    wanted = stock_attention if run.method == "full" else attention.ATTN_NAME
+    if model.config._attn_implementation != wanted:
+        model.set_attn_implementation(wanted)
+    device = run.token.device
+    start = time.perf_counter()
+    out = model(
+        input_ids=run.token, use_cache=True, logits_to_keep=1, **cache_argument(model, run.cache)
+    )
+    run.token = out.logits[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
+    run.steps.append(time.perf_counter() - start)
+
+
+def _interleaved(
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    methods: Sequence[str],
+    policy: Policy | None,
+    kernels: LessKernels | None,
+    new_tokens: int,
+    stock_attention: str,
+    batch: int,
+) -> list[_Decoding]:
+    """Every method prefilled on the same ``ids`` (each its own cache), then decoded round
+    robin, one step each per round, the order rotating every round: a burst of load on the
+    machine hits all methods alike, so their per-round ratios hold from run to run."""
+    if ids.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ids.device)
+    runs = [_prefill(model, ids, m, policy, kernels, stock_attention, batch) for m in methods]
+    for round_ in range(new_tokens):
+        shift = round_ % len(runs)
+        for run in runs[shift:] + runs[:shift]:
+            _step(model, run, stock_attention)
+    return runs
+
+
+def _row(
+    run: _Decoding,
+    policy: Policy | None,
+    context: int,
+    batch: int,
+    shared: bool,
+    device: torch.device,
+) -> BenchRow:
+    memory = cache_memory(run.cache)
+    full = run.method == "full"
+    return BenchRow(
+        method=run.method,
+        policy="" if full or policy is None else f"{policy.name}-{policy.budget}",
         context=context,
         batch=batch,
-        budget_tokens=budget,
-        new_tokens=new_tokens,
-        prefill_s=prefill_s,
-        decode_ms_per_token=float(np.median(steps)) * 1e3,
-        decode_ms_p90=float(np.percentile(steps, 90)) * 1e3,
-        decode_tokens_per_s=batch * len(steps) / sum(steps),
+        budget_tokens=context if full else run.cache.layers[0].budget,
+        new_tokens=len(run.steps),
+        prefill_s=run.prefill_s,
+        decode_ms_per_token=float(np.median(run.steps)) * 1e3,
+        decode_ms_p90=float(np.percentile(run.steps, 90)) * 1e3,
+        decode_tokens_per_s=batch * len(run.steps) / sum(run.steps),
         cache_bytes=memory["kv"] + memory["state"],
         kv_bytes=memory["kv"],
         state_bytes=memory["state"],
@@ -229,10 +277,15 @@ def _run_one(
         ),
         device=str(device),
         shared_prefill=shared,
+        step_ms=[t * 1e3 for t in run.steps],
     )
-    del cache, token
-    _release(model, device)
-    return row
+
+
+def paired_ratio(row: BenchRow, reference: BenchRow) -> tuple[float, float, float]:
+    """``row``'s decode step time over ``reference``'s, round by round (both decoded in the
+    same rounds): the median ratio and its 25th-75th percentile spread."""
+    ratios = np.array(row.step_ms) / np.array(reference.step_ms)
+    return tuple(float(np.percentile(ratios, q)) for q in (50, 25, 75))
 
 
 def _release(model: PreTrainedModel, device: torch.device) -> None:
@@ -257,7 +310,8 @@ def run_benchmark(
     warmup: bool = True,
     shared_prefill: bool = False,
 ) -> list[BenchRow]:
-    """Time every (context, batch, method) point; one :class:`BenchRow` each, in that order.
+    """Time every (context, batch) point, its methods interleaved step by step; one
+    :class:`BenchRow` per (context, batch, method), in that order.
 
     ``full`` is transformers' ``DynamicCache`` on the model's stock attention, ``baseline`` a
     :class:`LessCache` with ``policy`` (real eviction), ``less`` the same with ``kernels``.
@@ -296,20 +350,22 @@ def run_benchmark(
         stock = _STOCK_ATTENTION
     original = model.config._attn_implementation
     device = next(model.parameters()).device
-    grid = [(c, b, m) for c in contexts for b in batch_sizes for m in methods]
+    grid = [(c, b) for c in contexts for b in batch_sizes]
     rows: list[BenchRow] = []
     try:
         if warmup:
             ids = prompt_batch(tokenizer, prompt_texts, min(contexts), 1).to(device)
-            for method in methods:
-                _run_one(model, ids, method, policy, kernels, 2, stock, 1)
-        bar = tqdm(grid, desc="bench", unit="run", disable=not progress)
-        for context, batch, method in bar:
-            bar.set_postfix_str(f"{method} ctx={context} batch={batch}")
+            _interleaved(model, ids, methods, policy, kernels, 2, stock, 1)
+        bar = tqdm(grid, desc="bench", unit="point", disable=not progress)
+        for context, batch in bar:
+            bar.set_postfix_str(f"ctx={context} batch={batch}")
             prompts = 1 if shared_prefill else batch
             ids = prompt_batch(tokenizer, prompt_texts, context, prompts).to(device)
-            rows.append(_run_one(model, ids, method, policy, kernels, new_tokens, stock, batch))
-            del ids
+            runs = _interleaved(model, ids, methods, policy, kernels, new_tokens, stock, batch)
+            shared = prompts < batch
+            rows += [_row(run, policy, context, batch, shared, device) for run in runs]
+            del ids, runs
+            _release(model, device)
     finally:
         if model.config._attn_implementation != original:
             model.set_attn_implementation(original)
