@@ -48,3 +48,16 @@ def test_functions_stay_short():
         and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert not long
+
+
+def test_nothing_loads_pickles_or_runs_remote_code():
+    """Checkpoints and models are data: no unpickling, no code from a model repository."""
+    import re
+    from pathlib import Path
+
+    for path in Path(__file__).resolve().parents[1].joinpath("src").rglob("*.py"):
+        text = path.read_text()
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, f"{path}: {call}"
+        assert not re.search(r"^\s*import pickle|^\s*from pickle", text, re.M), path
+        assert not re.search(r"trust_remote_code\s*=\s*True", text), path
