@@ -9,7 +9,7 @@ import torch
 
 from helpers import make_tiny_model, tiny_kernels
 from lesskv.core import math
-from lesskv.core.policies import make_policy
+from lesskv.core.policies import POLICIES, make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf.checkpoint import LessKernels
 from lesskv.hf.methods import set_method
@@ -24,13 +24,13 @@ from lesskv.training.per_layer import (
 T = 64
 
 
-def setup(epochs=12, **overrides):
+def setup(epochs=12, policy="h2o", **overrides):
     model = make_tiny_model("llama-gqa")
     torch.manual_seed(0)
     windows = torch.randint(0, 97, (24, T))
     config = TrainConfig(
         model="tiny",
-        policy="h2o",
+        policy=policy,
         budget="8",
         **{
             "seq_lens": [T],
@@ -42,15 +42,16 @@ def setup(epochs=12, **overrides):
             **overrides,
         },
     )
-    return model, windows, make_policy("h2o", 8), config
+    return model, windows, make_policy(policy, 8), config
 
 
-def test_training_beats_baseline_plus_on_validation(tmp_path):
-    model, windows, policy, config = setup()
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_training_beats_baseline_plus_on_validation(tmp_path, name):
+    model, windows, policy, config = setup(policy=name)
     kernels = train_kernels(model, windows, policy, config, tmp_path, progress=False)
     for layer, loss in kernels.meta.val_loss.items():
         assert loss < kernels.meta.baseline_plus_val_loss[layer], f"layer {layer}"
-    loaded = LessKernels.from_pretrained(tmp_path, model, policy="h2o")
+    loaded = LessKernels.from_pretrained(tmp_path, model, policy=name)
     assert loaded.meta.val_loss == kernels.meta.val_loss
     assert not (tmp_path / "activations").exists()
 
