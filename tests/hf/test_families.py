@@ -1,0 +1,77 @@
+"""The support table (README): on tiny random models of every family lesskv drives, a budget
+at least the sequence length makes both forms the plain model; the others are refused."""
+
+import pytest
+import torch
+import transformers as hf
+from transformers import AutoModelForCausalLM
+
+from lesskv.core.policies import make_policy
+from lesskv.errors import LessKVError
+from lesskv.hf.cache import LessCache
+from lesskv.hf.compat import cache_argument
+from lesskv.hf.methods import set_method
+
+SHAPE = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+COMMON = dict(**SHAPE, intermediate_size=128, num_key_value_heads=2, max_position_embeddings=256)
+SUPPORTED = {
+    "llama": lambda: hf.LlamaConfig(**COMMON),
+    "qwen2": lambda: hf.Qwen2Config(**COMMON),
+    "qwen3": lambda: hf.Qwen3Config(head_dim=16, **COMMON),
+    "mistral": lambda: hf.MistralConfig(sliding_window=None, **COMMON),
+    "phi3": lambda: hf.Phi3Config(pad_token_id=0, **COMMON),
+    "olmo2": lambda: hf.Olmo2Config(**COMMON),
+    "granite": lambda: hf.GraniteConfig(**COMMON),
+    "cohere": lambda: hf.CohereConfig(pad_token_id=0, bos_token_id=1, eos_token_id=2, **COMMON),
+    "gemma": lambda: hf.GemmaConfig(head_dim=16, **COMMON),
+    "starcoder2": lambda: hf.Starcoder2Config(**COMMON),
+    "stablelm": lambda: hf.StableLmConfig(**COMMON),
+}
+REFUSED = {
+    "falcon": lambda: hf.FalconConfig(**SHAPE),
+    "gpt_neox": lambda: hf.GPTNeoXConfig(**SHAPE, intermediate_size=128),
+    "opt": lambda: hf.OPTConfig(**SHAPE, ffn_dim=128),
+    "gpt2": lambda: hf.GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4),
+}
+
+
+def build(config):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.mark.parametrize("family", sorted(SUPPORTED))
+def test_a_budget_covering_the_sequence_is_the_plain_model(family):
+    model = build(SUPPORTED[family]())
+    ids = torch.randint(1, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    plain = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        reference = model(input_ids=plain).logits
+    cache = LessCache(model, "h2o", 64)
+    greedy = model.generate(
+        input_ids=ids, max_new_tokens=8, do_sample=False, **cache_argument(model, cache)
+    )
+    assert torch.equal(greedy, plain)
+    cache = LessCache(model, "h2o", 64)
+    with torch.no_grad():
+        steps = [
+            model(input_ids=plain[:, t : t + 1], **cache_argument(model, cache)).logits
+            for t in range(plain.shape[1])
+        ]
+    assert torch.allclose(torch.cat(steps, 1), reference, atol=1e-4)
+    set_method(model, "baseline", policy=make_policy("h2o", 64))
+    with torch.no_grad():
+        parallel = model(input_ids=plain).logits
+    set_method(model, "full")
+    assert torch.allclose(parallel, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(REFUSED))
+def test_other_attention_styles_are_refused_by_name(family):
+    model = build(REFUSED[family]())
+    name = type(model).__name__
+    with pytest.raises(LessKVError, match=f"{name} has no attention modules lesskv can drive"):
+        LessCache(model, "h2o", 8)
