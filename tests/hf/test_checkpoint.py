@@ -108,3 +108,71 @@ def test_the_papers_form_has_no_decay_and_keeps_none_under_training():
     ).layers[0]
     layer.decay_rate().sum().backward()
     assert layer.decay_rate().eq(0).all() and layer.decay.grad.eq(0).all()
+
+
+def _edit_config(change):
+    def mutate(folder):
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        change(config)
+        (folder / CONFIG_FILE).write_text(json.dumps(config))
+
+    return mutate
+
+
+def _edit_tensors(change):
+    def mutate(folder):
+        tensors = load_file(folder / WEIGHTS_FILE)
+        change(tensors)
+        save_file(tensors, folder / WEIGHTS_FILE)
+
+    return mutate
+
+
+def _first(tensors):
+    return next(iter(sorted(tensors)))
+
+
+def _symlink_loop(folder):
+    (folder / WEIGHTS_FILE).unlink()
+    (folder / WEIGHTS_FILE).symlink_to(folder / WEIGHTS_FILE)
+
+
+HOSTILE = {
+    "config missing a field": (_edit_config(lambda c: c.pop("kv_heads")), "kv_heads"),
+    "config with an extra field": (_edit_config(lambda c: c.update(x=1)), "unknown field"),
+    "config field of the wrong type": (
+        _edit_config(lambda c: c.update(rank="eight")),
+        "rank should be int",
+    ),
+    "config that is a list": (
+        lambda f: (f / CONFIG_FILE).write_text("[1]"),
+        "JSON object was expected",
+    ),
+    "config that is binary": (
+        lambda f: (f / CONFIG_FILE).write_bytes(b"\xff\xfe\x00"),
+        CONFIG_FILE,
+    ),
+    "weights with NaN": (
+        _edit_tensors(lambda t: t[_first(t)].fill_(float("nan"))),
+        "NaN or infinite",
+    ),
+    "weights of another dtype": (
+        _edit_tensors(lambda t: t.update({k: v.long() for k, v in t.items()})),
+        "not a float dtype",
+    ),
+    "weights of another shape": (
+        _edit_tensors(lambda t: t.update({_first(t): t[_first(t)][..., :1].contiguous()})),
+        "of the shape its config names",
+    ),
+    "weights that are a symlink loop": (_symlink_loop, "is missing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_kernel_folders_are_one_line_errors_naming_the_file(tmp_path, case):
+    mutate, message = HOSTILE[case]
+    kernels_for(make_tiny_model("llama-gqa")).save_pretrained(tmp_path)
+    mutate(tmp_path)
+    with pytest.raises(LessKVError, match=message) as error:
+        LessKernels.from_pretrained(tmp_path)
+    assert str(tmp_path) in str(error.value) and "\n" not in str(error.value)

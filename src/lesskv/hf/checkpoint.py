@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import get_origin, get_type_hints
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -129,17 +130,20 @@ class LessKernels(nn.Module):
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise LessKVError(f"{path} is missing: {directory} is not a lesskv kernel folder")
-        try:
-            meta = KernelMeta(**{"state": "paper", **json.loads(config_path.read_text())})
-        except (json.JSONDecodeError, TypeError) as err:
-            raise LessKVError(f"{config_path} is corrupt ({err})") from None
+        meta = _read_meta(config_path)
         try:
             kernels = cls(meta)
-            state = {k: v.float() for k, v in load_file(weights_path).items()}
+            loaded = load_file(weights_path)
         except LessKVError as err:
             raise LessKVError(f"{config_path}: {err}") from None
         except Exception as err:  # safetensors raises several types for damaged files
             raise LessKVError(f"{weights_path} is corrupt or partial ({err})") from None
+        for name, tensor in loaded.items():
+            if tensor.dtype not in WEIGHT_DTYPES:
+                raise LessKVError(f"{weights_path}: {name} is {tensor.dtype}, not a float dtype")
+            if not torch.isfinite(tensor).all():
+                raise LessKVError(f"{weights_path}: {name} holds NaN or infinite values")
+        state = {k: v.float() for k, v in loaded.items()}
         if meta.state == "paper":  # saved before the decay existed: the paper's form is 0
             for name, value in kernels.state_dict().items():
                 if name.endswith(".decay"):
@@ -147,13 +151,43 @@ class LessKernels(nn.Module):
         try:
             kernels.load_state_dict(state)
         except RuntimeError as err:
+            detail = " ".join(str(err).split())  # torch's message spans lines; ours does not
             raise LessKVError(
                 f"{weights_path} does not hold {meta.state!r}-form kernels of the shape its "
-                f"config names ({err})"
+                f"config names ({detail})"
             ) from None
         if model is not None:
             kernels.check_compatible(model, policy)
         return kernels.eval()
+
+
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _read_meta(path: Path) -> KernelMeta:
+    """The config, every field checked for its type: a hand-edited or foreign file is named
+    with what is wrong, before any tensor is built from it. Configs written before the
+    ``state`` field existed hold the paper's form."""
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LessKVError(f"{path} is corrupt ({err})") from None
+    if not isinstance(raw, dict):
+        raise LessKVError(f"{path} is corrupt: a JSON object was expected")
+    hints = get_type_hints(KernelMeta)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise LessKVError(f"{path} is corrupt: unknown field(s) {', '.join(unknown)}")
+    for name, value in raw.items():
+        expected = get_origin(hints[name]) or hints[name]
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise LessKVError(
+                f"{path} is corrupt: {name} should be {expected.__name__}, got {value!r}"
+            )
+    try:
+        return KernelMeta(**{"state": "paper", **raw})
+    except TypeError as err:  # a required field is missing
+        raise LessKVError(f"{path} is corrupt ({err})") from None
 
 
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
