@@ -57,7 +57,7 @@ def tiny_kernels(model, seed=0):
     kernels = []
     for module in attention_modules(model):
         groups = module.num_key_value_groups
-        kv_heads = model.config.num_key_value_heads
+        kv_heads = model.config.num_attention_heads // groups
         shape = KernelShape(kv_heads * groups, kv_heads, module.head_dim, rank=4, hidden=16)
         layer = LayerKernels(shape).eval()
         with torch.no_grad():  # make the low-rank part and its decay matter, as after training

@@ -6,11 +6,12 @@ import torch
 import transformers as hf
 from transformers import AutoModelForCausalLM
 
+from helpers import BUDGET, kernel_set
 from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf.cache import LessCache
 from lesskv.hf.compat import cache_argument
-from lesskv.hf.methods import set_method
+from lesskv.hf.methods import make_cache, set_method
 
 SHAPE = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
 COMMON = dict(**SHAPE, intermediate_size=128, num_key_value_heads=2, max_position_embeddings=256)
@@ -26,9 +27,11 @@ SUPPORTED = {
     "gemma": lambda: hf.GemmaConfig(head_dim=16, **COMMON),
     "starcoder2": lambda: hf.Starcoder2Config(**COMMON),
     "stablelm": lambda: hf.StableLmConfig(**COMMON),
+    "falcon-mqa": lambda: hf.FalconConfig(**SHAPE, multi_query=True),
+    "falcon-mha": lambda: hf.FalconConfig(**SHAPE, multi_query=False),
+    "falcon-new": lambda: hf.FalconConfig(**SHAPE, new_decoder_architecture=True, num_kv_heads=2),
 }
 REFUSED = {
-    "falcon": lambda: hf.FalconConfig(**SHAPE),
     "gpt_neox": lambda: hf.GPTNeoXConfig(**SHAPE, intermediate_size=128),
     "opt": lambda: hf.OPTConfig(**SHAPE, ffn_dim=128),
     "gpt2": lambda: hf.GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4),
@@ -67,6 +70,34 @@ def test_a_budget_covering_the_sequence_is_the_plain_model(family):
         parallel = model(input_ids=plain).logits
     set_method(model, "full")
     assert torch.allclose(parallel, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["falcon-mqa", "falcon-new"])
+@pytest.mark.parametrize("method", ["baseline", "merge", "less"])
+def test_falcon_decodes_like_its_parallel_form_on_its_real_kv_heads(family, method):
+    """The adapter drives Falcon's own projections; the cache holds its real KV heads."""
+    model = build(SUPPORTED[family]())
+    kernels = kernel_set(model) if method == "less" else None
+    policy = make_policy("h2o", BUDGET)
+    ids = torch.randint(1, 97, (2, 30), generator=torch.Generator().manual_seed(2))
+    set_method(model, method, policy=policy, kernels=kernels and list(kernels.layers), rank=4)
+    with torch.no_grad():
+        parallel = model(input_ids=ids).logits
+    set_method(model, "full")
+    cache = make_cache(model, method, policy, kernels, rank=4)
+    with torch.no_grad():
+        steps = [
+            model(input_ids=ids[:, t : t + 1], **cache_argument(model, cache)).logits
+            for t in range(ids.shape[1])
+        ]
+    assert torch.allclose(torch.cat(steps, 1), parallel, atol=1e-4)
+    kv_heads = 2 if family == "falcon-new" else 1
+    assert cache.layers[0].keys.shape == (2, kv_heads, BUDGET, 16)
+
+
+def test_falcon_with_alibi_is_refused():
+    with pytest.raises(LessKVError, match="ALiBi"):
+        LessCache(build(hf.FalconConfig(**SHAPE, alibi=True)), "h2o", 8)
 
 
 @pytest.mark.parametrize("family", sorted(REFUSED))

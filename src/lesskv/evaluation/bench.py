@@ -34,7 +34,7 @@ from lesskv.hf.cache import LessCache
 from lesskv.hf.checkpoint import LessKernels
 from lesskv.hf.compat import cache_argument
 from lesskv.hf.methods import make_cache
-from lesskv.hf.modules import attention_modules, check_fits
+from lesskv.hf.modules import attention_modules, check_fits, kv_heads
 
 BENCH_METHODS = ("full", "baseline", "less")
 _STOCK_ATTENTION = "sdpa"  # what "full" runs when the model was already switched to lesskv's
@@ -394,10 +394,9 @@ def max_batch_for_memory(
         raise LessKVError(f"unknown method {method!r}: choose from {', '.join(BENCH_METHODS)}")
     modules = attention_modules(model)
     layers, head_dim = len(modules), modules[0].head_dim
-    config = model.config
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    heads = kv_heads(model)
     dtype_bytes = next(model.parameters()).element_size()
-    per_token = layers * 2 * kv_heads * head_dim * dtype_bytes
+    per_token = layers * 2 * heads * head_dim * dtype_bytes
     state = 0
     if method == "full":
         tokens = context + new_tokens
@@ -408,7 +407,7 @@ def max_batch_for_memory(
         if method == "less":
             if rank is None:
                 raise LessKVError("method 'less' needs the kernels' rank")
-            state = layers * kv_heads * rank * (head_dim + 1) * 4
+            state = layers * heads * rank * (head_dim + 1) * 4
     per_sequence = tokens * per_token + state
     return {
         "method": method,

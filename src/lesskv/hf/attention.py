@@ -35,13 +35,14 @@ from lesskv.core import math
 from lesskv.core.merge import merge_parallel
 from lesskv.core.policies import Policy, keep_mask_from_steps
 from lesskv.errors import LessKVError
+from lesskv.hf import adapters
 from lesskv.hf.compat import check_versions
 from lesskv.hf.modules import attention_modules, attention_scale
 
 if TYPE_CHECKING:
     from lesskv.hf.cache import LessCache, LessLayer
 
-ATTN_NAME = "less"
+ATTN_NAME = adapters.ATTN_NAME
 Observer = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
@@ -73,7 +74,8 @@ def enable(model: PreTrainedModel) -> PreTrainedModel:
     check_versions()
     AttentionInterface.register(ATTN_NAME, less_attention)
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
-    if model.config._attn_implementation != ATTN_NAME:
+    adapters.prepare(model)
+    if model.config._attn_implementation != ATTN_NAME and not adapters.is_adapted(model):
         model.set_attn_implementation(ATTN_NAME)
     return model
 

@@ -28,7 +28,7 @@ from lesskv.core.kernels import LayerKernels
 from lesskv.core.merge import MergeSlots
 from lesskv.core.policies import Policy, make_policy
 from lesskv.errors import LessKVError
-from lesskv.hf import attention
+from lesskv.hf import adapters, attention
 from lesskv.hf.checkpoint import LessKernels
 from lesskv.hf.modules import attention_modules, check_within, max_context, on_layer_device
 
@@ -323,6 +323,7 @@ class LessCache(Cache):
         ]
         super().__init__(layers=layers)
         self._config = model.config
+        self._adapted = adapters.is_adapted(model)  # keeps its own attention implementation
         self._modules = [weakref.ref(m) for m in modules]
         self._owner: int | None = None  # the thread that uses this cache
         self._foreign = False  # another model's layer wrote into it: its state is mixed
@@ -344,7 +345,8 @@ class LessCache(Cache):
                 "(and per generation)"
             )
         # Once per forward pass: reading the config's attention implementation costs ~4 µs.
-        if layer_idx == 0 and self._config._attn_implementation != attention.ATTN_NAME:
+        implementation = self._config._attn_implementation
+        if layer_idx == 0 and implementation != attention.ATTN_NAME and not self._adapted:
             raise LessKVError(
                 f"the model's attention implementation is {self._config._attn_implementation!r}; "
                 f"a LessCache needs {attention.ATTN_NAME!r} (lesskv.enable(model))"

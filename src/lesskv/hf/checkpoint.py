@@ -21,7 +21,7 @@ from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_MODEL, DEFAULT_RANK, STAT
 from lesskv.core.kernels import KernelShape, LayerKernels
 from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError
-from lesskv.hf.modules import attention_modules, model_fingerprint
+from lesskv.hf.modules import attention_modules, kv_heads, model_fingerprint
 
 CONFIG_FILE = "lesskv_kernels.json"
 WEIGHTS_FILE = "kernels.safetensors"
@@ -60,13 +60,13 @@ class KernelMeta:
     @classmethod
     def for_model(cls, model: PreTrainedModel, model_name: str, **fields) -> KernelMeta:
         module = attention_modules(model)[0]
-        kv_heads = model.config.num_key_value_heads
+        heads = kv_heads(model)
         return cls(
             model=model_name,
             model_fingerprint=model_fingerprint(model),
             num_layers=len(attention_modules(model)),
-            query_heads=kv_heads * module.num_key_value_groups,
-            kv_heads=kv_heads,
+            query_heads=heads * module.num_key_value_groups,
+            kv_heads=heads,
             head_dim=module.head_dim,
             **fields,
         )

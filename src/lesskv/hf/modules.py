@@ -10,18 +10,26 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from lesskv.errors import LessKVError
+from lesskv.hf import adapters
 
 
 def attention_modules(model: PreTrainedModel) -> list[nn.Module]:
-    """The self-attention modules in layer order (those transformers numbers with layer_idx)."""
+    """The self-attention modules in layer order (those transformers numbers with layer_idx);
+    modules of a style lesskv drives through an adapter get it here."""
+    adapters.prepare(model)
     found = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "head_dim")]
     found = [m for m in found if hasattr(m, "num_key_value_groups")]
     if not found:
         raise LessKVError(
             f"{type(model).__name__} has no attention modules lesskv can drive "
-            "(it needs transformers' standard attention interface)"
+            "(it needs transformers' standard attention interface, or an adapter: Falcon)"
         )
     return sorted(found, key=lambda m: m.layer_idx)
+
+
+def kv_heads(model: PreTrainedModel) -> int:
+    """KV heads per layer, from the attention modules (configs name them differently)."""
+    return model.config.num_attention_heads // attention_modules(model)[0].num_key_value_groups
 
 
 def attention_scale(module: nn.Module) -> float:

@@ -41,7 +41,7 @@ from lesskv.errors import LessKVError
 from lesskv.hf import attention
 from lesskv.hf.checkpoint import KernelMeta, LessKernels, atomic_write
 from lesskv.hf.methods import extra_tokens, layer_setups, observing
-from lesskv.hf.modules import attention_modules, attention_scale
+from lesskv.hf.modules import attention_modules, attention_scale, kv_heads
 from lesskv.training.distributed import Worker, decided_by_rank0, shard
 from lesskv.training.run import claim_output_dir, freeze, snapshot
 
@@ -220,7 +220,7 @@ def collect_activations(
 def _store(
     model: PreTrainedModel, layer: int, root: Path, n: int, t: int, policy: Policy
 ) -> ActivationStore:
-    module, hkv = attention_modules(model)[layer], model.config.num_key_value_heads
+    module, hkv = attention_modules(model)[layer], kv_heads(model)
     hq = hkv * module.num_key_value_groups
     return ActivationStore(root, layer, n, hq, hkv, t, module.head_dim, policy.slots(t).total)
 
