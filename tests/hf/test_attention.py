@@ -141,20 +141,6 @@ def test_each_layers_kernels_move_to_that_layers_device():
     assert devices(kernels) == [{"cpu"}, {"meta"}]
 
 
-def test_a_sliding_window_shorter_than_the_sequence_is_refused_not_ignored(ids):
-    model = make_tiny_model("mistral", sliding_window=16)
-    policy = make_policy("h2o", 8)
-    with pytest.raises(LessKVError, match="sliding window of 16"):
-        logits_for(model, ids, "baseline", policy=policy)
-    set_method(model, "full")
-    cache = LessCache(model, policy)
-    with pytest.raises(LessKVError, match="sliding window of 16"), torch.no_grad():
-        model(input_ids=ids, **cache_argument(model, cache))
-    inside = ids[:, :16]  # within the window the window changes nothing: decoding works
-    with torch.no_grad():
-        model(input_ids=inside, **cache_argument(model, LessCache(model, policy)))
-
-
 def test_softcapped_attention_is_refused_not_ignored(ids):
     from transformers import AutoModelForCausalLM, Gemma2Config
 
@@ -170,4 +156,14 @@ def test_softcapped_attention_is_refused_not_ignored(ids):
     )
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     with pytest.raises(LessKVError, match="softcapping"):
+        logits_for(model, ids, "baseline", policy=make_policy("h2o", 8))
+
+
+def test_a_window_lesskv_did_not_find_is_refused_where_it_binds(ids):
+    """A model that passes a window its modules and config do not declare the usual way:
+    lesskv cannot apply it, so it refuses instead of ignoring it."""
+    model = make_tiny_model("mistral", sliding_window=16)
+    for module in attention_modules(model):
+        module.sliding_window = None  # hides the config's window from lesskv's lookup
+    with pytest.raises(LessKVError, match="sliding window of 16"):
         logits_for(model, ids, "baseline", policy=make_policy("h2o", 8))

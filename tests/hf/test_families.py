@@ -27,6 +27,10 @@ SUPPORTED = {
     "gemma": lambda: hf.GemmaConfig(head_dim=16, **COMMON),
     "starcoder2": lambda: hf.Starcoder2Config(**COMMON),
     "stablelm": lambda: hf.StableLmConfig(**COMMON),
+    "mistral-sliding": lambda: hf.MistralConfig(sliding_window=16, **COMMON),
+    "qwen2-mixed": lambda: hf.Qwen2Config(
+        use_sliding_window=True, sliding_window=16, max_window_layers=1, **COMMON
+    ),
     "falcon-mqa": lambda: hf.FalconConfig(**SHAPE, multi_query=True),
     "falcon-mha": lambda: hf.FalconConfig(**SHAPE, multi_query=False),
     "falcon-new": lambda: hf.FalconConfig(**SHAPE, new_decoder_architecture=True, num_kv_heads=2),
@@ -70,6 +74,62 @@ def test_a_budget_covering_the_sequence_is_the_plain_model(family):
         parallel = model(input_ids=plain).logits
     set_method(model, "full")
     assert torch.allclose(parallel, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(SUPPORTED))
+def test_small_budgets_decode_like_the_parallel_form(family):
+    model = build(SUPPORTED[family]())
+    policy = make_policy("h2o", BUDGET)
+    ids = torch.randint(1, 97, (2, 30), generator=torch.Generator().manual_seed(2))
+    set_method(model, "baseline", policy=policy)
+    with torch.no_grad():
+        parallel = model(input_ids=ids).logits
+    set_method(model, "full")
+    cache = LessCache(model, policy)
+    with torch.no_grad():
+        steps = [
+            model(input_ids=ids[:, t : t + 1], **cache_argument(model, cache)).logits
+            for t in range(ids.shape[1])
+        ]
+    assert torch.allclose(torch.cat(steps, 1), parallel, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mistral-sliding", "qwen2-mixed"])
+def test_sliding_layers_keep_their_window_batched_and_chunked(family):
+    """Window layers keep exactly the newest ``window`` pairs (the model's own rule), so a
+    left-padded batch, a chunked prefill and one-by-one generation all agree with the plain
+    model's greedy tokens while the other layers evict to the budget."""
+    model = build(SUPPORTED[family]())
+    a = torch.randint(1, 97, (1, 40), generator=torch.Generator().manual_seed(3))
+    b = torch.randint(1, 97, (1, 30), generator=torch.Generator().manual_seed(4))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 10, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :10] = 0
+
+    def generate(ids, attention_mask=None, budget=64):
+        cache = LessCache(model, "h2o", budget)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            max_new_tokens=10,
+            do_sample=False,
+            **cache_argument(model, cache),
+        )
+        return out[:, ids.shape[1] :], cache
+
+    together, cache = generate(batch, mask)
+    assert torch.equal(together[0], generate(a)[0][0])
+    assert torch.equal(together[1], generate(b)[0][0])
+    plain = model.generate(input_ids=a, max_new_tokens=10, do_sample=False)[:, 40:]
+    assert torch.equal(generate(a)[0], plain)  # budget 64 > 50: only the window evicts
+    windows = [layer.budget for layer in cache.layers if layer.window is not None]
+    assert windows and set(windows) == {16}
+    chunked = LessCache(model, "h2o", 64)
+    with torch.no_grad():
+        whole = model(input_ids=a).logits[:, -1]
+        for start in range(0, 40, 12):
+            last = model(input_ids=a[:, start : start + 12], **cache_argument(model, chunked))
+    assert torch.allclose(last.logits[:, -1], whole, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["falcon-mqa", "falcon-new"])

@@ -161,10 +161,16 @@ def less_attention(
     scoring naturally is), so that padding only ever follows the real tokens.
     """
     scale = scaling if scaling is not None else attention_scale(module)
+    if kwargs.get("softcap") is not None:
+        raise LessKVError(
+            f"{type(module).__name__} caps its attention logits (softcapping, e.g. Gemma 2), "
+            "which lesskv's attention does not apply; run this model without lesskv"
+        )
     layer = _claim(module)
     if layer is not None:
-        chunk = query.shape[2] if key.shape[2] != layer.budget else 0
-        _refuse_what_sparse_attention_ignores(module, kwargs, layer.seen + chunk)
+        if layer.window is None:  # a window layer keeps its window itself
+            chunk = query.shape[2] if key.shape[2] != layer.budget else 0
+            _refuse_ignored_window(module, kwargs, layer.seen + chunk)
         return _heads_last(recurrent_attention(layer, query, key, value, attention_mask, scale))
     setup = _setup_of(module)
     if setup.observer is not None:
@@ -177,7 +183,7 @@ def less_attention(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
         return out, None
-    _refuse_what_sparse_attention_ignores(module, kwargs, k_len)
+    _refuse_ignored_window(module, kwargs, k_len)
     if q_len != k_len:
         raise LessKVError(
             "a sparse method cannot decode from transformers' own cache (its parallel form "
@@ -201,21 +207,15 @@ def less_attention(
     return _heads_last(math.less_parallel(out, lse, phi_q, psi_k, value, steps, decay))
 
 
-def _refuse_what_sparse_attention_ignores(module: nn.Module, options: dict, tokens: int) -> None:
-    """Sliding windows and logit softcapping reach attention as options that lesskv's sparse
-    forms do not apply yet: refuse where they would change the result, never decode wrong.
-    A window longer than the sequence changes nothing, so such calls go through."""
-    if options.get("softcap") is not None:
-        raise LessKVError(
-            f"{type(module).__name__} caps its attention logits (softcapping, e.g. Gemma 2), "
-            "which lesskv's sparse methods do not apply yet; use method 'full' for this model"
-        )
+def _refuse_ignored_window(module: nn.Module, options: dict, tokens: int) -> None:
+    """A sliding window that reaches a sparse form (a layer lesskv did not recognise as a
+    window layer) would be ignored: refuse where it binds rather than decode wrong."""
     window = options.get("sliding_window")
     if window is not None and tokens > window:
         raise LessKVError(
-            f"layer {module.layer_idx} attends within a sliding window of {window} tokens and "
-            f"this sequence has {tokens}; lesskv's sparse methods do not apply sliding windows "
-            "yet: keep sequences within the window or use method 'full'"
+            f"layer {module.layer_idx} attends within a sliding window of {window} tokens that "
+            f"lesskv did not find on the module or its config; sequences of {tokens} tokens "
+            "would ignore it"
         )
 
 
@@ -288,6 +288,13 @@ def _chunk_visibility(
 ) -> torch.Tensor:
     """``(B, Hkv, 1, q, budget + q)``: valid slots for every query, then the chunk itself."""
     slots = layer.valid[:, :, None, None, :].expand(-1, -1, 1, q_len, -1)
+    if layer.window is not None and layer.seen > 0:  # a later chunk: slots out of each query's
+        # window are invisible to it (only the first call may be padded, so positions count on)
+        newest = layer.real_seen.view(-1, 1, 1, 1, 1) + torch.arange(q_len, device=slots.device)
+        in_window = (
+            layer.positions[:, :, None, None, :] > newest.view(-1, 1, 1, q_len, 1) - layer.window
+        )
+        slots = slots & in_window
     if attention_mask is None:
         own = torch.ones(q_len, q_len, dtype=torch.bool, device=slots.device).tril()
         own = own.expand(*slots.shape[:3], q_len, q_len)

@@ -26,11 +26,17 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from lesskv.core.budget import DEFAULT_RANK, Budget
 from lesskv.core.kernels import LayerKernels
 from lesskv.core.merge import MergeSlots
-from lesskv.core.policies import Policy, make_policy
+from lesskv.core.policies import LambdaShape, Policy, make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf import adapters, attention
 from lesskv.hf.checkpoint import LessKernels
-from lesskv.hf.modules import attention_modules, check_within, max_context, on_layer_device
+from lesskv.hf.modules import (
+    attention_modules,
+    check_within,
+    max_context,
+    on_layer_device,
+    sliding_window,
+)
 
 NEG_INF, POS_INF = float("-inf"), float("inf")
 
@@ -51,11 +57,13 @@ class LessLayer(CacheLayerMixin):
         context: int,
         extra: int = 0,
         merge_slots: int = 0,
+        window: int | None = None,
     ) -> None:
         super().__init__()
         self.policy, self.kernels, self.rank, self.context = policy, kernels, rank, context
         self.extra = extra  # Baseline+'s additional pairs
         self.merge_slots = merge_slots
+        self.window = window  # a sliding-window layer keeps its window, nothing else
         self.merge: MergeSlots | None = None
         self.seen = 0  # tokens seen, padding included: what positions and masks count
         self.budget = 0  # slots per KV head, fixed at the first call (fractions need a length)
@@ -310,17 +318,25 @@ class LessCache(Cache):
             )
         self.policy, self.kernels = policy, kernels
         modules = attention_modules(model)
-        layers = [
-            LessLayer(
-                policy,
-                None if kernels is None else on_layer_device(kernels.layers[i], m),
-                rank or DEFAULT_RANK,
-                context,
-                extra=extra_tokens,
-                merge_slots=merge_slots,
+        layers = []
+        for i, module in enumerate(modules):
+            window = sliding_window(model, module)
+            if window is not None:  # the layer's own rule: the newest ``window`` tokens
+                layers.append(
+                    LessLayer(LambdaShape(window, sinks=0), None, 1, context, window=window)
+                )
+                continue
+            layer_kernels = None if kernels is None else on_layer_device(kernels.layers[i], module)
+            layers.append(
+                LessLayer(
+                    policy,
+                    layer_kernels,
+                    rank or DEFAULT_RANK,
+                    context,
+                    extra=extra_tokens,
+                    merge_slots=merge_slots,
+                )
             )
-            for i, m in enumerate(modules)
-        ]
         super().__init__(layers=layers)
         self._config = model.config
         self._adapted = adapters.is_adapted(model)  # keeps its own attention implementation

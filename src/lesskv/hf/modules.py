@@ -27,6 +27,14 @@ def attention_modules(model: PreTrainedModel) -> list[nn.Module]:
     return sorted(found, key=lambda m: m.layer_idx)
 
 
+def sliding_window(model: PreTrainedModel, module: nn.Module) -> int | None:
+    """The window a layer attends within, or None: modules that mix sliding and full layers
+    (Gemma 2/3, Qwen2) say it themselves, the others (Mistral, Starcoder2) take the config's."""
+    if hasattr(module, "sliding_window"):
+        return module.sliding_window
+    return getattr(model.config, "sliding_window", None)
+
+
 def kv_heads(model: PreTrainedModel) -> int:
     """KV heads per layer, from the attention modules (configs name them differently)."""
     return model.config.num_attention_heads // attention_modules(model)[0].num_key_value_groups
