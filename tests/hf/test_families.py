@@ -31,6 +31,12 @@ SUPPORTED = {
     "qwen2-mixed": lambda: hf.Qwen2Config(
         use_sliding_window=True, sliding_window=16, max_window_layers=1, **COMMON
     ),
+    "gemma3": lambda: hf.Gemma3TextConfig(
+        head_dim=16,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+        **COMMON,
+    ),
     "falcon-mqa": lambda: hf.FalconConfig(**SHAPE, multi_query=True),
     "falcon-mha": lambda: hf.FalconConfig(**SHAPE, multi_query=False),
     "falcon-new": lambda: hf.FalconConfig(**SHAPE, new_decoder_architecture=True, num_kv_heads=2),
@@ -94,7 +100,7 @@ def test_small_budgets_decode_like_the_parallel_form(family):
     assert torch.allclose(torch.cat(steps, 1), parallel, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["mistral-sliding", "qwen2-mixed"])
+@pytest.mark.parametrize("family", ["mistral-sliding", "qwen2-mixed", "gemma3"])
 def test_sliding_layers_keep_their_window_batched_and_chunked(family):
     """Window layers keep exactly the newest ``window`` pairs (the model's own rule), so a
     left-padded batch, a chunked prefill and one-by-one generation all agree with the plain
