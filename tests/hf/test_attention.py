@@ -159,11 +159,17 @@ def test_softcapped_attention_is_refused_not_ignored(ids):
         logits_for(model, ids, "baseline", policy=make_policy("h2o", 8))
 
 
-def test_a_window_lesskv_did_not_find_is_refused_where_it_binds(ids):
-    """A model that passes a window its modules and config do not declare the usual way:
-    lesskv cannot apply it, so it refuses instead of ignoring it."""
+def test_a_window_every_layer_shares_is_refused_beyond_its_length(ids):
+    """Where every layer slides, the policy runs inside the window: exact within it, refused
+    beyond it (pairs the policy kept would be attended though the window excludes them)."""
     model = make_tiny_model("mistral", sliding_window=16)
-    for module in attention_modules(model):
-        module.sliding_window = None  # hides the config's window from lesskv's lookup
+    policy = make_policy("h2o", 8)
     with pytest.raises(LessKVError, match="sliding window of 16"):
-        logits_for(model, ids, "baseline", policy=make_policy("h2o", 8))
+        logits_for(model, ids, "baseline", policy=policy)
+    set_method(model, "full")
+    with pytest.raises(LessKVError, match="sliding window of 16"), torch.no_grad():
+        model(input_ids=ids, **cache_argument(model, LessCache(model, policy)))
+    inside = ids[:, :16]
+    with torch.no_grad():
+        decoded = model(input_ids=inside, **cache_argument(model, LessCache(model, policy)))
+    assert torch.isfinite(decoded.logits).all()

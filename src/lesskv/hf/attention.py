@@ -208,14 +208,15 @@ def less_attention(
 
 
 def _refuse_ignored_window(module: nn.Module, options: dict, tokens: int) -> None:
-    """A sliding window that reaches a sparse form (a layer lesskv did not recognise as a
-    window layer) would be ignored: refuse where it binds rather than decode wrong."""
+    """Where every layer slides (Mistral, Starcoder2), the policy runs inside the window, which
+    is exact while the sequence fits in it; beyond, pairs the policy kept would be attended
+    although the model's window excludes them: refuse rather than decode wrong."""
     window = options.get("sliding_window")
     if window is not None and tokens > window:
         raise LessKVError(
-            f"layer {module.layer_idx} attends within a sliding window of {window} tokens that "
-            f"lesskv did not find on the module or its config; sequences of {tokens} tokens "
-            "would ignore it"
+            f"layer {module.layer_idx} attends within a sliding window of {window} tokens and "
+            f"this sequence has {tokens}: lesskv's sparse methods run inside a window that "
+            "spans every layer, so keep sequences within it (or use method 'full')"
         )
 
 

@@ -35,7 +35,7 @@ from lesskv.hf.modules import (
     check_within,
     max_context,
     on_layer_device,
-    sliding_window,
+    sliding_windows,
 )
 
 NEG_INF, POS_INF = float("-inf"), float("inf")
@@ -319,8 +319,7 @@ class LessCache(Cache):
         self.policy, self.kernels = policy, kernels
         modules = attention_modules(model)
         layers = []
-        for i, module in enumerate(modules):
-            window = sliding_window(model, module)
+        for i, (module, window) in enumerate(zip(modules, sliding_windows(model), strict=True)):
             if window is not None:  # the layer's own rule: the newest ``window`` tokens
                 layers.append(
                     LessLayer(LambdaShape(window, sinks=0), None, 1, context, window=window)

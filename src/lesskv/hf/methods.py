@@ -27,7 +27,7 @@ from lesskv.errors import LessKVError
 from lesskv.hf.attention import LayerSetup, Observer, enable, set_setups, using_setups
 from lesskv.hf.cache import LessCache
 from lesskv.hf.checkpoint import LessKernels
-from lesskv.hf.modules import attention_modules, on_layer_device, sliding_window
+from lesskv.hf.modules import attention_modules, on_layer_device, sliding_windows
 
 
 def extra_tokens(method: str, rank: int, head_dim: int) -> int:
@@ -100,7 +100,8 @@ def layer_setups(
         raise LessKVError(f"kernels cover {len(kernels)} layers but the model has {len(modules)}")
     if method == "full":
         return {}
-    return {  # sliding-window layers keep their own window: full attention within it
+    windows = sliding_windows(model)
+    return {  # local layers of a mixed model keep their own window: full attention within it
         module: LayerSetup(
             policy=policy,
             extra_tokens=extra_tokens(method, rank, module.head_dim),
@@ -108,7 +109,7 @@ def layer_setups(
             kernels=on_layer_device(kernels[i], module) if method == "less" else None,
         )
         for i, module in enumerate(modules)
-        if sliding_window(model, module) is None
+        if windows[i] is None
     }
 
 

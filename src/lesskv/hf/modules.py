@@ -27,12 +27,20 @@ def attention_modules(model: PreTrainedModel) -> list[nn.Module]:
     return sorted(found, key=lambda m: m.layer_idx)
 
 
-def sliding_window(model: PreTrainedModel, module: nn.Module) -> int | None:
-    """The window a layer attends within, or None: modules that mix sliding and full layers
-    (Gemma 2/3, Qwen2) say it themselves, the others (Mistral, Starcoder2) take the config's."""
-    if hasattr(module, "sliding_window"):
-        return module.sliding_window
-    return getattr(model.config, "sliding_window", None)
+def sliding_windows(model: PreTrainedModel) -> list[int | None]:
+    """Per attention layer, the native window it keeps in a LessCache, or None where the policy
+    applies. Models that mix local and global layers (Gemma 2/3, Qwen2 with
+    ``max_window_layers``) keep their local layers' small windows: they already bound memory,
+    and the policy (and LESS) runs on the global ones. Where every layer slides (Mistral,
+    Starcoder2: a config-wide window, often 4096), the policy runs everywhere and the window is
+    checked at attention time (sequences beyond it are refused)."""
+    windows = [
+        module.sliding_window
+        if hasattr(module, "sliding_window")
+        else getattr(model.config, "sliding_window", None)
+        for module in attention_modules(model)
+    ]
+    return [None] * len(windows) if None not in windows else windows
 
 
 def kv_heads(model: PreTrainedModel) -> int:
