@@ -96,3 +96,17 @@ def save_tiny(directory: Path, kind: str = "llama-gqa") -> torch.nn.Module:
     model.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return model
+
+
+def decode_steps(model, cache, ids):
+    """Logits of feeding ``ids`` one token per call through ``cache`` (the recurrent form)."""
+    from lesskv.hf.compat import cache_argument
+
+    with torch.no_grad():
+        return torch.cat(
+            [
+                model(input_ids=ids[:, t : t + 1], **cache_argument(model, cache)).logits
+                for t in range(ids.shape[1])
+            ],
+            1,
+        )

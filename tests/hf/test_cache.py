@@ -6,7 +6,7 @@ import weakref
 import pytest
 import torch
 
-from helpers import BUDGET, kernel_set, make_tiny_model, prompt
+from helpers import BUDGET, decode_steps, kernel_set, make_tiny_model, prompt
 from lesskv.core.policies import POLICIES, make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf import attention
@@ -258,12 +258,7 @@ def test_a_bf16_model_caches_bf16_pairs_beside_an_fp32_summary(method):
         parallel = model(input_ids=ids).logits.float()
     set_method(model, "full")
     cache = make_cache(model, method, pol, kernels, rank=4)
-    with torch.no_grad():
-        steps = [
-            model(input_ids=ids[:, t : t + 1], **cache_argument(model, cache)).logits
-            for t in range(ids.shape[1])
-        ]
-    assert torch.allclose(torch.cat(steps, 1).float(), parallel, atol=3e-2)
+    assert torch.allclose(decode_steps(model, cache, ids).float(), parallel, atol=3e-2)
     layer = cache.layers[0]
     assert layer.keys.dtype == layer.values.dtype == torch.bfloat16
     assert all(t.dtype == torch.float32 for t in summary(layer))

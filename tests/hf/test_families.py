@@ -6,7 +6,7 @@ import torch
 import transformers as hf
 from transformers import AutoModelForCausalLM
 
-from helpers import BUDGET, kernel_set
+from helpers import BUDGET, decode_steps, kernel_set
 from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf.cache import LessCache
@@ -69,12 +69,7 @@ def test_a_budget_covering_the_sequence_is_the_plain_model(family):
     )
     assert torch.equal(greedy, plain)
     cache = LessCache(model, "h2o", 64)
-    with torch.no_grad():
-        steps = [
-            model(input_ids=plain[:, t : t + 1], **cache_argument(model, cache)).logits
-            for t in range(plain.shape[1])
-        ]
-    assert torch.allclose(torch.cat(steps, 1), reference, atol=1e-4)
+    assert torch.allclose(decode_steps(model, cache, plain), reference, atol=1e-4)
     set_method(model, "baseline", policy=make_policy("h2o", 64))
     with torch.no_grad():
         parallel = model(input_ids=plain).logits
@@ -92,12 +87,7 @@ def test_small_budgets_decode_like_the_parallel_form(family):
         parallel = model(input_ids=ids).logits
     set_method(model, "full")
     cache = LessCache(model, policy)
-    with torch.no_grad():
-        steps = [
-            model(input_ids=ids[:, t : t + 1], **cache_argument(model, cache)).logits
-            for t in range(ids.shape[1])
-        ]
-    assert torch.allclose(torch.cat(steps, 1), parallel, atol=1e-4)
+    assert torch.allclose(decode_steps(model, cache, ids), parallel, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["qwen2-mixed", "gemma3"])
@@ -152,12 +142,7 @@ def test_falcon_decodes_like_its_parallel_form_on_its_real_kv_heads(family, meth
         parallel = model(input_ids=ids).logits
     set_method(model, "full")
     cache = make_cache(model, method, policy, kernels, rank=4)
-    with torch.no_grad():
-        steps = [
-            model(input_ids=ids[:, t : t + 1], **cache_argument(model, cache)).logits
-            for t in range(ids.shape[1])
-        ]
-    assert torch.allclose(torch.cat(steps, 1), parallel, atol=1e-4)
+    assert torch.allclose(decode_steps(model, cache, ids), parallel, atol=1e-4)
     kv_heads = 2 if family == "falcon-new" else 1
     assert cache.layers[0].keys.shape == (2, kv_heads, BUDGET, 16)
 

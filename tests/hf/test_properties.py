@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-from helpers import tiny_kernels
+from helpers import decode_steps, tiny_kernels
 from lesskv.core.policies import POLICIES, make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf.checkpoint import KernelMeta, LessKernels
@@ -82,17 +82,6 @@ def build(case):
     return model, kernels
 
 
-def decode(model, cache, ids):
-    with torch.no_grad():
-        return torch.cat(
-            [
-                model(input_ids=ids[:, t : t + 1], **cache_argument(model, cache)).logits
-                for t in range(ids.shape[1])
-            ],
-            1,
-        )
-
-
 @PROFILE
 @given(cases())
 def test_decoding_equals_teacher_forcing_within_the_budget(case):
@@ -112,7 +101,7 @@ def test_decoding_equals_teacher_forcing_within_the_budget(case):
     # token by token): the cache gets the token count the parallel form resolved.
     tokens = make_policy(case["policy"], policy.budget.tokens(case["length"]))
     cache = make_cache(model, case["method"], tokens, kernels, rank=4)
-    steps = decode(model, cache, ids).float()
+    steps = decode_steps(model, cache, ids).float()
     assert torch.isfinite(steps).all() and torch.isfinite(parallel).all()
     # In bf16 the two forms round differently, so an attention-scored policy (H2O, TOVA) may
     # break a near-tie the other way and keep another pair: only position rules compare there.

@@ -70,7 +70,6 @@ def _falcon_forward(
     return self.dense(out.reshape(*hidden_states.shape[:2], -1)), None
 
 
-# Module type -> (forward that routes through the attention interface, check of its config).
 def _falcon_check(module: FalconAttention) -> None:
     if module.config.alibi:
         raise LessKVError(
@@ -79,6 +78,7 @@ def _falcon_check(module: FalconAttention) -> None:
         )
 
 
+# Module type -> (forward that routes through the attention interface, check of its config).
 ADAPTERS: dict[type[nn.Module], tuple[Callable, Callable[[nn.Module], None]]] = {
     FalconAttention: (_falcon_forward, _falcon_check),
 }

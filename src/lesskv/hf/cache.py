@@ -320,7 +320,8 @@ class LessCache(Cache):
         modules = attention_modules(model)
         layers = []
         for i, (module, window) in enumerate(zip(modules, sliding_windows(model), strict=True)):
-            if window is not None:  # the layer's own rule: the newest ``window`` tokens
+            if window is not None:  # the layer's own rule: the newest ``window`` tokens, and
+                # no summary of what leaves (rank 1: the smallest state, never written)
                 layers.append(
                     LessLayer(LambdaShape(window, sinks=0), None, 1, context, window=window)
                 )
