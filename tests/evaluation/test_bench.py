@@ -146,9 +146,9 @@ def test_interleaved_methods_keep_their_caches_apart(setup):
 
     model, tokenizer, policy, kernels = setup
     ids = bench.prompt_batch(tokenizer, TEXT, 40, 2)
-    together = bench._interleaved(model, ids, METHODS, policy, kernels, 6, "sdpa", 2)
+    together = bench._interleaved(model, ids, METHODS, policy, kernels, 6, "sdpa", 2, None)
     for run in together:
-        (alone,) = bench._interleaved(model, ids, [run.method], policy, kernels, 6, "sdpa", 2)
+        (alone,) = bench._interleaved(model, ids, [run.method], policy, kernels, 6, "sdpa", 2, None)
         assert torch.equal(run.token, alone.token), run.method
         for mine, theirs in zip(run.cache.layers, alone.cache.layers, strict=True):
             assert torch.equal(mine.keys, theirs.keys)
@@ -158,3 +158,20 @@ def test_interleaved_methods_keep_their_caches_apart(setup):
         bench._row(base, policy, 40, 2, False, ids.device),
     )
     assert 0 < low <= ratio <= high
+
+
+@pytest.mark.slow
+def test_compilation_is_timed_apart_from_the_steps(setup):
+    """A compiled LESS run decodes the eager run's tokens; the compile time is counted once,
+    in ``compile_s``, and no step carries it."""
+    from lesskv.evaluation import bench
+
+    model, tokenizer, policy, kernels = setup
+    ids = bench.prompt_batch(tokenizer, TEXT, 40, 2)
+    compiled, eager = (
+        bench._interleaved(model, ids, ["less"], policy, kernels, 4, "sdpa", 2, compile)[0]
+        for compile in (True, False)
+    )
+    assert torch.equal(compiled.token, eager.token)
+    assert eager.compile_s == 0
+    assert compiled.compile_s > 0.05 and max(compiled.steps) < compiled.compile_s

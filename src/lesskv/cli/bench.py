@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lesskv.cli.common import (
+    add_compile_arg,
     add_data_args,
     add_dtype_arg,
     add_json_arg,
@@ -36,6 +37,7 @@ TIMING_COLUMNS = [
     "decode_ms_per_token",
     "decode_ms_p90",
     "decode_tokens_per_s",
+    "compile_s",
     "cache_MiB",
     "peak_rss_MiB",
 ]
@@ -56,6 +58,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_dtype_arg(bench)
     add_policy_args(bench, budget="0.1")
     add_kernels_arg(bench)
+    add_compile_arg(bench)
     bench.add_argument(
         "--contexts", default="1024,2048,4096,8000", help="comma-separated prompt lengths"
     )
@@ -111,6 +114,7 @@ def run(args: argparse.Namespace) -> None:
         new_tokens=args.new_tokens,
         prompt_texts=texts,
         shared_prefill=args.shared_prefill,
+        compile=args.compile,
     )
     print(
         f"{args.model} on {rows[0].device}, {policy.name} budget {policy.budget}, "

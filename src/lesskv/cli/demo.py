@@ -74,7 +74,8 @@ def _show_generation(
     from lesskv.hf.cache import LessCache
 
     print("\nGreedy continuation with real eviction (H2O 10% of the prompt) + LESS state:")
-    cache = LessCache(model, make_policy("h2o", 0.1), kernels=kernels)
+    # 40 tokens do not repay compiling the decoding step (seconds, on a CPU)
+    cache = LessCache(model, make_policy("h2o", 0.1), kernels=kernels, compile=False)
     text = generate_text(model, tokenizer, prompt, cache, max_new_tokens=40)
     memory = cache.memory_bytes()
     print("  the prompt ends:")

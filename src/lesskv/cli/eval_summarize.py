@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from lesskv.cli.common import (
+    add_compile_arg,
     add_dtype_arg,
     add_json_arg,
     add_kernels_arg,
@@ -31,6 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_args(summ)
     add_dtype_arg(summ)
+    add_compile_arg(summ)
     summ.add_argument(
         "--data",
         default="xsum",
@@ -69,7 +71,15 @@ def run(args: argparse.Namespace) -> None:
     if "less" in methods:
         kernels = load_kernels(args.kernels, args.model, model, policy)
     results, generations = evaluate_summarization(
-        model, tokenizer, examples, methods, policy, kernels, args.rank, args.max_new_tokens
+        model,
+        tokenizer,
+        examples,
+        methods,
+        policy,
+        kernels,
+        args.rank,
+        args.max_new_tokens,
+        compile=args.compile,
     )
     rows = as_rows(results)
     print_table(rows, ["method", "policy", "budget", "rouge1", "rouge2", "rougeL", "samples"])

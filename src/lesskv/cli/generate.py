@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from lesskv.cli.common import (
+    add_compile_arg,
     add_dtype_arg,
     add_kernels_arg,
     add_model_args,
@@ -31,6 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_args(gen)
     add_dtype_arg(gen)
+    add_compile_arg(gen)
     gen.add_argument("--method", choices=METHODS, default="less")
     add_policy_args(gen, budget="0.1")
     add_kernels_arg(gen)
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> None:
     kernels = (
         load_kernels(args.kernels, args.model, model, policy) if args.method == "less" else None
     )
-    cache = make_cache(model, args.method, policy, kernels)
+    cache = make_cache(model, args.method, policy, kernels, compile=args.compile)
     options = {"do_sample": args.sample}
     if args.sample:
         options["temperature"] = args.temperature

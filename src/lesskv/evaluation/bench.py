@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from lesskv.core.policies import Policy
+from lesskv.core.state import compiled_decode_step
 from lesskv.data import token_windows
 from lesskv.errors import LessKVError
 from lesskv.hf import attention
@@ -51,6 +52,8 @@ class BenchRow:
     only bounds the rows before it); ``rss_bytes`` is the resident memory right after the grid
     point's decoding, with every method's cache still alive. ``step_ms`` is each decoding
     step's time, in the rounds all methods of the grid point shared (:func:`paired_ratio`).
+    ``compile_s`` is the time ``torch.compile`` spent compiling the method's decoding step,
+    left out of every step time (the first grid point's includes the warm-up's).
     ``peak_device_bytes`` is the accelerator's peak allocation during the grid point (``None``
     on CPU). With ``shared_prefill`` one sequence
     was prefilled (``prefill_s`` is its time) and its cache repeated across the batch.
@@ -75,6 +78,7 @@ class BenchRow:
     device: str
     shared_prefill: bool = False
     step_ms: list[float] = field(default_factory=list)
+    compile_s: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -160,6 +164,7 @@ def _make_cache(
     policy: Policy | None,
     kernels: LessKernels | None,
     stock_attention: str,
+    compile: bool | None,
 ) -> DynamicCache | LessCache:
     """A fresh cache; ``full`` also puts the model back on its stock attention, so it is timed
     exactly as transformers runs it (a LessCache switches the model to lesskv's attention)."""
@@ -167,7 +172,7 @@ def _make_cache(
         if model.config._attn_implementation != stock_attention:
             model.set_attn_implementation(stock_attention)
         return DynamicCache(config=model.config)
-    return make_cache(model, method, policy, kernels)
+    return make_cache(model, method, policy, kernels, compile=compile)
 
 
 @dataclass
@@ -179,6 +184,7 @@ class _Decoding:
     token: torch.Tensor
     prefill_s: float
     steps: list[float]
+    compile_s: float = 0.0
 
 
 @torch.no_grad()
@@ -190,11 +196,12 @@ def _prefill(
     kernels: LessKernels | None,
     stock_attention: str,
     batch: int,
+    compile: bool | None,
 ) -> _Decoding:
     """Prefill ``ids`` into a fresh cache, repeated up to ``batch`` sequences if ``ids``
     holds fewer (as ``generate()`` does for ``num_return_sequences``)."""
     device = ids.device
-    cache = _make_cache(model, method, policy, kernels, stock_attention)
+    cache = _make_cache(model, method, policy, kernels, stock_attention, compile)
     _sync(device)
     start = time.perf_counter()
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_argument(model, cache))
@@ -209,18 +216,22 @@ def _prefill(
 
 @torch.no_grad()
 def _step(model: PreTrainedModel, run: _Decoding, stock_attention: str) -> None:
-    """One greedy step of ``run``, timed alone (the attention switch happens before)."""
+    """One greedy step of ``run``, timed alone (the attention switch happens before, and
+    compilation is counted apart)."""
     wanted = stock_attention if run.method == "full" else attention.ATTN_NAME
     if model.config._attn_implementation != wanted:
         model.set_attn_implementation(wanted)
     device = run.token.device
+    compiling = compiled_decode_step.compile_seconds
     start = time.perf_counter()
     out = model(
         input_ids=run.token, use_cache=True, logits_to_keep=1, **cache_argument(model, run.cache)
     )
     run.token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
-    run.steps.append(time.perf_counter() - start)
+    compiling = compiled_decode_step.compile_seconds - compiling
+    run.compile_s += compiling
+    run.steps.append(time.perf_counter() - start - compiling)
 
 
 def _interleaved(
@@ -232,13 +243,16 @@ def _interleaved(
     new_tokens: int,
     stock_attention: str,
     batch: int,
+    compile: bool | None,
 ) -> list[_Decoding]:
     """Every method prefilled on the same ``ids`` (each its own cache), then decoded round
     robin, one step each per round, the order rotating every round: a burst of load on the
     machine hits all methods alike, so their per-round ratios hold from run to run."""
     if ids.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ids.device)
-    runs = [_prefill(model, ids, m, policy, kernels, stock_attention, batch) for m in methods]
+    runs = [
+        _prefill(model, ids, m, policy, kernels, stock_attention, batch, compile) for m in methods
+    ]
     for round_ in range(new_tokens):
         shift = round_ % len(runs)
         for run in runs[shift:] + runs[:shift]:
@@ -278,6 +292,7 @@ def _row(
         device=str(device),
         shared_prefill=shared,
         step_ms=[t * 1e3 for t in run.steps],
+        compile_s=run.compile_s,
     )
 
 
@@ -309,6 +324,7 @@ def run_benchmark(
     progress: bool = True,
     warmup: bool = True,
     shared_prefill: bool = False,
+    compile: bool | None = None,
 ) -> list[BenchRow]:
     """Time every (context, batch) point, its methods interleaved step by step; one
     :class:`BenchRow` per (context, batch, method), in that order.
@@ -322,6 +338,7 @@ def run_benchmark(
     prompt per grid point and repeats its cache across the batch: decoding costs the same
     whatever the prompts hold, and it makes long-context batches affordable where prefill is
     slow (H2O's scores need the whole attention matrix, which CPU prefill pays dearly).
+    ``compile``: whether LESS's decoding step is compiled (see :class:`LessCache`).
     """
     methods = list(methods)
     unknown = [m for m in methods if m not in BENCH_METHODS]
@@ -352,16 +369,22 @@ def run_benchmark(
     device = next(model.parameters()).device
     grid = [(c, b) for c in contexts for b in batch_sizes]
     rows: list[BenchRow] = []
+    compiled_in_warmup: dict[str, float] = {}
     try:
         if warmup:
             ids = prompt_batch(tokenizer, prompt_texts, min(contexts), 1).to(device)
-            _interleaved(model, ids, methods, policy, kernels, 2, stock, 1)
+            warm = _interleaved(model, ids, methods, policy, kernels, 2, stock, 1, compile)
+            compiled_in_warmup = {run.method: run.compile_s for run in warm}
         bar = tqdm(grid, desc="bench", unit="point", disable=not progress)
         for context, batch in bar:
             bar.set_postfix_str(f"ctx={context} batch={batch}")
             prompts = 1 if shared_prefill else batch
             ids = prompt_batch(tokenizer, prompt_texts, context, prompts).to(device)
-            runs = _interleaved(model, ids, methods, policy, kernels, new_tokens, stock, batch)
+            runs = _interleaved(
+                model, ids, methods, policy, kernels, new_tokens, stock, batch, compile
+            )
+            for run in runs:
+                run.compile_s += compiled_in_warmup.pop(run.method, 0.0)
             shared = prompts < batch
             rows += [_row(run, policy, context, batch, shared, device) for run in runs]
             del ids, runs

@@ -132,8 +132,10 @@ def evaluate_summarization(
     rank: int = DEFAULT_RANK,
     max_new_tokens: int = 64,
     progress: bool = True,
+    compile: bool | None = None,
 ) -> tuple[list[SummaryResult], list[dict]]:
-    """ROUGE per method, plus every generation (for inspection)."""
+    """ROUGE per method, plus every generation (for inspection); ``compile``: see
+    :class:`~lesskv.hf.cache.LessCache`."""
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     room = max_context(model) - max_new_tokens
     prompts = [fit_prompt(tokenizer, ex.prompt, room).to(model.device) for ex in examples]
@@ -145,7 +147,7 @@ def evaluate_summarization(
             output = model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                **cache_argument(model, make_cache(model, method, policy, kernels, rank)),
+                **cache_argument(model, make_cache(model, method, policy, kernels, rank, compile)),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,

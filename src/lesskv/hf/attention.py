@@ -34,6 +34,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from lesskv.core import math
 from lesskv.core.merge import merge_parallel
 from lesskv.core.policies import Policy, keep_mask_from_steps
+from lesskv.core.state import fading
 from lesskv.errors import LessKVError
 from lesskv.hf import adapters
 from lesskv.hf.compat import check_versions
@@ -266,10 +267,11 @@ def recurrent_attention(
         logits = math.attention_logits(q[..., rows, :], key[:, :, cols], scale)
         probs, lse = math.masked_softmax(logits, block_visible)
         out = torch.einsum("bhgqk,bhkd->bhgqd", probs, value[:, :, cols])
-        if layer.kernels is not None:
+        if layer.kernels is not None and decoding:
+            out = layer.decode_state(q, out, lse)
+        elif layer.kernels is not None:  # a chunk reads the state before folding its evictions
             phi = layer.kernels.phi(q[..., rows, :])
-            if ages is not None:
-                phi = phi * layer.fading(ages[:, None, None, rows, None].float())
+            phi = phi * fading(layer.kernels, ages[:, None, None, rows, None].float())
             out = math.less_recurrent(out, lse, phi, layer.state_h, layer.state_z)
         elif layer.merge is not None:
             slots = layer.merge.attend(q[..., rows, :], scale)

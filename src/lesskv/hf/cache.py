@@ -27,6 +27,7 @@ from lesskv.core.budget import DEFAULT_RANK, Budget
 from lesskv.core.kernels import LayerKernels
 from lesskv.core.merge import MergeSlots
 from lesskv.core.policies import LambdaShape, Policy, make_policy
+from lesskv.core.state import age, compile_by_default, compiled_decode_step, fold
 from lesskv.errors import LessKVError
 from lesskv.hf import adapters, attention
 from lesskv.hf.checkpoint import LessKernels
@@ -58,13 +59,18 @@ class LessLayer(CacheLayerMixin):
         extra: int = 0,
         merge_slots: int = 0,
         window: int | None = None,
+        compile: bool = True,
     ) -> None:
         super().__init__()
         self.policy, self.kernels, self.rank, self.context = policy, kernels, rank, context
         self.extra = extra  # Baseline+'s additional pairs
         self.merge_slots = merge_slots
         self.window = window  # a sliding-window layer keeps its window, nothing else
+        self.compile = compile  # LESS's per-step state work as one compiled graph
         self.merge: MergeSlots | None = None
+        # The pair the last decoding insert evicted (keys, values, weight, distance), folded
+        # into the state by the attention call that follows (:meth:`decode_state`).
+        self.evicted: tuple[torch.Tensor, ...] | None = None
         self.seen = 0  # tokens seen, padding included: what positions and masks count
         self.budget = 0  # slots per KV head, fixed at the first call (fractions need a length)
 
@@ -159,18 +165,14 @@ class LessLayer(CacheLayerMixin):
         priority = scores.masked_fill((positions < first) | (positions > last), POS_INF)
         return priority.masked_fill(~valid, NEG_INF)
 
-    def fading(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``exp(-λ · tokens)``, λ the kernels' decay rate per KV head: how much a state
-        contribution fades over ``tokens`` ``(B, Hkv | 1, ...)`` of distance."""
-        rate = self.kernels.decay_rate().float()
-        return torch.exp(-rate.view(-1, *[1] * (tokens.dim() - 2)) * tokens)
-
-    def _age(self, tokens: torch.Tensor) -> None:
-        """The state moves ``tokens`` ``(B,)`` positions on: every absorbed pair fades."""
-        if self.kernels is not None:
-            factor = self.fading(tokens.float().view(-1, 1))  # (B, Hkv)
-            self.state_h *= factor[..., None, None]
-            self.state_z *= factor[..., None]
+    def decode_state(
+        self, query: torch.Tensor, sparse_out: torch.Tensor, lse: torch.Tensor
+    ) -> torch.Tensor:
+        """A decoding step's state work, fused: fade, fold the pair the insert evicted, read
+        with φ(q) and combine with the sparse part (:func:`lesskv.core.state.decode_step`)."""
+        evicted, self.evicted = self.evicted, None
+        args = self.kernels, query, sparse_out, lse, evicted, self.state_h, self.state_z
+        return compiled_decode_step(*args, enabled=self.compile)
 
     def _evict(
         self,
@@ -195,10 +197,7 @@ class LessLayer(CacheLayerMixin):
     ) -> None:
         """Add ``ψ(k)ᵀ v`` to the state, faded by the distance to the newest token."""
         distance = (self.real_seen - 1).view(-1, 1, 1) - positions
-        weight = weight * self.fading(distance.float())
-        psi = self.kernels.psi(keys).float() * weight.unsqueeze(-1)
-        self.state_h += torch.einsum("bhnr,bhnd->bhrd", psi, values.float())
-        self.state_z += psi.sum(2)
+        fold(self.kernels, self.state_h, self.state_z, keys, values, weight, distance)
 
     def _merge(
         self,
@@ -226,9 +225,12 @@ class LessLayer(CacheLayerMixin):
         slot = self._priority(self.scores, self.positions, self.valid).argmin(-1, keepdim=True)
         index = slot.unsqueeze(-1).expand(-1, -1, 1, key.shape[-1])
         was_valid = self.valid.gather(-1, slot).float()
-        self._age(torch.ones_like(newest))
         evicted = self.keys.gather(2, index), self.values.gather(2, index)
-        self._evict(*evicted, self.positions.gather(-1, slot), was_valid)
+        position = self.positions.gather(-1, slot)
+        if self.kernels is not None:  # aged and folded with the state's read, in one step
+            self.evicted = (*evicted, was_valid, newest.view(-1, 1, 1) - position)
+        else:
+            self._evict(*evicted, position, was_valid)
         self.keys.scatter_(2, index, key)
         self.values.scatter_(2, index, value)
         self.positions.scatter_(-1, slot, newest.view(-1, 1, 1).expand_as(slot))
@@ -253,7 +255,8 @@ class LessLayer(CacheLayerMixin):
         positions = torch.cat([self.positions, new_positions[:, None].expand(b, hkv, q)], -1)
         valid = torch.cat([self.valid, new_valid[:, None].expand(b, hkv, q)], -1)
         self.real_seen = self.real_seen + new_valid.long().sum(1)
-        self._age(new_valid.long().sum(1))
+        if self.kernels is not None:
+            age(self.kernels, self.state_h, self.state_z, new_valid.long().sum(1))
         priority = self._priority(scores, positions, valid)
         kept = priority.topk(self.budget, dim=-1, sorted=False).indices.sort(-1).values
         dropped = torch.ones_like(valid).scatter_(-1, kept, False) & valid
@@ -282,7 +285,10 @@ class LessCache(Cache):
     ``LessCache(model, policy="h2o", budget=64)`` is the sparse baseline with real eviction;
     pass ``kernels=`` (or use :meth:`from_pretrained`) for LESS, ``extra_tokens=`` for
     Baseline+, ``merge_slots=`` for the training-free merge of evicted pairs. A fractional
-    budget is relative to the prompt (the first call).
+    budget is relative to the prompt (the first call). ``compile`` (default: on, unless the
+    environment sets ``LESSKV_COMPILE=0``) runs LESS's per-step state work as one graph
+    compiled by ``torch.compile`` on the first decoding step; it falls back to eager, with one
+    warning, where compiling fails.
 
     A LessCache holds one generation's state: it serves the model it was built for, one batch
     size, and the thread that first uses it; anything else raises :class:`LessKVError`.
@@ -297,6 +303,7 @@ class LessCache(Cache):
         rank: int | None = None,
         extra_tokens: int = 0,
         merge_slots: int = 0,
+        compile: bool | None = None,
     ) -> None:
         if merge_slots < 0 or (merge_slots and kernels is not None):
             raise LessKVError(
@@ -317,6 +324,7 @@ class LessCache(Cache):
                 f"budget {policy.budget} is larger than the model's context of {context} tokens"
             )
         self.policy, self.kernels = policy, kernels
+        compile = compile_by_default() if compile is None else compile
         modules = attention_modules(model)
         layers = []
         for i, (module, window) in enumerate(zip(modules, sliding_windows(model), strict=True)):
@@ -335,6 +343,7 @@ class LessCache(Cache):
                     context,
                     extra=extra_tokens,
                     merge_slots=merge_slots,
+                    compile=compile,
                 )
             )
         super().__init__(layers=layers)

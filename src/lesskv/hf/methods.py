@@ -119,13 +119,15 @@ def make_cache(
     policy: Policy | None = None,
     kernels: LessKernels | None = None,
     rank: int = DEFAULT_RANK,
+    compile: bool | None = None,
 ) -> LessCache | None:
-    """The cache ``method`` generates with; ``None`` for ``full`` (transformers' own cache)."""
+    """The cache ``method`` generates with; ``None`` for ``full`` (transformers' own cache).
+    ``compile``: see :class:`LessCache`."""
     check_method(method, policy, kernels)
     if method == "full":
         return None
     if method == "less":
-        return LessCache(model, policy, kernels=kernels)
+        return LessCache(model, policy, kernels=kernels, compile=compile)
     head_dim = attention_modules(model)[0].head_dim
     return LessCache(
         model,
@@ -133,6 +135,7 @@ def make_cache(
         rank=rank,
         extra_tokens=extra_tokens(method, rank, head_dim),
         merge_slots=merge_slots(method, rank, head_dim),
+        compile=compile,
     )
 
 
