@@ -167,6 +167,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/kvpress.json"))
     parser.add_argument("--quick", action="store_true", help="one trial per task (smoke test)")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated method names (rows) to run, e.g. to finish"
+    )
     args = parser.parse_args()
     presses = kvpress_presses()
     plain, tokenizer = load_model("smollm2-135m")  # kvpress hooks this one (sdpa attention)
@@ -183,6 +186,12 @@ def main() -> None:
         runners[f"lesskv {policy} {method}"] = lesskv_runner(
             ours, policy, method, kernels.get(policy)
         )
+    if args.only is not None:
+        wanted = [name.strip() for name in args.only.split(",")]
+        unknown = sorted(set(wanted) - set(runners))
+        if unknown:
+            raise SystemExit(f"unknown method(s) {unknown}: choose from {sorted(runners)}")
+        runners = {name: runners[name] for name in wanted}
     books = {
         b: tokenizer((DATA / f"{b}.txt").read_text(), add_special_tokens=False)["input_ids"]
         for b in BOOKS

@@ -29,8 +29,9 @@ def group_queries(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 def attention_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Scaled logits ``(B, Hkv, G, Tq, Tk)`` without expanding K across the group."""
-    return torch.einsum("bhgqd,bhkd->bhgqk", q, k) * scale
+    """Scaled logits ``(B, Hkv, G, Tq, Tk)`` without expanding K across the group (the scale
+    goes on the queries: a pass over ``Tq x D`` numbers, not ``Tq x Tk``)."""
+    return torch.einsum("bhgqd,bhkd->bhgqk", q * scale, k)
 
 
 def causal_logits(
@@ -58,6 +59,21 @@ def masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tens
     return (masked - lse.nan_to_num(neginf=0.0)).exp_(), lse
 
 
+def probabilities(
+    q: torch.Tensor,
+    key: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The attention probabilities behind an output whose log-sum-exp ``lse`` is known (from
+    a fused kernel): one matmul and one exp, where :func:`masked_softmax` needs three more
+    passes to find the normaliser. Keys outside ``keep`` (if given) and rows with nothing
+    kept give 0."""
+    logits = attention_logits(q, key, scale).sub_(lse.nan_to_num(neginf=0.0)).exp_()
+    return logits if keep is None else logits.masked_fill_(~keep, 0.0)
+
+
 def sparse_attention(
     q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,6 +88,20 @@ def sparse_attention(
         return _fused_with_lse(q, key, value, keep, scale)
     probs, lse = masked_softmax(attention_logits(q, key, scale), keep)
     return torch.einsum("bhgqk,bhkd->bhgqd", probs, value), lse
+
+
+def causal_attention(
+    q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Plain causal attention with its log-sum-exp, ``q: (B, Hkv, G, T, D)`` over the same T
+    keys, through torch's fused CPU flash kernel: no mask is built, and the kernel skips the
+    blocks above the diagonal. ``None`` where that kernel does not apply (other devices,
+    autograd): the caller takes a general path."""
+    if not _fused_lse_applies(q, key, value):
+        return None
+    b, hkv, g, t, d = q.shape
+    out, lse = _CPU_FLASH(q.reshape(b, hkv * g, t, d), key, value, is_causal=True, scale=scale)
+    return out.view(b, hkv, g, t, d), lse.view(b, hkv, g, t, 1).to(q.dtype)
 
 
 def _fused_lse_applies(*tensors: torch.Tensor) -> bool:

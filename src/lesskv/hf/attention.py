@@ -243,6 +243,10 @@ def recurrent_attention(
     """
     q = math.group_queries(query, key.shape[1])
     decoding = key.shape[2] == layer.budget
+    if layer.seen == 0 and attention_mask is None and not decoding:
+        prompt = _prompt_attention(layer, q, key, value, scale)
+        if prompt is not None:
+            return prompt
     visible = (
         layer.valid[:, :, None, None, :]
         if decoding
@@ -264,9 +268,15 @@ def recurrent_attention(
         # Causality: chunk tokens after the block's last query are invisible to the block.
         cols = slice(0, key.shape[2] - q.shape[3] + end)
         block_visible = visible[..., rows, cols]
-        logits = math.attention_logits(q[..., rows, :], key[:, :, cols], scale)
-        probs, lse = math.masked_softmax(logits, block_visible)
-        out = torch.einsum("bhgqk,bhkd->bhgqd", probs, value[:, :, cols])
+        block_q, block_k, block_v = q[..., rows, :], key[:, :, cols], value[:, :, cols]
+        if decoding:
+            logits = math.attention_logits(block_q, block_k, scale)
+            probs, lse = math.masked_softmax(logits, block_visible)
+            out = torch.einsum("bhgqk,bhkd->bhgqd", probs, block_v)
+        else:  # fused attention for the output; probabilities only for a policy that scores
+            out, lse = math.sparse_attention(block_q, block_k, block_v, block_visible, scale)
+            if layer.policy.uses_attention:
+                probs = math.probabilities(block_q, block_k, lse, scale, block_visible)
         if layer.kernels is not None and decoding:
             out = layer.decode_state(q, out, lse)
         elif layer.kernels is not None:  # a chunk reads the state before folding its evictions
@@ -284,6 +294,39 @@ def recurrent_attention(
     else:
         layer.compress(key, value, scores, new_valid)
     return torch.cat(outputs, 3)
+
+
+def _prompt_attention(
+    layer: LessLayer, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> torch.Tensor | None:
+    """The first call without padding (a plain prompt): the slots are still empty and so is
+    any state, so this is causal attention over the chunk alone. One fused call gives the
+    outputs and their log-sum-exp; a policy that scores gets the probabilities rebuilt from
+    that log-sum-exp, a row block at a time, the causal limit being each block's last key.
+    No mask is built. ``None`` where the fused kernel does not apply."""
+    budget = layer.budget
+    chunk_k, chunk_v = key[:, :, budget:], value[:, :, budget:]
+    fused = math.causal_attention(q, chunk_k, chunk_v, scale)
+    if fused is None:
+        return None
+    out, lse = fused
+    t = q.shape[3]
+    scores = layer.scores.new_zeros(*key.shape[:2], budget + t)
+    if layer.policy.uses_attention:
+        rows_per_block = max(1, BLOCK_ELEMENTS // q.shape[:3].numel() // t)
+        for start in range(0, t, rows_per_block):
+            end = min(start + rows_per_block, t)
+            probs = math.probabilities(
+                q[..., start:end, :], chunk_k[:, :, :end], lse[..., start:end, :], scale
+            )
+            rows = end - start  # the block's own keys: causal, a triangle
+            future = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu(1)
+            probs[..., start:end].masked_fill_(future, 0.0)
+            cols = slice(budget, budget + end)
+            scores[..., cols] = layer.policy.update_scores(scores[..., cols], probs.float())
+    new_valid = torch.ones(q.shape[0], t, dtype=torch.bool, device=q.device)
+    layer.compress(key, value, scores, new_valid)
+    return out
 
 
 def _chunk_visibility(
