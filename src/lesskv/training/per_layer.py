@@ -431,7 +431,7 @@ def train_kernels(
     requested = range(len(modules)) if layers is None else layers
 
     def plan() -> list[int]:
-        claim_output_dir(out, config, overwrite)
+        claim_output_dir(out, config, overwrite, shared=True)
         return missing_layers(out, requested)
 
     todo = plan() if worker is None else decided_by_rank0(worker, plan)

@@ -31,48 +31,73 @@ def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def claim_output_dir(out: Path, config: object, overwrite: bool) -> None:
+def claim_output_dir(out: Path, config: object, overwrite: bool, shared: bool = False) -> None:
     """Lock ``out`` for this process, then resume our own run (``config`` is its dataclass);
-    refuse to mix with another run's kernels unless told to."""
+    refuse to mix with another run's kernels unless told to.
+
+    A run alone in the folder claims it (and may empty it, with ``overwrite``). With
+    ``shared`` (per-layer training, whose layers are separate atomic files), later processes
+    running the very same configuration may join it, e.g. ``--layers`` splitting the work;
+    anything else is refused while the folder is in use.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    _lock(out)
-    run_file = out / RUN_FILE
     mine = json.loads(json.dumps(asdict(config)))  # as stored: tuples become lists
-    if run_file.exists():
-        theirs = json.loads(run_file.read_text())
-        if theirs != mine:
-            if not overwrite:
-                differing = sorted(k for k in mine if theirs.get(k) != mine[k])
-                raise LessKVError(
-                    f"{out} holds another training run (differs in {', '.join(differing)}); "
-                    "choose another --out or pass --overwrite"
-                )
-            _empty(out)
-    elif any(p.name != LOCK_FILE for p in out.iterdir()):
+    held = _held_lock(out)
+    fd = held if held is not None else os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    if not _try_lock(fd, fcntl.LOCK_EX):  # someone else is in the folder
+        if shared and _try_lock(fd, fcntl.LOCK_SH) and _stored_run(out) == mine:
+            _held[out.resolve()] = fd
+            return  # another process runs this same training: share the folder
+        if held is None:
+            os.close(fd)
+        raise LessKVError(
+            f"{out} is in use by another lesskv run (it holds {out / LOCK_FILE}); wait for "
+            "that run to finish or choose another --out"
+        )
+    _held[out.resolve()] = fd
+    _claim(out, mine, overwrite)
+    if shared:  # from now on, processes running this same configuration may join
+        fcntl.flock(fd, fcntl.LOCK_SH)
+
+
+def _claim(out: Path, mine: dict, overwrite: bool) -> None:
+    """Resume ``mine`` in ``out``, or start it there (emptying only with ``overwrite``)."""
+    theirs = _stored_run(out)
+    if theirs is not None and theirs != mine:
+        if not overwrite:
+            differing = sorted(k for k in mine if theirs.get(k) != mine[k])
+            raise LessKVError(
+                f"{out} holds another training run (differs in {', '.join(differing)}); "
+                "choose another --out or pass --overwrite"
+            )
+        _empty(out)
+    elif theirs is None and any(p.name != LOCK_FILE for p in out.iterdir()):
         if not overwrite:
             raise LessKVError(f"{out} is not empty; choose another --out or pass --overwrite")
         _empty(out)
-    atomic_write(run_file, lambda p: Path(p).write_text(json.dumps(mine, indent=2) + "\n"))
+    atomic_write(out / RUN_FILE, lambda p: Path(p).write_text(json.dumps(mine, indent=2) + "\n"))
 
 
-def _lock(out: Path) -> None:
-    """An exclusive lock on ``out/.lock`` until this process exits, so two training runs
-    pointed at one folder cannot interleave their files: the second one refuses."""
+def _stored_run(out: Path) -> dict | None:
+    run_file = out / RUN_FILE
+    return json.loads(run_file.read_text()) if run_file.exists() else None
+
+
+def _held_lock(out: Path) -> int | None:
+    """This process's lock on ``out`` (a resumed call), if it still guards the lock file."""
+    fd = _held.get(out.resolve())
     path = out / LOCK_FILE
-    key = out.resolve()
-    held = _held.get(key)
-    if held is not None and path.exists() and os.fstat(held).st_ino == path.stat().st_ino:
-        return  # ours already (a resumed call in the same process)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if fd is not None and path.exists() and os.fstat(fd).st_ino == path.stat().st_ino:
+        return fd
+    return None
+
+
+def _try_lock(fd: int, kind: int) -> bool:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.close(fd)
-        raise LessKVError(
-            f"{out} is in use by another lesskv run (it holds {path}); wait for that run to "
-            "finish or choose another --out"
-        ) from None
-    _held[key] = fd
+        return False
+    return True
 
 
 def _empty(out: Path) -> None:
