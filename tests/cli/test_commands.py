@@ -117,3 +117,47 @@ def test_an_unsupported_family_is_refused_before_any_work(capsys, tmp_path):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("lesskv: error: GPT2LMHeadModel has no attention modules")
+
+
+HOSTILE_DATA = {
+    "empty.txt": b"",
+    "blank.jsonl": b'{"text": " "}\n\n',
+    "binary.txt": b"\x7fELF\x02\x01\x01\x00\xff\xfe\x00\x00",
+    "latin1.txt": "caf\u00e9 cr\u00e8me ".encode("latin-1") * 50,
+    "bad-line.jsonl": b'{"text": "fine"}\n{"text": "broken\n',
+    "no-field.jsonl": b'{"body": "the text is elsewhere"}\n',
+    "not-records.json": b'{"text": "an object, not a list"}',
+}
+
+
+def test_hostile_data_files_are_one_line_errors_and_nothing_is_written(capsys, tmp_path):
+    """Every command that reads --data: exit 2, one line naming the file, no output."""
+    save_tiny(tmp_path / "model")
+    model = str(tmp_path / "model")
+    capsys.readouterr()  # saving the model prints progress
+    for name, content in HOSTILE_DATA.items():
+        data = tmp_path / name
+        data.write_bytes(content)
+        out = tmp_path / f"out-{name}"
+        commands = [
+            [
+                "eval",
+                "ppl",
+                "--model",
+                model,
+                "--data",
+                str(data),
+                "--budget",
+                "8",
+                "--json",
+                str(out),
+            ],
+            ["train", "--model", model, "--data", str(data), "--budget", "8", "--out", str(out)],
+            ["bench", "--model", model, "--data", str(data), "--json", str(out)],
+        ]
+        for command in commands:
+            assert main(command) == 2, (name, command[0])
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("lesskv: error:") and "\n" not in err, (name, err)
+            assert name in err, (name, err)
+            assert not out.exists(), (name, command[0])

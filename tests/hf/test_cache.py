@@ -292,3 +292,19 @@ def test_a_bf16_model_caches_bf16_pairs_beside_an_fp32_summary(method):
     with torch.no_grad():
         full_precision(input_ids=ids, **cache_argument(full_precision, fp32))
     assert cache.memory_bytes()["kv"] * 2 == fp32.memory_bytes()["kv"]
+
+
+def test_generate_past_the_context_stops_at_the_boundary_with_a_clear_error():
+    """``model.generate`` cannot tell the cache its length up front: the step that would
+    pass the model's context raises, and the cache keeps what it held (no torn state)."""
+    model = make_tiny_model("llama-gqa")  # a 256-token context
+    cache = LessCache(model, make_policy("h2o", BUDGET))
+    with pytest.raises(LessKVError, match="exceed the model's context of 256"):
+        model.generate(
+            input_ids=prompt(250),
+            max_new_tokens=20,
+            do_sample=False,
+            **cache_argument(model, cache),
+        )
+    assert cache.get_seq_length() == 256
+    assert all(layer.seen == 256 for layer in cache.layers)

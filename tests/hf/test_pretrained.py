@@ -76,3 +76,21 @@ def test_compiled_decoding_gives_the_eager_tokens(default_model):
         runs[compile] = out.sequences, torch.stack(out.logits, 1)
     assert torch.equal(runs[True][0], runs[False][0])
     assert (runs[True][1] - runs[False][1]).abs().max() < 1e-3
+
+
+def test_generation_past_the_context_is_refused_before_any_work(default_model):
+    """SmolLM2's context is 8192 tokens: a prompt and max_new_tokens beyond it stop with a
+    clear error before the model runs once (lesskv's generate path checks up front)."""
+    from lesskv.errors import LessKVError
+    from lesskv.evaluation.generation import generate_text
+
+    model, tokenizer = default_model
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        cache = LessCache(model, make_policy("h2o", 0.1))
+        with pytest.raises(LessKVError, match="exceed the model's context of 8192"):
+            generate_text(model, tokenizer, "word " * 8100, cache, max_new_tokens=200)
+    finally:
+        hook.remove()
+    assert calls == []

@@ -16,7 +16,7 @@ The profile is derandomized (the same cases every run) and sized for CI: see ``P
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
@@ -153,6 +153,52 @@ def test_left_padded_batches_decode_each_row_as_alone(case):
         for _ in range(6):
             model(input_ids=padded[:, -1:], **cache_argument(model, cache))
     assert cache.memory_bytes() == before
+
+
+@st.composite
+def chunked_cases(draw):
+    """A case with a prompt of up to 300 tokens fed in chunks of any size; ``large`` budgets
+    hold every token (so the cache must equal the plain model)."""
+    case = draw(cases())
+    length = draw(st.integers(1, 300))
+    large = draw(st.booleans())
+    budget = length if large else draw(st.sampled_from([1, 3, 8, 17, 0.1, 0.25]))
+    return case | dict(length=length, budget=budget, large=large, chunk=draw(st.integers(1, 96)))
+
+
+@PROFILE
+@given(chunked_cases())
+def test_chunked_prefill_stays_within_the_budget_and_exact_when_it_holds_everything(case):
+    model, kernels = build(case)
+    ids = torch.randint(1, 97, (case["batch"], case["length"]))
+    policy = make_policy(case["policy"], case["budget"])
+    try:  # a fractional budget resolves against the first call: the first chunk
+        policy.slots(min(case["chunk"], case["length"]), extra_tokens(case["method"], 4, 8))
+    except LessKVError:  # a Λ budget that leaves no room beside the sinks: refused, clearly
+        event("refused: a Λ budget with no room beside the sinks")
+        return
+    event("budget holds every token" if case["large"] else "budget evicts")
+    cache = make_cache(model, case["method"], policy, kernels, rank=4)
+    state = None
+    with torch.no_grad():
+        plain = None
+        if case["large"]:
+            set_method(model, "full")
+            plain = model(input_ids=ids).logits.float()
+        logits = []
+        for start in range(0, case["length"], case["chunk"]):
+            chunk = ids[:, start : start + case["chunk"]]
+            out = model(input_ids=chunk, use_cache=True, **cache_argument(model, cache))
+            logits.append(out.logits.float())
+            for layer in cache.layers:  # never more than the budget, fully used
+                assert int(layer.valid.sum(-1).max()) == min(layer.seen, layer.budget)
+            if state is None:
+                state = cache.memory_bytes()
+            assert cache.memory_bytes() == state  # fixed at the first chunk
+    logits = torch.cat(logits, 1)
+    assert torch.isfinite(logits).all()
+    if plain is not None and case["dtype"] == torch.float32:
+        assert torch.allclose(logits, plain, atol=TOLERANCE[case["dtype"]], rtol=1e-2)
 
 
 def test_the_profile_is_fixed():
