@@ -139,3 +139,51 @@ def test_every_policy_is_named_where_the_cli_lists_them():
     from lesskv.core.budget import POLICY_NAMES
 
     assert tuple(POLICIES) == POLICY_NAMES
+
+
+def windowed(logits, window):
+    """Causal logits of a layer that slides: keys ``window`` or more behind are -inf."""
+    t = logits.shape[-1]
+    old = torch.ones(t, t, dtype=torch.bool).tril(-window)
+    return logits.masked_fill(old, float("-inf"))
+
+
+def reference_with_window(logits, slots, window, scored):
+    """The cache from the definitions, one KV head at a time: the token entering at step i,
+    every pair ``window`` or more behind leaving (the model no longer sees it), and, if the
+    cache is still over budget, the lowest-scored eligible pair (``scored``: H2O's
+    accumulated attention; else the oldest eligible, Λ) leaving; ``expired`` marks pairs that
+    left by the window (they enter no summary)."""
+    b, hkv, g, t, _ = logits.shape
+    out = torch.zeros(b, hkv, t, t, dtype=torch.bool)
+    expired = torch.zeros(b, hkv, t, dtype=torch.bool)
+    for bi in range(b):
+        for h in range(hkv):
+            kept, scores = [], torch.zeros(t)
+            for i in range(t):
+                kept.append(i)
+                for j in [j for j in kept if j <= i - window]:
+                    kept.remove(j)
+                    expired[bi, h, j] = True
+                if len(kept) > slots.total:
+                    candidates = [j for j in kept if slots.sinks <= j <= i - slots.recent]
+                    key = (lambda j, s=scores: (s[j].item(), j)) if scored else (lambda j: j)
+                    kept.remove(min(candidates, key=key))
+                out[bi, h, i, kept] = True
+                scores[kept] += logits[bi, h, :, i, kept].softmax(-1).sum(0)
+    return out, expired
+
+
+@pytest.mark.parametrize("name", ["h2o", "lambda"])
+@pytest.mark.parametrize("window", [7, 20, 30, 60])
+def test_a_sliding_window_expires_pairs_and_frees_their_place(name, window):
+    from lesskv.core.policies import keep_mask_from_steps, state_steps
+
+    policy = make_policy(name, 12)
+    slots = policy.slots(T)
+    logits = windowed(causal_logits(b=2, hkv=2, g=3), window)
+    steps = policy.eviction_steps(logits, slots, T, window)
+    expected, expired = reference_with_window(logits, slots, window, policy.uses_attention)
+    assert keep_mask_from_steps(steps).equal(expected)
+    entering = state_steps(steps, window)  # expired pairs never enter a summary
+    assert entering.eq(T).logical_and(steps.lt(T)).equal(expired)

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from helpers import make_tiny_model, tiny_kernels
+from helpers import decode_steps, kernel_set, make_tiny_model, prompt, tiny_kernels
 from lesskv.core.policies import POLICIES, make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf.attention import LayerSetup, using_setups
 from lesskv.hf.cache import LessCache
 from lesskv.hf.compat import cache_argument
-from lesskv.hf.methods import set_method
+from lesskv.hf.methods import make_cache, set_method
 from lesskv.hf.modules import attention_modules
 
 T = 40
@@ -159,17 +159,57 @@ def test_softcapped_attention_is_refused_not_ignored(ids):
         logits_for(model, ids, "baseline", policy=make_policy("h2o", 8))
 
 
-def test_a_window_every_layer_shares_is_refused_beyond_its_length(ids):
-    """Where every layer slides, the policy runs inside the window: exact within it, refused
-    beyond it (pairs the policy kept would be attended though the window excludes them)."""
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("method", ["baseline", "merge", "less"])
+def test_where_every_layer_slides_the_policy_works_inside_the_window(ids, policy, method):
+    """Mistral-like models slide every layer (here a 16-token window, 40 tokens): the
+    policy keeps at most its budget of the pairs still in the window; a pair that falls out
+    leaves for good without entering a summary. Decoding equals the teacher-forced form, and
+    a budget that covers the window equals the plain model, in both forms."""
     model = make_tiny_model("mistral", sliding_window=16)
-    policy = make_policy("h2o", 8)
-    with pytest.raises(LessKVError, match="sliding window of 16"):
-        logits_for(model, ids, "baseline", policy=policy)
+    kernels = kernel_set(model, policy) if method == "less" else None
+    layers = None if kernels is None else list(kernels.layers)
+    small = make_policy(policy, 8)
+    parallel = logits_for(model, ids, method, policy=small, kernels=layers, rank=4)
     set_method(model, "full")
-    with pytest.raises(LessKVError, match="sliding window of 16"), torch.no_grad():
-        model(input_ids=ids, **cache_argument(model, LessCache(model, policy)))
-    inside = ids[:, :16]
-    with torch.no_grad():
-        decoded = model(input_ids=inside, **cache_argument(model, LessCache(model, policy)))
-    assert torch.isfinite(decoded.logits).all()
+    decoded = decode_steps(model, make_cache(model, method, small, kernels, rank=4), ids)
+    assert torch.allclose(decoded, parallel, atol=1e-4)
+    plain = logits_for(model, ids)
+    assert not torch.allclose(parallel, plain, atol=1e-3)  # the policy did evict
+    covering = make_policy(policy, 20)  # more than the window holds
+    parallel = logits_for(model, ids, method, policy=covering, kernels=layers, rank=4)
+    set_method(model, "full")
+    cache = make_cache(model, method, covering, kernels, rank=4)
+    decoded = decode_steps(model, cache, ids)
+    assert torch.allclose(parallel, plain, atol=1e-4)
+    assert torch.allclose(decoded, plain, atol=1e-4)
+    for layer in cache.layers:  # the window bounds what the cache holds
+        assert int(layer.valid.sum(-1).max()) == 16
+        if layer.merge is not None:
+            assert layer.merge.counts.sum() == 0
+        if layer.kernels is not None:
+            assert layer.state_z.abs().sum() == 0
+
+
+def test_a_sliding_model_batched_with_left_padding_decodes_each_row_as_alone():
+    model = make_tiny_model("mistral", sliding_window=16)
+    rows = [prompt(36, seed=1), prompt(27, seed=2)]
+    padded = torch.cat([torch.nn.functional.pad(r, (36 - r.shape[1], 0)) for r in rows])
+    mask = torch.cat(
+        [torch.nn.functional.pad(torch.ones_like(r), (36 - r.shape[1], 0)) for r in rows]
+    )
+    kernels = kernel_set(model, "h2o")
+
+    def generate(input_ids, attention_mask=None):
+        cache = LessCache(model, make_policy("h2o", 8), kernels=kernels)
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=20,  # well past the window
+            do_sample=False,
+            **cache_argument(model, cache),
+        )
+
+    together = generate(padded, mask)
+    for i, row in enumerate(rows):
+        assert torch.equal(together[i, 36:], generate(row)[0, row.shape[1] :])

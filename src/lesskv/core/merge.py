@@ -114,9 +114,9 @@ def merge_parallel(
     keys, values = key.gather(2, index).float(), value.gather(2, index).float()
     real = (sorted_steps[..., :events] < t).float()
     state = MergeSlots.empty(b, hkv, slots, d, key.device)
-    chosen = torch.stack(
-        [state.absorb(keys[:, :, e], values[:, :, e], real[..., e]) for e in range(events)], 2
-    )
+    absorbed = [state.absorb(keys[:, :, e], values[:, :, e], real[..., e]) for e in range(events)]
+    # no event at all where every pair that left fell out of a sliding window
+    chosen = torch.stack(absorbed, 2) if absorbed else order.new_zeros(b, hkv, 0)
     share = F.one_hot(chosen, slots).float() * real.unsqueeze(-1)  # (B, Hkv, E, M)
     # Slots after c evictions, c = 0..E (index 0: all empty).
     counts = F.pad(share.cumsum(2), (0, 0, 1, 0))

@@ -73,30 +73,50 @@ class Policy(ABC):
 
     @torch.no_grad()
     def eviction_steps(
-        self, logits: torch.Tensor | None, slots: Slots, seq_len: int
+        self,
+        logits: torch.Tensor | None,
+        slots: Slots,
+        seq_len: int,
+        window: int | None = None,
     ) -> torch.Tensor:
-        """The decoding step at which each token is evicted, ``(B, Hkv, T)`` (T: never).
+        """The decoding step at which each token leaves the kept set, ``(B, Hkv, T)`` (T:
+        never).
 
         This is the whole keep-mask in O(T) memory: token j is kept at step i iff
         ``j <= i < steps[j]`` (training stores these instead of T x T masks).
         ``logits`` are the scaled, causally masked (-inf above the diagonal) attention logits
         grouped by KV head, ``(B, Hkv, G, T, T)``; the query heads of a group share one kept
-        set, so their probabilities are summed into its scores (GQA).
+        set, so their probabilities are summed into its scores (GQA). Position-only policies
+        need no logits.
+
+        With a sliding ``window`` (every layer of Mistral-like models), token j also leaves
+        when it falls out of the window, at step ``j + window``, which frees its place: no
+        pair is evicted at that step. :func:`state_steps` tells such expiries from evictions.
         """
-        assert logits is not None, f"{self.name} needs attention logits"
-        b, hkv, _, t, _ = logits.shape
-        total = slots.total
-        steps = torch.full((b, hkv, t), t, dtype=torch.long, device=logits.device)
+        b, hkv = (1, 1) if logits is None else logits.shape[:2]
+        device = None if logits is None else logits.device
+        t, total = seq_len, slots.total
+        positions = torch.arange(t, device=device)
+        if window is not None and window <= total:  # the window alone decides
+            return (positions + window).clamp(max=t).expand(b, hkv, t).clone()
+        steps = torch.full((b, hkv, t), t, dtype=torch.long, device=device)
         if total >= t:
             return steps
+        assert logits is not None or not self.uses_attention, f"{self.name} needs logits"
         # Until the cache is full every query sees everything before it.
-        scores = self.update_scores(logits.new_zeros(b, hkv, t), logits[..., :total, :].softmax(-1))
-        # Additive mask of evicted keys (-inf); future keys are already -inf in the logits.
-        evicted = logits.new_zeros(b, hkv, 1, 1, t)
+        scores = torch.zeros(b, hkv, t, device=device)
+        if self.uses_attention:
+            scores = self.update_scores(scores, logits[..., :total, :].softmax(-1))
+            # Additive mask of evicted keys (-inf); future keys are already -inf.
+            evicted = logits.new_zeros(b, hkv, 1, 1, t)
         with _one_thread():
             for step in range(total, t):  # token ``step`` enters, one pair leaves
                 first, last = self.eligible(step, slots)
+                # the lowest score in range; position-only policies: the oldest there
                 idx = scores[..., first : last + 1].argmin(-1, keepdim=True) + first
+                if window is not None and step >= window:  # the window's oldest goes first
+                    gone = step - window
+                    idx = torch.where(steps[..., gone : gone + 1] == t, gone, idx)
                 steps.scatter_(-1, idx, step)
                 scores.scatter_(-1, idx, float("inf"))  # never chosen again
                 if self.uses_attention:
@@ -139,10 +159,17 @@ class LambdaShape(Policy):
 
     @torch.no_grad()
     def eviction_steps(
-        self, logits: torch.Tensor | None, slots: Slots, seq_len: int
+        self,
+        logits: torch.Tensor | None,
+        slots: Slots,
+        seq_len: int,
+        window: int | None = None,
     ) -> torch.Tensor:
         """Closed form of the shared simulation: token j leaves when it falls out of the
-        recent window, at step ``j + recent`` (once the budget is full), unless it is a sink."""
+        recent window, at step ``j + recent`` (once the budget is full), unless it is a sink.
+        A sliding window shorter than the sequence takes the shared simulation."""
+        if window is not None and window < seq_len:
+            return super().eviction_steps(logits, slots, seq_len, window)
         pos = torch.arange(seq_len, device=logits.device if logits is not None else None)
         steps = (pos + slots.recent).clamp(min=slots.total)
         steps = torch.where(pos < slots.sinks, seq_len, steps).clamp(max=seq_len)
@@ -163,6 +190,16 @@ class TOVA(Policy):
     def update_scores(self, scores: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         latest = probs[..., -1, :].sum(-2)  # the last query's attention, summed over the group
         return torch.where(scores == float("inf"), scores, latest)  # evicted stays evicted
+
+
+def state_steps(steps: torch.Tensor, window: int | None) -> torch.Tensor:
+    """The step at which each token enters a summary of the evicted pairs (LESS's state,
+    merge slots): when the policy evicted it, never (T) when it left by falling out of a
+    sliding ``window``, since the model itself no longer sees such a token."""
+    if window is None:
+        return steps
+    positions = torch.arange(steps.shape[-1], device=steps.device)
+    return torch.where(steps >= positions + window, steps.shape[-1], steps)
 
 
 def keep_mask_from_steps(steps: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lesskv.core import math
 from lesskv.core.merge import merge_parallel
-from lesskv.core.policies import Policy, keep_mask_from_steps
+from lesskv.core.policies import Policy, keep_mask_from_steps, state_steps
 from lesskv.core.state import fading
 from lesskv.errors import LessKVError
 from lesskv.hf import adapters
@@ -169,9 +169,6 @@ def less_attention(
         )
     layer = _claim(module)
     if layer is not None:
-        if layer.window is None:  # a window layer keeps its window itself
-            chunk = query.shape[2] if key.shape[2] != layer.budget else 0
-            _refuse_ignored_window(module, kwargs, layer.seen + chunk)
         return _heads_last(recurrent_attention(layer, query, key, value, attention_mask, scale))
     setup = _setup_of(module)
     if setup.observer is not None:
@@ -184,7 +181,6 @@ def less_attention(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
         return out, None
-    _refuse_ignored_window(module, kwargs, k_len)
     if q_len != k_len:
         raise LessKVError(
             "a sparse method cannot decode from transformers' own cache (its parallel form "
@@ -195,30 +191,18 @@ def less_attention(
     logits = None
     if policy.uses_attention:
         logits = math.attention_logits(q, key, scale).masked_fill_(~visible, math.NEG_INF)
-    steps = policy.eviction_steps(logits, slots, k_len).expand(*key.shape[:2], k_len)
+    window = kwargs.get("sliding_window")  # every layer slides: the policy runs inside it
+    steps = policy.eviction_steps(logits, slots, k_len, window).expand(*key.shape[:2], k_len)
     keep = keep_mask_from_steps(steps).unsqueeze(2) & visible
     if setup.kernels is None and not setup.merge_slots:
         return _heads_last(math.sparse_output(q, key, value, keep, scale))
     out, lse = math.sparse_attention(q, key, value, keep, scale)
-    kernels = setup.kernels
+    kernels, entering = setup.kernels, state_steps(steps, window)
     if kernels is None:
-        slots = merge_parallel(q, key, value, steps, setup.merge_slots, scale)
+        slots = merge_parallel(q, key, value, entering, setup.merge_slots, scale)
         return _heads_last(math.join_attention(out.float(), lse.float(), *slots).to(out.dtype))
     phi_q, psi_k, decay = kernels.phi(q), kernels.psi(key), kernels.decay_rate()
-    return _heads_last(math.less_parallel(out, lse, phi_q, psi_k, value, steps, decay))
-
-
-def _refuse_ignored_window(module: nn.Module, options: dict, tokens: int) -> None:
-    """Where every layer slides (Mistral, Starcoder2), the policy runs inside the window, which
-    is exact while the sequence fits in it; beyond, pairs the policy kept would be attended
-    although the model's window excludes them: refuse rather than decode wrong."""
-    window = options.get("sliding_window")
-    if window is not None and tokens > window:
-        raise LessKVError(
-            f"layer {module.layer_idx} attends within a sliding window of {window} tokens and "
-            f"this sequence has {tokens}: lesskv's sparse methods run inside a window that "
-            "spans every layer, so keep sequences within it (or use method 'full')"
-        )
+    return _heads_last(math.less_parallel(out, lse, phi_q, psi_k, value, entering, decay))
 
 
 # Prompt queries are attended a block at a time: the block's logits (batch x query heads x

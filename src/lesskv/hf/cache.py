@@ -34,6 +34,7 @@ from lesskv.hf.checkpoint import LessKernels
 from lesskv.hf.modules import (
     attention_modules,
     check_within,
+    keeps_native_windows,
     max_context,
     on_layer_device,
     sliding_windows,
@@ -65,7 +66,8 @@ class LessLayer(CacheLayerMixin):
         self.policy, self.kernels, self.rank, self.context = policy, kernels, rank, context
         self.extra = extra  # Baseline+'s additional pairs
         self.merge_slots = merge_slots
-        self.window = window  # a sliding-window layer keeps its window, nothing else
+        # A sliding window: pairs that fall out of it leave the cache and enter no summary
+        self.window = window
         self.compile = compile  # LESS's per-step state work as one compiled graph
         self.merge: MergeSlots | None = None
         # The pair the last decoding insert evicted (keys, values, weight, distance), folded
@@ -162,6 +164,8 @@ class LessLayer(CacheLayerMixin):
         made +inf, so they are never evicted; empty slots (padding, unfilled) come first."""
         newest = (self.real_seen - 1).view(-1, 1, 1)
         first, last = self.policy.eligible(newest, self.policy.split(self.budget))
+        if not self.policy.uses_attention:  # position-only: the oldest eligible pair first
+            scores = positions.to(scores.dtype)
         priority = scores.masked_fill((positions < first) | (positions > last), POS_INF)
         return priority.masked_fill(~valid, NEG_INF)
 
@@ -219,9 +223,18 @@ class LessLayer(CacheLayerMixin):
                 weight.gather(-1, index)[..., 0],
             )
 
+    def _expire(self, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``valid`` without the pairs that fell out of the sliding window, if any (they
+        leave without entering the state: the model itself no longer sees them)."""
+        if self.window is None:
+            return valid
+        newest = (self.real_seen - 1).view(-1, 1, 1)
+        return valid & (positions > newest - self.window)
+
     def _insert_one(self, key: torch.Tensor, value: torch.Tensor) -> None:
         newest = self.real_seen  # real position of the incoming token
         self.real_seen = self.real_seen + 1
+        self.valid = self._expire(self.valid, self.positions)
         slot = self._priority(self.scores, self.positions, self.valid).argmin(-1, keepdim=True)
         index = slot.unsqueeze(-1).expand(-1, -1, 1, key.shape[-1])
         was_valid = self.valid.gather(-1, slot).float()
@@ -255,6 +268,7 @@ class LessLayer(CacheLayerMixin):
         positions = torch.cat([self.positions, new_positions[:, None].expand(b, hkv, q)], -1)
         valid = torch.cat([self.valid, new_valid[:, None].expand(b, hkv, q)], -1)
         self.real_seen = self.real_seen + new_valid.long().sum(1)
+        valid = self._expire(valid, positions)
         if self.kernels is not None:
             age(self.kernels, self.state_h, self.state_z, new_valid.long().sum(1))
         priority = self._priority(scores, positions, valid)
@@ -327,8 +341,10 @@ class LessCache(Cache):
         compile = compile_by_default() if compile is None else compile
         modules = attention_modules(model)
         layers = []
-        for i, (module, window) in enumerate(zip(modules, sliding_windows(model), strict=True)):
-            if window is not None:  # the layer's own rule: the newest ``window`` tokens, and
+        windows = sliding_windows(model)
+        native = keeps_native_windows(windows)
+        for i, (module, window) in enumerate(zip(modules, windows, strict=True)):
+            if window is not None and native:  # the layer's own rule: the newest ``window``, and
                 # no summary of what leaves (rank 1: the smallest state, never written)
                 layers.append(
                     LessLayer(LambdaShape(window, sinks=0), None, 1, context, window=window)
@@ -343,6 +359,7 @@ class LessCache(Cache):
                     context,
                     extra=extra_tokens,
                     merge_slots=merge_slots,
+                    window=window,
                     compile=compile,
                 )
             )

@@ -27,7 +27,12 @@ from lesskv.errors import LessKVError
 from lesskv.hf.attention import LayerSetup, Observer, enable, set_setups, using_setups
 from lesskv.hf.cache import LessCache
 from lesskv.hf.checkpoint import LessKernels
-from lesskv.hf.modules import attention_modules, on_layer_device, sliding_windows
+from lesskv.hf.modules import (
+    attention_modules,
+    keeps_native_windows,
+    on_layer_device,
+    sliding_windows,
+)
 
 
 def extra_tokens(method: str, rank: int, head_dim: int) -> int:
@@ -101,6 +106,7 @@ def layer_setups(
     if method == "full":
         return {}
     windows = sliding_windows(model)
+    native = keeps_native_windows(windows)
     return {  # local layers of a mixed model keep their own window: full attention within it
         module: LayerSetup(
             policy=policy,
@@ -109,7 +115,7 @@ def layer_setups(
             kernels=on_layer_device(kernels[i], module) if method == "less" else None,
         )
         for i, module in enumerate(modules)
-        if windows[i] is None
+        if windows[i] is None or not native
     }
 
 

@@ -28,19 +28,22 @@ def attention_modules(model: PreTrainedModel) -> list[nn.Module]:
 
 
 def sliding_windows(model: PreTrainedModel) -> list[int | None]:
-    """Per attention layer, the native window it keeps in a LessCache, or None where the policy
-    applies. Models that mix local and global layers (Gemma 2/3, Qwen2 with
-    ``max_window_layers``) keep their local layers' small windows: they already bound memory,
-    and the policy (and LESS) runs on the global ones. Where every layer slides (Mistral,
-    Starcoder2: a config-wide window, often 4096), the policy runs everywhere and the window is
-    checked at attention time (sequences beyond it are refused)."""
-    windows = [
+    """Per attention layer, the sliding window it attends within (None: all past tokens)."""
+    return [
         module.sliding_window
         if hasattr(module, "sliding_window")
         else getattr(model.config, "sliding_window", None)
         for module in attention_modules(model)
     ]
-    return [None] * len(windows) if None not in windows else windows
+
+
+def keeps_native_windows(windows: list[int | None]) -> bool:
+    """Whether the sliding layers keep their own window, no policy: in models that mix local
+    and global layers (Gemma 2/3, Qwen2 with ``max_window_layers``) the local windows are
+    small and already bound memory, and the policy (and LESS) runs on the global layers.
+    Where every layer slides (Mistral, Starcoder2: a config-wide window, often 4096) the
+    policy runs in every layer, inside its window."""
+    return None in windows and any(w is not None for w in windows)
 
 
 def kv_heads(model: PreTrainedModel) -> int:
