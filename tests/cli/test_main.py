@@ -86,3 +86,14 @@ def test_empty_text_and_missing_field(capsys, tmp_path):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "empty" in err.lower() and "body" in err
+
+
+@pytest.mark.parametrize(
+    "command", [["generate", "--prompt", "x"], ["bench"], ["eval", "summarize"]]
+)
+def test_no_compile_reaches_the_cache_options(command):
+    """--no-compile means eager decoding; without it the environment decides
+    (LESSKV_COMPILE, default on)."""
+    parser = build_parser()
+    assert parser.parse_args(command).compile is None
+    assert parser.parse_args([*command, "--no-compile"]).compile is False
