@@ -27,7 +27,9 @@ SUPPORTED = {
     "gemma": lambda: hf.GemmaConfig(head_dim=16, **COMMON),
     "starcoder2": lambda: hf.Starcoder2Config(**COMMON),
     "stablelm": lambda: hf.StableLmConfig(**COMMON),
-    "mistral-sliding": lambda: hf.MistralConfig(sliding_window=48, **COMMON),
+    # every layer slides, the window shorter than the test sequences (the policy inside it)
+    "mistral-sliding": lambda: hf.MistralConfig(sliding_window=12, **COMMON),
+    "starcoder2-sliding": lambda: hf.Starcoder2Config(sliding_window=12, **COMMON),
     "qwen2-mixed": lambda: hf.Qwen2Config(
         use_sliding_window=True, sliding_window=16, max_window_layers=1, **COMMON
     ),
