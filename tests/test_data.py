@@ -114,6 +114,9 @@ def test_bad_files(tmp_path, name, content, message):
 def test_missing_file_directory_and_binary(tmp_path):
     with pytest.raises(LessKVError, match="does not exist"):
         load_texts(str(tmp_path / "missing.txt"))
+    (tmp_path / "loop.txt").symlink_to(tmp_path / "loop.txt")
+    with pytest.raises(LessKVError, match="loop.txt is a broken or looping symbolic link"):
+        load_texts(str(tmp_path / "loop.txt"))
     with pytest.raises(LessKVError, match="is a directory"):
         load_texts(str(tmp_path))
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00text")

@@ -146,6 +146,8 @@ def _file_texts(path: Path, field: str | None, limit: int | None) -> list[str]:
     if path.is_dir():
         raise LessKVError(f"{path} is a directory; give a .txt, .raw, .jsonl or .json file")
     if not path.exists():
+        if path.is_symlink():  # it names something, but leads nowhere (or back to itself)
+            raise LessKVError(f"text file {path} is a broken or looping symbolic link")
         raise LessKVError(f"text file {path} does not exist (or use 'builtin' or 'hf:NAME')")
     suffix = path.suffix.lower()
     if suffix not in _TEXT_SUFFIXES + _RECORD_SUFFIXES:
