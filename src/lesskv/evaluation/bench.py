@@ -310,6 +310,38 @@ def _release(model: PreTrainedModel, device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _check_grid(
+    model: PreTrainedModel,
+    contexts: Sequence[int],
+    batch_sizes: Sequence[int],
+    methods: list[str],
+    policy: Policy | None,
+    kernels: LessKernels | None,
+    new_tokens: int,
+) -> None:
+    """Refuse a request that cannot run, before minutes of timing."""
+    unknown = [m for m in methods if m not in BENCH_METHODS]
+    if not methods or unknown:
+        raise LessKVError(
+            f"unknown benchmark method(s) {unknown or methods}: choose from "
+            f"{', '.join(BENCH_METHODS)}"
+        )
+    if new_tokens < 1:
+        raise LessKVError(f"new_tokens must be >= 1, got {new_tokens}")
+    if not contexts or not batch_sizes:
+        raise LessKVError("give at least one context and one batch size")
+    if any(b < 1 for b in batch_sizes):
+        raise LessKVError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
+    check_contexts(model, contexts, new_tokens)
+    if any(m != "full" for m in methods):
+        if policy is None:
+            raise LessKVError("methods baseline and less need a policy and a budget")
+        for context in contexts:
+            policy.slots(context)  # a bad budget fails now, not after minutes of timing
+    if "less" in methods and kernels is None:
+        raise LessKVError("method 'less' needs trained kernels (--kernels DIR)")
+
+
 def run_benchmark(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -341,27 +373,7 @@ def run_benchmark(
     ``compile``: whether LESS's decoding step is compiled (see :class:`LessCache`).
     """
     methods = list(methods)
-    unknown = [m for m in methods if m not in BENCH_METHODS]
-    if not methods or unknown:
-        raise LessKVError(
-            f"unknown benchmark method(s) {unknown or methods}: choose from "
-            f"{', '.join(BENCH_METHODS)}"
-        )
-    if new_tokens < 1:
-        raise LessKVError(f"new_tokens must be >= 1, got {new_tokens}")
-    if not contexts or not batch_sizes:
-        raise LessKVError("give at least one context and one batch size")
-    if any(b < 1 for b in batch_sizes):
-        raise LessKVError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
-    check_contexts(model, contexts, new_tokens)
-    if any(m != "full" for m in methods):
-        if policy is None:
-            raise LessKVError("methods baseline and less need a policy and a budget")
-        for context in contexts:
-            policy.slots(context)  # a bad budget fails now, not after minutes of timing
-    if "less" in methods and kernels is None:
-        raise LessKVError("method 'less' needs trained kernels (--kernels DIR)")
-
+    _check_grid(model, contexts, batch_sizes, methods, policy, kernels, new_tokens)
     stock = model.config._attn_implementation
     if stock == attention.ATTN_NAME:
         stock = _STOCK_ATTENTION
