@@ -134,7 +134,7 @@ class LessLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.is_initialized, self.seen = False, 0
-        self.keys = self.values = None
+        self.keys = self.values = self.evicted = None
 
     def _per_batch(self) -> list[str]:
         names = ["keys", "values", "positions", "scores", "valid", "real_seen"]
