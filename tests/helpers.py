@@ -75,6 +75,16 @@ def kernel_set(model, policy="h2o"):
     return LessKernels(meta, tiny_kernels(model)).eval()
 
 
+def left_padded(rows):
+    """One batch from ``(1, T_i)`` rows, left-padded with 0 to the longest, and its mask."""
+    longest = max(r.shape[1] for r in rows)
+
+    def pad(t):
+        return torch.nn.functional.pad(t, (longest - t.shape[1], 0))
+
+    return torch.cat([pad(r) for r in rows]), torch.cat([pad(torch.ones_like(r)) for r in rows])
+
+
 def prompt(length, batch=1, seed=0):
     torch.manual_seed(seed)
     return torch.randint(1, 97, (batch, length))

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from helpers import decode_steps, kernel_set, make_tiny_model, prompt, tiny_kernels
+from helpers import (
+    decode_steps,
+    kernel_set,
+    left_padded,
+    make_tiny_model,
+    prompt,
+    tiny_kernels,
+)
 from lesskv.core.policies import POLICIES, make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf.attention import LayerSetup, using_setups
@@ -194,10 +201,7 @@ def test_where_every_layer_slides_the_policy_works_inside_the_window(ids, policy
 def test_a_sliding_model_batched_with_left_padding_decodes_each_row_as_alone():
     model = make_tiny_model("mistral", sliding_window=16)
     rows = [prompt(36, seed=1), prompt(27, seed=2)]
-    padded = torch.cat([torch.nn.functional.pad(r, (36 - r.shape[1], 0)) for r in rows])
-    mask = torch.cat(
-        [torch.nn.functional.pad(torch.ones_like(r), (36 - r.shape[1], 0)) for r in rows]
-    )
+    padded, mask = left_padded(rows)
     kernels = kernel_set(model, "h2o")
 
     def generate(input_ids, attention_mask=None):

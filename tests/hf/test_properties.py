@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-from helpers import decode_steps, tiny_kernels
+from helpers import decode_steps, left_padded, tiny_kernels
 from lesskv.core.policies import POLICIES, make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf.checkpoint import KernelMeta, LessKernels
@@ -122,10 +122,7 @@ def test_left_padded_batches_decode_each_row_as_alone(case):
         make_policy(case["policy"], case["budget"]).slots(min(r.shape[1] for r in rows))
     except LessKVError:  # a Λ budget that leaves no room beside the sinks: refused, clearly
         return
-    padded = torch.cat([torch.nn.functional.pad(r, (longest - r.shape[1], 0)) for r in rows])
-    mask = torch.cat(
-        [torch.nn.functional.pad(torch.ones_like(r), (longest - r.shape[1], 0)) for r in rows]
-    )
+    padded, mask = left_padded(rows)
 
     def generate(ids, attention_mask=None):
         policy = make_policy(case["policy"], case["budget"])

@@ -35,7 +35,9 @@ def fading(kernels: StateKernels, tokens: torch.Tensor) -> torch.Tensor:
     return torch.exp(-rate.view(-1, *[1] * (tokens.dim() - 2)) * tokens)
 
 
-def age(kernels: StateKernels, state_h: torch.Tensor, state_z: torch.Tensor, tokens: torch.Tensor):
+def age(
+    kernels: StateKernels, state_h: torch.Tensor, state_z: torch.Tensor, tokens: torch.Tensor
+) -> None:
     """The state moves ``tokens`` ``(B,)`` positions on: every absorbed pair fades (in place)."""
     factor = fading(kernels, tokens.float().view(-1, 1))  # (B, Hkv)
     state_h.mul_(factor[..., None, None])

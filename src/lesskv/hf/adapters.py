@@ -78,9 +78,12 @@ def _falcon_check(module: FalconAttention) -> None:
         )
 
 
-# Module type -> (forward that routes through the attention interface, check of its config).
-ADAPTERS: dict[type[nn.Module], tuple[Callable, Callable[[nn.Module], None]]] = {
-    FalconAttention: (_falcon_forward, _falcon_check),
+# Module type -> (forward that routes through the attention interface, check of its config,
+# its real KV heads).
+ADAPTERS: dict[
+    type[nn.Module], tuple[Callable, Callable[[nn.Module], None], Callable[[nn.Module], int]]
+] = {
+    FalconAttention: (_falcon_forward, _falcon_check, _falcon_kv_heads),
 }
 
 
@@ -91,9 +94,9 @@ def prepare(model: PreTrainedModel) -> None:
         adapter = ADAPTERS.get(type(module))
         if adapter is None or getattr(module, "lesskv_adapter", False):
             continue
-        forward, check = adapter
+        forward, check, kv_heads = adapter
         check(module)
-        module.num_key_value_groups = module.num_heads // _falcon_kv_heads(module)
+        module.num_key_value_groups = module.num_heads // kv_heads(module)
         module.forward = types.MethodType(forward, module)
         module.lesskv_adapter = True
 

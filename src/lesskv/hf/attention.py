@@ -266,7 +266,7 @@ def recurrent_attention(
             if layer.policy.uses_attention:
                 probs = math.probabilities(block_q, block_k, lse, scale, block_visible)
         if layer.kernels is not None and decoding:
-            out = layer.decode_state(q, out, lse)
+            out = layer.decode_state(block_q, out, lse)
         elif layer.kernels is not None:  # a chunk reads the state before folding its evictions
             phi = layer.kernels.phi(q[..., rows, :])
             phi = phi * fading(layer.kernels, ages[:, None, None, rows, None].float())
