@@ -226,28 +226,28 @@ def recurrent_attention(
     """The recurrent LESS attention for one call; returns ``(B, Hkv, G, q, D)``.
 
     Decoding (one token, already inserted by ``update``): exact softmax over the valid slots
-    plus φ(q)·(H, z). A chunk: slots are fully visible, the chunk is causal (and padded as
-    transformers' mask says); afterwards the layer compresses back to its budget.
+    plus φ(q)·(H, z), one compiled step (:meth:`LessLayer.attend_one`). A chunk: slots are
+    fully visible, the chunk is causal (and padded as transformers' mask says); afterwards
+    the layer compresses back to its budget.
     """
     q = math.group_queries(query, key.shape[1])
-    decoding = key.shape[2] == layer.budget
-    if layer.seen == 0 and attention_mask is None and not decoding:
+    if key.shape[2] == layer.budget:  # decoding
+        out, lse = layer.attend_one(q, scale)
+        if layer.merge is not None:
+            slots = layer.merge.attend(q, scale)
+            out = math.join_attention(out.float(), lse.float(), *slots).to(out.dtype)
+        return out
+    if layer.seen == 0 and attention_mask is None:
         prompt = _prompt_attention(layer, q, key, value, scale)
         if prompt is not None:
             return prompt
-    visible = (
-        layer.valid[:, :, None, None, :]
-        if decoding
-        else _chunk_visibility(layer, attention_mask, q.shape[3])
-    )
-    extra = key.shape[2] - layer.budget
+    visible = _chunk_visibility(layer, attention_mask, q.shape[3])
     # The chunk's real (non-padding) tokens; its queries see the state aged to their own
-    # positions, counted in real tokens (a decoding step's state was aged by ``update``).
-    new_valid = None if decoding else visible[:, 0, 0, -1, layer.budget :].expand(q.shape[0], -1)
-    ages = None if decoding else new_valid.long().cumsum(1)
-    scores = layer.scores  # decoding updates the scores in place; a chunk appends its own
-    if extra:
-        scores = torch.cat([scores, scores.new_zeros(*scores.shape[:2], extra)], -1)
+    # positions, counted in real tokens.
+    new_valid = visible[:, 0, 0, -1, layer.budget :].expand(q.shape[0], -1)
+    ages = new_valid.long().cumsum(1)
+    scores = layer.scores
+    scores = torch.cat([scores, scores.new_zeros(*scores.shape[:2], q.shape[3])], -1)
     outputs = []
     rows_per_block = max(1, BLOCK_ELEMENTS // query.shape[:2].numel() // key.shape[2])
     for start in range(0, q.shape[3], rows_per_block):
@@ -257,30 +257,20 @@ def recurrent_attention(
         cols = slice(0, key.shape[2] - q.shape[3] + end)
         block_visible = visible[..., rows, cols]
         block_q, block_k, block_v = q[..., rows, :], key[:, :, cols], value[:, :, cols]
-        if decoding:
-            logits = math.attention_logits(block_q, block_k, scale)
-            probs, lse = math.masked_softmax(logits, block_visible)
-            out = torch.einsum("bhgqk,bhkd->bhgqd", probs, block_v)
-        else:  # fused attention for the output; probabilities only for a policy that scores
-            out, lse = math.sparse_attention(block_q, block_k, block_v, block_visible, scale)
-            if layer.policy.uses_attention:
-                probs = math.probabilities(block_q, block_k, lse, scale, block_visible)
-        if layer.kernels is not None and decoding:
-            out = layer.decode_state(block_q, out, lse)
-        elif layer.kernels is not None:  # a chunk reads the state before folding its evictions
-            phi = layer.kernels.phi(q[..., rows, :])
+        # fused attention for the output; probabilities only for a policy that scores
+        out, lse = math.sparse_attention(block_q, block_k, block_v, block_visible, scale)
+        if layer.kernels is not None:  # a chunk reads the state before folding its evictions
+            phi = layer.kernels.phi(block_q)
             phi = phi * fading(layer.kernels, ages[:, None, None, rows, None].float())
             out = math.less_recurrent(out, lse, phi, layer.state_h, layer.state_z)
         elif layer.merge is not None:
-            slots = layer.merge.attend(q[..., rows, :], scale)
+            slots = layer.merge.attend(block_q, scale)
             out = math.join_attention(out.float(), lse.float(), *slots).to(out.dtype)
         outputs.append(out)
         if layer.policy.uses_attention:
+            probs = math.probabilities(block_q, block_k, lse, scale, block_visible)
             scores[..., cols] = layer.policy.update_scores(scores[..., cols], probs.float())
-    if decoding:
-        layer.scores = scores
-    else:
-        layer.compress(key, value, scores, new_valid)
+    layer.compress(key, value, scores, new_valid)
     return torch.cat(outputs, 3)
 
 

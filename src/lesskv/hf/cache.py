@@ -24,10 +24,11 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from lesskv.core.budget import DEFAULT_RANK, Budget
+from lesskv.core.decoding import compile_by_default, compiled_decode_attention
 from lesskv.core.kernels import LayerKernels
 from lesskv.core.merge import MergeSlots
 from lesskv.core.policies import LambdaShape, Policy, make_policy
-from lesskv.core.state import age, compile_by_default, compiled_decode_step, fold
+from lesskv.core.state import age, fold
 from lesskv.errors import LessKVError
 from lesskv.hf import adapters, attention
 from lesskv.hf.checkpoint import LessKernels
@@ -71,7 +72,7 @@ class LessLayer(CacheLayerMixin):
         self.compile = compile  # LESS's per-step state work as one compiled graph
         self.merge: MergeSlots | None = None
         # The pair the last decoding insert evicted (keys, values, weight, distance), folded
-        # into the state by the attention call that follows (:meth:`decode_state`).
+        # into the state by the attention call that follows (:meth:`attend_one`).
         self.evicted: tuple[torch.Tensor, ...] | None = None
         self.seen = 0  # tokens seen, padding included: what positions and masks count
         self.budget = 0  # slots per KV head, fixed at the first call (fractions need a length)
@@ -169,14 +170,17 @@ class LessLayer(CacheLayerMixin):
         priority = scores.masked_fill((positions < first) | (positions > last), POS_INF)
         return priority.masked_fill(~valid, NEG_INF)
 
-    def decode_state(
-        self, query: torch.Tensor, sparse_out: torch.Tensor, lse: torch.Tensor
-    ) -> torch.Tensor:
-        """A decoding step's state work, fused: fade, fold the pair the insert evicted, read
-        with φ(q) and combine with the sparse part (:func:`lesskv.core.state.decode_step`)."""
-        evicted, self.evicted = self.evicted, None
-        args = self.kernels, query, sparse_out, lse, evicted, self.state_h, self.state_z
-        return compiled_decode_step(*args, enabled=self.compile)
+    def attend_one(self, query: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decoding step's attention over the slots (the new token already inserted): the
+        output, with LESS's state folded and read if the layer has one, and the slots'
+        log-sum-exp; one compiled graph unless ``compile`` is off
+        (:func:`lesskv.core.decoding.decode_attention`)."""
+        less = None
+        if self.kernels is not None:
+            evicted, self.evicted = self.evicted, None
+            less = self.kernels, evicted, self.state_h, self.state_z
+        args = self.policy, query, self.keys, self.values, self.valid, self.scores, scale, less
+        return compiled_decode_attention(*args, enabled=self.compile)
 
     def _evict(
         self,
@@ -346,9 +350,8 @@ class LessCache(Cache):
         for i, (module, window) in enumerate(zip(modules, windows, strict=True)):
             if window is not None and native:  # the layer's own rule: the newest ``window``, and
                 # no summary of what leaves (rank 1: the smallest state, never written)
-                layers.append(
-                    LessLayer(LambdaShape(window, sinks=0), None, 1, context, window=window)
-                )
+                rule = LambdaShape(window, sinks=0)
+                layers.append(LessLayer(rule, None, 1, context, window=window, compile=compile))
                 continue
             layer_kernels = None if kernels is None else on_layer_device(kernels.layers[i], module)
             layers.append(
