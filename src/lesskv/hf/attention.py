@@ -209,9 +209,9 @@ def less_attention(
 # rows x keys) stay near this many elements, which bounds prefill memory and keeps each
 # elementwise pass in cache (1M elements ran 5x faster than whole 1024-row blocks on CPU).
 BLOCK_ELEMENTS = 2**20
-# A plain prompt's probabilities (matmul, exp, column sums; no softmax passes) take blocks
-# twice that size: one layer of SmolLM2's H2O prefill at 8000 tokens ran in 2.6 s against
-# 3.1 s at 2**20 and 3.2 s at 2**23 (4096 tokens: equal at 2**20 and 2**21).
+# A plain prompt's probabilities take blocks twice that size: one layer of SmolLM2's H2O
+# prefill at 8000 tokens ran in 2.6 s against 3.1 s at 2**20 and 3.2 s at 2**23 (4096 tokens:
+# equal at 2**20 and 2**21).
 PROBABILITY_BLOCK_ELEMENTS = 2**21
 
 
@@ -278,30 +278,36 @@ def _prompt_attention(
     layer: LessLayer, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
 ) -> torch.Tensor | None:
     """The first call without padding (a plain prompt): the slots are still empty and so is
-    any state, so this is causal attention over the chunk alone. One fused call gives the
-    outputs and their log-sum-exp; a policy that scores gets the probabilities rebuilt from
-    that log-sum-exp, a row block at a time, the causal limit being each block's last key.
-    No mask is built. ``None`` where the fused kernel does not apply."""
-    budget = layer.budget
+    any state, so this is causal attention over the chunk alone, and no mask is built.
+
+    A policy that scores needs every probability, so the attention is computed from them,
+    one row block at a time over the keys up to the block's last row: the logits, a softmax,
+    the output and the policy's column sums; computing the probabilities next to a fused
+    kernel would compute every logit twice. A policy that does not score is one fused causal
+    call. ``None`` where that call does not apply (the general path takes over)."""
+    budget, t = layer.budget, q.shape[3]
     chunk_k, chunk_v = key[:, :, budget:], value[:, :, budget:]
-    fused = math.causal_attention(q, chunk_k, chunk_v, scale)
-    if fused is None:
-        return None
-    out, lse = fused
-    t = q.shape[3]
     scores = layer.scores.new_zeros(*key.shape[:2], budget + t)
     if layer.policy.uses_attention:
+        outputs = []
         rows_per_block = max(1, PROBABILITY_BLOCK_ELEMENTS // q.shape[:3].numel() // t)
         for start in range(0, t, rows_per_block):
             end = min(start + rows_per_block, t)
-            probs = math.probabilities(
-                q[..., start:end, :], chunk_k[:, :, :end], lse[..., start:end, :], scale
-            )
+            logits = math.attention_logits(q[..., start:end, :], chunk_k[:, :, :end], scale)
             rows = end - start  # the block's own keys: causal, a triangle
             future = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu(1)
-            probs[..., start:end].masked_fill_(future, 0.0)
+            logits[..., start:end].masked_fill_(future, math.NEG_INF)
+            probs = logits.softmax(-1, dtype=torch.float32)  # fp32 for 16-bit models too
+            block_v = chunk_v[:, :, :end].float()
+            outputs.append(torch.einsum("bhgqk,bhkd->bhgqd", probs, block_v).to(q.dtype))
             cols = slice(budget, budget + end)
-            scores[..., cols] = layer.policy.update_scores(scores[..., cols], probs.float())
+            scores[..., cols] = layer.policy.update_scores(scores[..., cols], probs)
+        out = torch.cat(outputs, 3)
+    else:
+        fused = math.causal_attention(q, chunk_k, chunk_v, scale)
+        if fused is None:
+            return None
+        out = fused[0]
     new_valid = torch.ones(q.shape[0], t, dtype=torch.bool, device=q.device)
     layer.compress(key, value, scores, new_valid)
     return out
