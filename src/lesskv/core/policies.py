@@ -109,20 +109,23 @@ class Policy(ABC):
             scores = self.update_scores(scores, logits[..., :total, :].softmax(-1))
             # Additive mask of evicted keys (-inf); future keys are already -inf.
             evicted = logits.new_zeros(b, hkv, 1, 1, t)
+            evicted_flat, rows = evicted.view(b, hkv, t), logits.split(1, dim=-2)
+        # ~920 steps of one-token ops per 1024-token layer: each op saved is ~5% of the loop
         with _one_thread():
             for step in range(total, t):  # token ``step`` enters, one pair leaves
                 first, last = self.eligible(step, slots)
                 # the lowest score in range; position-only policies: the oldest there
-                idx = scores[..., first : last + 1].argmin(-1, keepdim=True) + first
+                idx = scores[..., first : last + 1].argmin(-1, keepdim=True)
+                if first:
+                    idx += first
                 if window is not None and step >= window:  # the window's oldest goes first
                     gone = step - window
                     idx = torch.where(steps[..., gone : gone + 1] == t, gone, idx)
                 steps.scatter_(-1, idx, step)
                 scores.scatter_(-1, idx, float("inf"))  # never chosen again
                 if self.uses_attention:
-                    evicted.view(b, hkv, t).scatter_(-1, idx, float("-inf"))
-                    probs = (logits[..., step : step + 1, :] + evicted).softmax(-1)
-                    scores = self.update_scores(scores, probs)
+                    evicted_flat.scatter_(-1, idx, float("-inf"))
+                    scores = self.update_scores(scores, (rows[step] + evicted).softmax(-1))
         return steps
 
 

@@ -194,9 +194,17 @@ def less_attention(
     window = kwargs.get("sliding_window")  # every layer slides: the policy runs inside it
     steps = policy.eviction_steps(logits, slots, k_len, window).expand(*key.shape[:2], k_len)
     keep = keep_mask_from_steps(steps).unsqueeze(2) & visible
-    if setup.kernels is None and not setup.merge_slots:
+    summary = setup.kernels is not None or setup.merge_slots > 0
+    if logits is not None:  # the policy's logits are at hand: one softmax over the kept ones
+        logits = logits.float()  # 16-bit models: fp32 probabilities and outputs
+        probs, lse = math.masked_softmax(logits, keep, in_place=not logits.requires_grad)
+        out = torch.einsum("bhgqk,bhkd->bhgqd", probs, value.float()).to(value.dtype)
+    elif not summary:
         return _heads_last(math.sparse_output(q, key, value, keep, scale))
-    out, lse = math.sparse_attention(q, key, value, keep, scale)
+    else:
+        out, lse = math.sparse_attention(q, key, value, keep, scale)
+    if not summary:
+        return _heads_last(out)
     kernels, entering = setup.kernels, state_steps(steps, window)
     if kernels is None:
         slots = merge_parallel(q, key, value, entering, setup.merge_slots, scale)
