@@ -140,3 +140,22 @@ def test_gradients_flow_through_combine_without_nan():
     math.combine(out, lse, num, den).sum().backward()
     assert phi.grad.isfinite().all() and psi.grad.isfinite().all()
     assert phi.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["in-place", "autograd"])
+def test_attention_from_logits_is_the_masked_softmax_attention(grad):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 3, 5, 6, requires_grad=grad)
+    keep = torch.rand(2, 2, 1, 5, 6) > 0.4
+    keep[0, 0, 0, 1] = False  # a row with nothing kept
+    value = torch.randn(2, 2, 6, 4)
+    probs, want_lse = math.masked_softmax(logits, keep)
+    want = torch.einsum("bhgqk,bhkd->bhgqd", probs, value)
+    source = logits if grad else logits.detach().clone()
+    out, lse = math.attention_from_logits(source, keep, value)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(lse, want_lse)
+    assert out[0, 0, :, 1].abs().sum() == 0 and torch.isneginf(lse[0, 0, :, 1]).all()
+    if grad:  # autograd needs the logits: they are left as they were
+        out.sum().backward()
+        assert logits.grad is not None and torch.isfinite(logits.grad).all()

@@ -63,6 +63,26 @@ def masked_softmax(
     return (masked.sub_(shift) if in_place else masked - shift).exp_(), lse
 
 
+def attention_from_logits(
+    logits: torch.Tensor, keep: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over ``keep`` from logits already computed ``(B, Hkv, G, Tq, Tk)``
+    (a policy that scores needed them): the output ``(B, Hkv, G, Tq, D)`` and the kept
+    logits' log-sum-exp, as :func:`sparse_attention` gives them.
+
+    The ``Tq x Tk`` weights are never normalised (each output row is divided by its sum
+    instead) and, unless autograd needs them, they are ``logits`` themselves, overwritten:
+    four passes over the largest tensor of the step and no second one. A row with nothing
+    kept gives output 0 and lse -inf."""
+    in_place = not (torch.is_grad_enabled() and logits.requires_grad)
+    masked = logits.masked_fill_(~keep, NEG_INF) if in_place else logits.masked_fill(~keep, NEG_INF)
+    top = masked.amax(-1, keepdim=True).nan_to_num(neginf=0.0)
+    weights = masked.sub_(top).exp_() if in_place else (masked - top).exp()
+    total = weights.sum(-1, keepdim=True)
+    out = torch.einsum("bhgqk,bhkd->bhgqd", weights, value.to(weights.dtype))
+    return out / total.clamp_min(torch.finfo(total.dtype).tiny), top + total.log()
+
+
 def probabilities(
     q: torch.Tensor,
     key: torch.Tensor,
