@@ -50,17 +50,13 @@ def causal_logits(
     return out.mul_(scale).masked_fill_(future, NEG_INF)
 
 
-def masked_softmax(
-    logits: torch.Tensor, keep: torch.Tensor, in_place: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention probabilities restricted to ``keep`` and the log-sum-exp of the kept logits
     ``(..., 1)``; a row with nothing kept (padding) gives probabilities 0 and lse -inf
-    instead of NaN, so it cannot poison later layers. ``in_place`` turns ``logits`` into the
-    probabilities (no second ``T x T`` tensor; not for logits autograd must differentiate)."""
-    masked = logits.masked_fill_(~keep, NEG_INF) if in_place else logits.masked_fill(~keep, NEG_INF)
+    instead of NaN, so it cannot poison later layers."""
+    masked = logits.masked_fill(~keep, NEG_INF)
     lse = masked.logsumexp(-1, keepdim=True)  # keeps ``masked`` for its backward
-    shift = lse.nan_to_num(neginf=0.0)
-    return (masked.sub_(shift) if in_place else masked - shift).exp_(), lse
+    return (masked - lse.nan_to_num(neginf=0.0)).exp_(), lse
 
 
 def attention_from_logits(
