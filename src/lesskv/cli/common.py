@@ -49,15 +49,16 @@ def add_dtype_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_compile_arg(p: argparse.ArgumentParser) -> None:
-    """``--no-compile``: LESS's decoding step eager instead of compiled."""
+    """``--no-compile``: each layer's decoding step eager instead of compiled."""
     p.add_argument(
         "--no-compile",
         dest="compile",
         action="store_false",
         default=None,
-        help="decode LESS eagerly instead of compiling its per-step state work with "
-        "torch.compile (compiling costs a few seconds at the first step, about 10 s cold on "
-        "a CPU, and pays off over long generations; LESSKV_COMPILE=0 is the same switch)",
+        help="decode eagerly instead of compiling each layer's decoding step (the softmax "
+        "over the kept pairs, the policy's scores, LESS's state) with torch.compile "
+        "(compiling costs a few seconds at the first step, about 10 s cold on a CPU, and pays "
+        "off over long generations; LESSKV_COMPILE=0 is the same switch)",
     )
 
 

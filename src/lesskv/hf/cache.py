@@ -69,7 +69,7 @@ class LessLayer(CacheLayerMixin):
         self.merge_slots = merge_slots
         # A sliding window: pairs that fall out of it leave the cache and enter no summary
         self.window = window
-        self.compile = compile  # LESS's per-step state work as one compiled graph
+        self.compile = compile  # the decoding step (attention, scores, state) as one graph
         self.merge: MergeSlots | None = None
         # The pair the last decoding insert evicted (keys, values, weight, distance), folded
         # into the state by the attention call that follows (:meth:`attend_one`).
@@ -304,9 +304,10 @@ class LessCache(Cache):
     pass ``kernels=`` (or use :meth:`from_pretrained`) for LESS, ``extra_tokens=`` for
     Baseline+, ``merge_slots=`` for the training-free merge of evicted pairs. A fractional
     budget is relative to the prompt (the first call). ``compile`` (default: on, unless the
-    environment sets ``LESSKV_COMPILE=0``) runs LESS's per-step state work as one graph
-    compiled by ``torch.compile`` on the first decoding step; it falls back to eager, with one
-    warning, where compiling fails.
+    environment sets ``LESSKV_COMPILE=0``) runs each layer's decoding step (the softmax over
+    the slots, the policy's scores, LESS's state) as one graph compiled by ``torch.compile``
+    on the first decoding step; it falls back to eager, with one warning, where compiling
+    fails.
 
     A LessCache holds one generation's state: it serves the model it was built for, one batch
     size, and the thread that first uses it; anything else raises :class:`LessKVError`.
