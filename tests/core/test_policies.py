@@ -187,3 +187,12 @@ def test_a_sliding_window_expires_pairs_and_frees_their_place(name, window):
     assert keep_mask_from_steps(steps).equal(expected)
     entering = state_steps(steps, window)  # expired pairs never enter a summary
     assert entering.eq(T).logical_and(steps.lt(T)).equal(expired)
+
+
+@pytest.mark.parametrize("window", [None, 12])
+def test_steps_without_logits_land_on_the_given_device(window):
+    """Position-only policies have no logits to take a device from: the caller names it
+    (a GPU model's parallel form once mixed CUDA masks with CPU steps)."""
+    policy = make_policy("lambda", 8)
+    steps = policy.eviction_steps(None, policy.slots(30), 30, window, device=torch.device("meta"))
+    assert steps.device.type == "meta" and steps.shape[-1] == 30

@@ -78,9 +78,11 @@ class Policy(ABC):
         slots: Slots,
         seq_len: int,
         window: int | None = None,
+        *,
+        device: torch.device | None = None,
     ) -> torch.Tensor:
         """The decoding step at which each token leaves the kept set, ``(B, Hkv, T)`` (T:
-        never).
+        never), on the logits' device, or on ``device`` (default CPU) without logits.
 
         This is the whole keep-mask in O(T) memory: token j is kept at step i iff
         ``j <= i < steps[j]`` (training stores these instead of T x T masks).
@@ -94,7 +96,7 @@ class Policy(ABC):
         pair is evicted at that step. :func:`state_steps` tells such expiries from evictions.
         """
         b, hkv = (1, 1) if logits is None else logits.shape[:2]
-        device = None if logits is None else logits.device
+        device = device if logits is None else logits.device
         t, total = seq_len, slots.total
         positions = torch.arange(t, device=device)
         if window is not None and window <= total:  # the window alone decides
@@ -167,13 +169,15 @@ class LambdaShape(Policy):
         slots: Slots,
         seq_len: int,
         window: int | None = None,
+        *,
+        device: torch.device | None = None,
     ) -> torch.Tensor:
         """Closed form of the shared simulation: token j leaves when it falls out of the
         recent window, at step ``j + recent`` (once the budget is full), unless it is a sink.
         A sliding window shorter than the sequence takes the shared simulation."""
         if window is not None and window < seq_len:
-            return super().eviction_steps(logits, slots, seq_len, window)
-        pos = torch.arange(seq_len, device=logits.device if logits is not None else None)
+            return super().eviction_steps(logits, slots, seq_len, window, device=device)
+        pos = torch.arange(seq_len, device=logits.device if logits is not None else device)
         steps = (pos + slots.recent).clamp(min=slots.total)
         steps = torch.where(pos < slots.sinks, seq_len, steps).clamp(max=seq_len)
         shape = (logits.shape[0], logits.shape[1]) if logits is not None else (1, 1)

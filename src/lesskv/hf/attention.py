@@ -192,7 +192,8 @@ def less_attention(
     if policy.uses_attention:
         logits = math.attention_logits(q, key, scale).masked_fill_(~visible, math.NEG_INF)
     window = kwargs.get("sliding_window")  # every layer slides: the policy runs inside it
-    steps = policy.eviction_steps(logits, slots, k_len, window).expand(*key.shape[:2], k_len)
+    steps = policy.eviction_steps(logits, slots, k_len, window, device=key.device)
+    steps = steps.expand(*key.shape[:2], k_len)
     keep = keep_mask_from_steps(steps).unsqueeze(2) & visible
     summary = setup.kernels is not None or setup.merge_slots > 0
     if logits is not None:  # the policy's logits are at hand: one softmax over the kept ones

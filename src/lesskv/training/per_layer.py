@@ -267,10 +267,12 @@ def _record_sparse(
     """Simulate the policy at its budget (and at Baseline+'s, when ``budgets`` has both) for
     every layer of ``group`` at once (layers stacked on the batch axis), then store each
     layer's sparse outputs."""
-    _, hkv, _, t, _ = seen[group[0]][0].shape
+    first = seen[group[0]][0]
+    _, hkv, _, t, _ = first.shape
     logits = _stacked_logits(group, seen, scratch) if policy.uses_attention else None
     steps, *plus_steps = (
-        policy.eviction_steps(logits, slots, t).expand(len(group), hkv, t) for slots in budgets
+        policy.eviction_steps(logits, slots, t, device=first.device).expand(len(group), hkv, t)
+        for slots in budgets
     )
     for row, layer in enumerate(group):
         q, key, value, scale = seen[layer]
