@@ -61,8 +61,8 @@ def compile_by_default() -> bool:
 class Compiled:
     """``fn`` compiled with ``torch.compile`` on first use, or ``fn`` itself (eager) when
     ``enabled`` is false or compiling fails (no C++ compiler, an unsupported platform): then
-    one warning, and eager from there on. Shapes that change (another batch size or model)
-    recompile; torch falls back to eager by itself past its recompile limit.
+    one warning, and eager from there on. Graphs are compiled for dynamic shapes, so another
+    batch size or budget reuses them; another policy, method or dtype compiles its own.
 
     ``compile_seconds`` adds up the calls with arguments of shapes not seen before, which is
     where compilation happens, so benchmarks can report it apart from the step time.
@@ -78,8 +78,10 @@ class Compiled:
     def __call__(self, *args, enabled: bool = True):
         if not enabled or self.failed:
             return self.fn(*args)
-        if self._compiled is None:
-            self._compiled = torch.compile(self.fn)
+        if self._compiled is None:  # dynamic shapes from the start: one graph serves every
+            # batch size and budget, so a process's policies x methods x dtypes stay within
+            # torch's recompile limit (8 per function; past it, torch silently runs eager)
+            self._compiled = torch.compile(self.fn, dynamic=True)
         signature = _signature(args)
         start = time.perf_counter()
         try:
