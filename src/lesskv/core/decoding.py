@@ -44,8 +44,10 @@ def decode_attention(
     logits = math.attention_logits(query, keys, scale)
     probs, lse = math.masked_softmax(logits, valid[:, :, None, None, :])
     out = torch.einsum("bhgqk,bhkd->bhgqd", probs, values)
-    if policy.uses_attention:
-        scores.copy_(policy.update_scores(scores, probs.float()))
+    if policy.uses_attention:  # H2O adds in place; TOVA returns new scores
+        updated = policy.update_scores(scores, probs.float())
+        if updated is not scores:
+            scores.copy_(updated)
     if less is not None:
         kernels, evicted, state_h, state_z = less
         out = decode_step(kernels, query, out, lse, evicted, state_h, state_z)
@@ -64,8 +66,9 @@ class Compiled:
     one warning, and eager from there on. Graphs are compiled for dynamic shapes, so another
     batch size or budget reuses them; another policy, method or dtype compiles its own.
 
-    ``compile_seconds`` adds up the calls with arguments of shapes not seen before, which is
-    where compilation happens, so benchmarks can report it apart from the step time.
+    ``compile_seconds`` adds up the calls whose arguments differ from all earlier ones in what
+    compiled code specialises on (:func:`_signature`), which is where compilation happens, so
+    benchmarks can report it apart from the step time.
     """
 
     def __init__(self, fn: Callable) -> None:
@@ -104,12 +107,14 @@ class Compiled:
 
 
 def _signature(args: tuple) -> tuple:
-    """Shapes and dtypes of the tensors in ``args`` (nested tuples included), numbers as they
-    are (compiled code specialises on them), the types of anything else."""
+    """What a dynamic-shape graph specialises on, for ``args`` (nested tuples included): each
+    tensor's dtype, device and rank, and which of its sizes are 0 or 1 (other sizes are
+    symbolic); numbers as they are; the types of anything else."""
     out = []
     for arg in args:
         if isinstance(arg, torch.Tensor):
-            out.append((tuple(arg.shape), arg.dtype, arg.device))
+            sizes = tuple(size if size < 2 else None for size in arg.shape)
+            out.append((sizes, arg.dtype, arg.device))
         elif isinstance(arg, tuple):
             out.append(_signature(arg))
         elif isinstance(arg, int | float):
