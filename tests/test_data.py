@@ -188,7 +188,8 @@ def test_hf_source_errors(fake_datasets, monkeypatch):
     with pytest.raises(LessKVError, match="bad dataset"):
         load_texts("hf:a/b/c/d")
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
-    with pytest.raises(LessKVError, match="pip install datasets"):
+    extra = r"^--data hf:wikitext needs the optional package datasets: pip install 'lesskv\[hf\]'$"
+    with pytest.raises(LessKVError, match=extra):
         load_texts("hf:wikitext")
 
 

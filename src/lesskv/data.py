@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lesskv.errors import LessKVError
+from lesskv.errors import LessKVError, require
 
 BUILTIN = "builtin"
 DEFAULT_FIELD = "text"
@@ -227,12 +227,9 @@ def _hf_texts(source: str, field: str, limit: int | None) -> list[str]:
         raise LessKVError(f"bad dataset {source!r}: write hf:NAME[/CONFIG][:SPLIT]")
     name = "/".join(parts[:2]) if len(parts) == 3 else parts[0]
     config = parts[-1] if len(parts) > 1 and parts[-1] else None
-    try:
-        import datasets
-    except ImportError:
-        raise LessKVError(
-            f"{source!r} needs the datasets package: pip install datasets (or give a local file)"
-        ) from None
+    require("datasets", "hf", f"--data {source}")
+    import datasets
+
     try:
         dataset = datasets.load_dataset(name, config, split=split or DEFAULT_SPLIT)
     except (OSError, ValueError) as exc:

@@ -1,5 +1,18 @@
 """The one exception type users see: the CLI prints its message on one line and exits 2."""
 
+import importlib
+
 
 class LessKVError(ValueError):
     """Bad input (budget, model, data, checkpoint...) explained in one readable sentence."""
+
+
+def require(module: str, extra: str, purpose: str) -> None:
+    """Import an optional dependency early, so its absence is one line naming the pip extra
+    that brings it rather than a traceback halfway through a run."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise LessKVError(
+            f"{purpose} needs the optional package {module}: pip install 'lesskv[{extra}]'"
+        ) from None

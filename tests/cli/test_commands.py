@@ -2,6 +2,7 @@
 finetune, and the demo's generated text."""
 
 import json
+import sys
 
 import torch
 
@@ -161,3 +162,19 @@ def test_hostile_data_files_are_one_line_errors_and_nothing_is_written(capsys, t
             assert err.startswith("lesskv: error:") and "\n" not in err, (name, err)
             assert name in err, (name, err)
             assert not out.exists(), (name, command[0])
+
+
+def test_a_command_whose_optional_extra_is_missing_names_it_in_one_line(capsys, monkeypatch):
+    """A plain `pip install lesskv` has no lm-eval or datasets: say which extra brings them."""
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` fail
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    assert main(["eval", "tasks", "--tasks", "piqa"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "lesskv: error: lesskv eval tasks needs the optional package lm_eval: "
+        "pip install 'lesskv[tasks]'"
+    )
+    assert main(["eval", "ppl", "--data", "hf:wikitext", "--budget", "8"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "lesskv: error: --data hf:wikitext needs the optional package datasets: "
+        "pip install 'lesskv[hf]'"
+    )

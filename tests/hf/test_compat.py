@@ -5,6 +5,7 @@ from importlib import metadata
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.version import Version
 
 from helpers import make_tiny_model
 from lesskv.errors import LessKVError
@@ -33,12 +34,17 @@ def test_the_declared_range_admits_the_installed_versions():
     assert set(ranges) == {"torch", "transformers"}
     for name, requirement in ranges.items():
         assert requirement.specifier.contains(metadata.version(name), prereleases=True)
-        assert "<" in str(requirement.specifier), f"{name} needs a tested upper bound"
+
+
+def test_the_newest_tested_releases_lie_inside_the_declared_range():
+    for name, requirement in compat.declared_ranges().items():
+        assert requirement.specifier.contains(compat.NEWEST_TESTED[name], prereleases=True)
 
 
 @pytest.fixture
 def installed(monkeypatch):
-    """Pretend the given versions are installed, against a fixed declared range."""
+    """Pretend the given versions are installed, against a fixed declared range and tested
+    releases."""
 
     def pretend(torch: str, transformers: str) -> None:
         versions = {"torch": torch, "transformers": transformers}
@@ -47,9 +53,12 @@ def installed(monkeypatch):
             compat,
             "declared_ranges",
             lambda: {
-                "torch": Requirement("torch>=2.13,<2.14"),
-                "transformers": Requirement("transformers>=5.2,<5.25"),
+                "torch": Requirement("torch>=2.11"),
+                "transformers": Requirement("transformers>=5.2,<6"),
             },
+        )
+        monkeypatch.setattr(
+            compat, "NEWEST_TESTED", {"torch": Version("2.15"), "transformers": Version("5.25")}
         )
         compat.check_versions.cache_clear()
 
@@ -57,35 +66,55 @@ def installed(monkeypatch):
     compat.check_versions.cache_clear()
 
 
-def test_versions_inside_the_range_pass_silently(installed):
-    installed("2.13.0+cpu", "5.24.0")
+@pytest.mark.parametrize(
+    ("torch", "transformers"), [("2.11.0", "5.2.0"), ("2.13.0+cpu", "5.24.0"), ("2.15.1", "5.25.3")]
+)
+def test_versions_from_the_lowest_to_the_newest_tested_pass_silently(
+    installed, torch, transformers
+):
+    installed(torch, transformers)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compat.check_versions()
 
 
-def test_an_older_release_is_refused_in_one_line(installed):
-    installed("2.13.0", "5.1.0")
-    with pytest.raises(LessKVError, match=r"supports transformers.*found transformers 5\.1\.0"):
+@pytest.mark.parametrize(
+    ("torch", "transformers", "found"),
+    [
+        ("2.13.0", "5.1.0", r"transformers>=5\.2,<6; found transformers 5\.1\.0"),
+        ("2.10.1", "5.24.0", r"torch>=2\.11; found torch 2\.10\.1"),
+    ],
+)
+def test_an_older_release_is_refused_in_one_line(installed, torch, transformers, found):
+    installed(torch, transformers)
+    with pytest.raises(LessKVError, match=rf"^lesskv supports {found}: upgrade it with pip"):
         compat.check_versions()
 
 
-def test_a_newer_release_warns_once(installed):
-    installed("2.13.0", "5.30.0")
-    with pytest.warns(UserWarning, match=r"transformers 5\.30\.0, newer than tested"):
+@pytest.mark.parametrize(
+    ("torch", "transformers", "found"),
+    [
+        ("2.16.0", "5.25.0", r"torch up to 2\.15; found torch 2\.16\.0, newer than tested"),
+        ("2.15.0", "5.30.0", r"transformers up to 5\.25; found transformers 5\.30\.0, newer than"),
+        ("2.15.0", "6.0.0", r"supports transformers>=5\.2,<6; found transformers 6\.0\.0"),
+    ],
+)
+def test_a_newer_release_warns_once(installed, torch, transformers, found):
+    installed(torch, transformers)
+    with pytest.warns(UserWarning, match=found):
         compat.check_versions()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compat.check_versions()  # cached: said once per process
 
 
-def test_the_command_line_names_both_ranges_in_one_line(installed, capsys):
+def test_the_command_line_names_the_range_in_one_line(installed, capsys):
     from lesskv.cli import main
 
     installed("2.13.0", "5.1.0")
     assert main(["demo"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("lesskv: error: lesskv supports transformers>=5.2,<5.25")
+    assert line.startswith("lesskv: error: lesskv supports transformers>=5.2,<6; found")
     installed("2.13.0", "5.30.0")
     assert main(["eval", "ppl", "--data", "builtin", "--budget", "0"]) == 2  # warns, then refuses
     warning, error = capsys.readouterr().err.strip().splitlines()

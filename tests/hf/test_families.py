@@ -149,6 +149,24 @@ def test_falcon_decodes_like_its_parallel_form_on_its_real_kv_heads(family, meth
     assert cache.layers[0].keys.shape == (2, kv_heads, BUDGET, 16)
 
 
+def test_the_falcon_adapter_takes_the_calls_of_every_transformers_release():
+    """transformers <= 5.24 passes ``alibi=None`` to Falcon's attention, 5.25 no longer does."""
+    model = build(SUPPORTED["falcon-new"]())
+    set_method(model, "baseline", policy=make_policy("h2o", 4))
+    attention = model.transformer.h[0].self_attention
+    assert attention.lesskv_adapter
+    hidden = torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(8)[None]
+    inputs = dict(
+        position_ids=positions, position_embeddings=model.transformer.rotary_emb(hidden, positions)
+    )
+    with torch.no_grad():
+        new, _ = attention(hidden, attention_mask=None, **inputs)
+        old, _ = attention(hidden, alibi=None, attention_mask=None, **inputs)
+    set_method(model, "full")
+    assert torch.equal(new, old)
+
+
 def test_falcon_with_alibi_is_refused():
     with pytest.raises(LessKVError, match="ALiBi"):
         LessCache(build(hf.FalconConfig(**SHAPE, alibi=True)), "h2o", 8)

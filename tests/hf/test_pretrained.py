@@ -29,6 +29,17 @@ def test_shipped_kernels_match_the_default_model(default_model):
     assert shipped_kernels("smollm2-135m", make_policy("h2o", 64)).name == "smollm2-135m-h2o-0.1"
 
 
+def test_a_shipped_set_loads_by_name_as_from_its_folder(default_model, tmp_path, monkeypatch):
+    model, _ = default_model
+    by_path = LessKernels.from_pretrained(shipped_kernels("smollm2-135m", make_policy("h2o", 0.1)))
+    monkeypatch.chdir(tmp_path)  # a name, not a path relative to the checkout
+    cache = LessCache.from_pretrained("smollm2-135m-h2o-0.1", model)
+    assert cache.policy.name == "h2o" and cache.kernels is not None
+    by_name = LessKernels.from_pretrained("smollm2-135m-h2o-0.1", model)
+    for a, b in zip(by_name.state_dict().values(), by_path.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_decoding_equals_the_parallel_form_on_the_default_model(default_model):
     model, tokenizer = default_model
     policy = make_policy("h2o", 32)

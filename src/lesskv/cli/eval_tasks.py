@@ -18,6 +18,7 @@ from lesskv.cli.common import (
     write_json,
 )
 from lesskv.core.budget import DEFAULT_RANK
+from lesskv.errors import require
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -56,6 +57,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     """Score every task with every method and print one row per (task, method)."""
     from lesskv.core.policies import make_policy
+
+    require("lm_eval", "tasks", "lesskv eval tasks")
     from lesskv.evaluation.tasks import evaluate_tasks, quiet_lm_eval
     from lesskv.hf.loading import load_model
 

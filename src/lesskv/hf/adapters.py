@@ -52,8 +52,7 @@ def _falcon_heads(
 def _falcon_forward(
     self: FalconAttention,
     hidden_states: torch.Tensor,
-    alibi: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     layer_past=None,
     use_cache: bool = False,
@@ -61,6 +60,9 @@ def _falcon_forward(
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
+    """Falcon's attention with lesskv's attention function. transformers <= 5.24 also passes
+    ``alibi`` (always None here: ALiBi models are refused), 5.25 no longer does; ``kwargs``
+    takes it either way."""
     query, key, value = _falcon_heads(self, self.query_key_value(hidden_states))
     query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
     if layer_past is not None:

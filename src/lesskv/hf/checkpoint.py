@@ -124,12 +124,18 @@ class LessKernels(nn.Module):
     def from_pretrained(
         cls, directory: str | Path, model: PreTrainedModel | None = None, policy: str | None = None
     ) -> LessKernels:
-        """Load kernels, checking them against ``model`` and ``policy`` when given."""
+        """Load kernels from a folder, or a shipped set by name (:func:`available`, e.g.
+        ``"smollm2-135m-h2o-0.1"``), checking them against ``model`` and ``policy`` when given."""
         directory = Path(directory)
+        if not directory.exists() and str(directory) in available():
+            directory = PRETRAINED / str(directory)
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for path in (config_path, weights_path):
             if not path.is_file():
-                raise LessKVError(f"{path} is missing: {directory} is not a lesskv kernel folder")
+                raise LessKVError(
+                    f"{path} is missing: {directory} is not a lesskv kernel folder (shipped "
+                    f"sets, by name: {', '.join(available())})"
+                )
         meta = _read_meta(config_path)
         try:
             kernels = cls(meta)

