@@ -127,3 +127,31 @@ def test_upstream_kernels_record_each_layer_on_its_inference_inputs(tmp_path):
     out = math.sparse_output(q, batch["key"], batch["value"], causal, module.scaling)
     expected = module.o_proj(out.flatten(1, 2).transpose(1, 2).flatten(2))
     assert torch.allclose(expected, batch["target"], atol=2e-3)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_fused_collection_records_what_the_reference_does(name):
+    """Collection's compiled, blocked simulation against the stacked T x T one it replaces on
+    the CPU: the same steps, and the same outputs at the budget and at Baseline+'s."""
+    from lesskv.training import per_layer
+
+    generator = torch.Generator().manual_seed(4)
+    seen = {
+        layer: (
+            torch.randn(1, 2, 3, T, 16, generator=generator),
+            torch.randn(1, 2, T, 16, generator=generator),
+            torch.randn(1, 2, T, 16, generator=generator),
+            0.25,
+        )
+        for layer in (0, 1)
+    }
+    policy = make_policy(name, 12)
+    budgets = [policy.slots(T), policy.slots(T, 4)]
+    reference = per_layer._reference_records([0, 1], seen, policy, budgets, {})
+    for layer in (0, 1):
+        steps, recorded = per_layer._fused_records(policy, budgets, *seen[layer])
+        ref_steps, ref_recorded = reference[layer]
+        assert torch.equal(steps, ref_steps)
+        assert recorded.keys() == ref_recorded.keys() == {"sparse_out", "lse", "plus_out"}
+        for key, tensor in recorded.items():
+            assert torch.allclose(tensor, ref_recorded[key], atol=1e-5), key

@@ -31,9 +31,9 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from lesskv.core import math
+from lesskv.core import eviction, math
 from lesskv.core.merge import merge_parallel
-from lesskv.core.policies import Policy, keep_mask_from_steps, state_steps
+from lesskv.core.policies import Policy, Slots, keep_mask_from_steps, state_steps
 from lesskv.core.state import fading
 from lesskv.errors import LessKVError
 from lesskv.hf import adapters
@@ -187,22 +187,15 @@ def less_attention(
             "scores whole sequences): generate with a LessCache(...) to evict for real"
         )
     q = math.group_queries(query, key.shape[1])
-    visible = _visible_keys(attention_mask, q_len, k_len, query.device)
-    logits = None
-    if policy.uses_attention:
-        logits = math.attention_logits(q, key, scale).masked_fill_(~visible, math.NEG_INF)
     window = kwargs.get("sliding_window")  # every layer slides: the policy runs inside it
-    steps = policy.eviction_steps(logits, slots, k_len, window, device=key.device)
-    steps = steps.expand(*key.shape[:2], k_len)
-    keep = keep_mask_from_steps(steps).unsqueeze(2) & visible
     summary = setup.kernels is not None or setup.merge_slots > 0
-    if logits is not None:  # the policy's logits are at hand: one softmax over the kept ones
-        out, lse = math.attention_from_logits(logits.float(), keep, value)  # fp32 for 16-bit
+    if attention_mask is None and eviction.fused_applies(policy, q, key, value, window=window):
+        out, lse, steps = eviction.policy_attention(policy, slots, q, key, value, scale)
         out = out.to(value.dtype)
-    elif not summary:
-        return _heads_last(math.sparse_output(q, key, value, keep, scale))
     else:
-        out, lse = math.sparse_attention(q, key, value, keep, scale)
+        out, lse, steps = _masked_parallel(
+            policy, slots, q, key, value, attention_mask, scale, window, summary
+        )
     if not summary:
         return _heads_last(out)
     kernels, entering = setup.kernels, state_steps(steps, window)
@@ -211,6 +204,37 @@ def less_attention(
         return _heads_last(math.join_attention(out.float(), lse.float(), *slots).to(out.dtype))
     phi_q, psi_k, decay = kernels.phi(q), kernels.psi(key), kernels.decay_rate()
     return _heads_last(math.less_parallel(out, lse, phi_q, psi_k, value, entering, decay))
+
+
+def _masked_parallel(
+    policy: Policy,
+    slots: Slots,
+    q: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+    window: int | None,
+    summary: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The reference parallel form: the policy simulated over the ``T x T`` logits, then a
+    softmax over the kept keys; any device, autograd, padding and sliding windows. Returns
+    the output, its log-sum-exp (None where no ``summary`` needs it) and the steps."""
+    q_len, k_len = q.shape[3], key.shape[2]
+    visible = _visible_keys(attention_mask, q_len, k_len, q.device)
+    logits = None
+    if policy.uses_attention:
+        logits = math.attention_logits(q, key, scale).masked_fill_(~visible, math.NEG_INF)
+    steps = policy.eviction_steps(logits, slots, k_len, window, device=key.device)
+    steps = steps.expand(*key.shape[:2], k_len)
+    keep = keep_mask_from_steps(steps).unsqueeze(2) & visible
+    if logits is not None:  # the policy's logits are at hand: one softmax over the kept ones
+        out, lse = math.attention_from_logits(logits.float(), keep, value)  # fp32 for 16-bit
+        return out.to(value.dtype), lse, steps
+    if not summary:
+        return math.sparse_output(q, key, value, keep, scale), None, steps
+    out, lse = math.sparse_attention(q, key, value, keep, scale)
+    return out, lse, steps
 
 
 # Prompt queries are attended a block at a time: the block's logits (batch x query heads x

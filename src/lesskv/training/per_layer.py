@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from lesskv.core import eviction
 from lesskv.core import math as math_ops
 from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK, STATES
 from lesskv.core.kernels import KernelShape, LayerKernels
@@ -265,8 +266,41 @@ def _record_sparse(
     scratch: dict[tuple[int, ...], torch.Tensor],
 ) -> None:
     """Simulate the policy at its budget (and at Baseline+'s, when ``budgets`` has both) for
-    every layer of ``group`` at once (layers stacked on the batch axis), then store each
-    layer's sparse outputs."""
+    every layer of ``group``, then store each layer's sparse outputs and eviction steps."""
+    first = seen[group[0]]
+    if eviction.fused_applies(policy, *first[:3]):  # layer by layer, no T x T tensor
+        simulated = {layer: _fused_records(policy, budgets, *seen[layer]) for layer in group}
+    else:
+        simulated = _reference_records(group, seen, policy, budgets, scratch)
+    for layer, (steps, recorded) in simulated.items():
+        flat = {name: tensor[0].flatten(0, 1) for name, tensor in recorded.items()}
+        stores[layer].write(index, steps=steps, **flat)
+
+
+def _fused_records(
+    policy: Policy,
+    budgets: list[Slots],
+    q: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    out, lse, steps = eviction.policy_attention(policy, budgets[0], q, key, value, scale)
+    recorded = {"sparse_out": out, "lse": lse.squeeze(-1)}
+    for plus in budgets[1:]:
+        recorded["plus_out"] = eviction.policy_attention(policy, plus, q, key, value, scale)[0]
+    return steps[0], recorded
+
+
+def _reference_records(
+    group: list[int],
+    seen: dict[int, tuple],
+    policy: Policy,
+    budgets: list[Slots],
+    scratch: dict[tuple[int, ...], torch.Tensor],
+) -> dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """The reference simulation, every layer of ``group`` at once (stacked on the batch axis,
+    which amortises its Python loop over the layers)."""
     first = seen[group[0]][0]
     _, hkv, _, t, _ = first.shape
     logits = _stacked_logits(group, seen, scratch) if policy.uses_attention else None
@@ -274,6 +308,7 @@ def _record_sparse(
         policy.eviction_steps(logits, slots, t, device=first.device).expand(len(group), hkv, t)
         for slots in budgets
     )
+    simulated = {}
     for row, layer in enumerate(group):
         q, key, value, scale = seen[layer]
         keep = keep_mask_from_steps(steps[row : row + 1])[:, :, None]
@@ -282,8 +317,8 @@ def _record_sparse(
         for plus in plus_steps:
             plus_keep = keep_mask_from_steps(plus[row : row + 1])[:, :, None]
             recorded["plus_out"] = math_ops.sparse_output(q, key, value, plus_keep, scale)
-        flat = {name: tensor[0].flatten(0, 1) for name, tensor in recorded.items()}
-        stores[layer].write(index, steps=steps[row], **flat)
+        simulated[layer] = (steps[row], recorded)
+    return simulated
 
 
 def _stacked_logits(

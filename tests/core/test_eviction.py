@@ -1,0 +1,59 @@
+"""The compiled eviction loop and its blocked attention against the reference: the policy's
+Python simulation over T x T logits, then a masked softmax. One matrix over every policy."""
+
+import pytest
+import torch
+
+from lesskv.core import eviction, math
+from lesskv.core.policies import POLICIES, keep_mask_from_steps, make_policy
+
+
+def inputs(b=2, hkv=2, g=3, t=80, d=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hkv, g, t, d, generator=generator) * 1.5
+    key = torch.randn(b, hkv, t, d, generator=generator)
+    value = torch.randn(b, hkv, t, d, generator=generator)
+    return q, key, value, d**-0.5
+
+
+def reference(policy, slots, q, key, value, scale):
+    t = key.shape[2]
+    logits = math.causal_logits(q, key, scale) if policy.uses_attention else None
+    steps = policy.eviction_steps(logits, slots, t).expand(*key.shape[:2], t)
+    out, lse = math.sparse_attention(q, key, value, keep_mask_from_steps(steps)[:, :, None], scale)
+    return out, lse, steps
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize(("t", "budget", "block"), [(80, 12, 2**22), (80, 12, 700), (33, 8, 1)])
+def test_steps_are_identical_and_outputs_equal_the_reference(name, t, budget, block, monkeypatch):
+    """Blocks of every size (one row at a time included) give the same steps and outputs."""
+    monkeypatch.setattr(eviction, "BLOCK_ELEMENTS", block)
+    policy = make_policy(name, budget)
+    slots = policy.slots(t)
+    q, key, value, scale = inputs(t=t)
+    assert eviction.fused_applies(policy, q, key, value)
+    out, lse, steps = eviction.policy_attention(policy, slots, q, key, value, scale)
+    ref_out, ref_lse, ref_steps = reference(policy, slots, q, key, value, scale)
+    assert torch.equal(steps, ref_steps)
+    assert torch.allclose(out, ref_out, atol=1e-5)
+    assert torch.allclose(lse, ref_lse, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_a_budget_covering_the_sequence_is_causal_attention(name):
+    policy = make_policy(name, 64)
+    q, key, value, scale = inputs(t=40)
+    out, lse, steps = eviction.policy_attention(policy, policy.slots(40), q, key, value, scale)
+    full_out, full_lse = math.causal_attention(q, key, value, scale)
+    assert (steps == 40).all()
+    assert torch.allclose(out, full_out, atol=1e-5) and torch.allclose(lse, full_lse, atol=1e-5)
+
+
+def test_other_conditions_take_the_reference_path():
+    policy = make_policy("h2o", 8)
+    q, key, value, _ = inputs(t=16)
+    assert not eviction.fused_applies(policy, q.double(), key.double(), value.double())
+    assert not eviction.fused_applies(policy, q, key, value, window=8)
+    with torch.enable_grad():
+        assert not eviction.fused_applies(policy, q.requires_grad_(), key, value)
