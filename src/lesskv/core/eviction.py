@@ -5,25 +5,25 @@ compiled code.
 ``(B, Hkv, G, T, T)`` logits, then the sparse attention masks them again: three passes over the
 largest tensors of a layer, plus ~T small ops. Here queries are taken a block of rows at a time:
 
-1. the block's logits ``(B, Hkv, G, rows, keys up to the block's last row)`` (one matmul);
-2. a compiled loop over the block's rows, per KV head: token ``i`` enters and, once the budget
-   is full, the lowest-scoring eligible pair leaves (its step is ``i``); row ``i`` is then
-   normalised in place over the keys still kept (its softmax, and its log-sum-exp), and the
-   policy's scores take the new probabilities;
-3. the block's output, probabilities @ values (one matmul).
+1. the block's logits ``(B, Hkv, G, rows, keys up to the block's last row)``: one matmul;
+2. a compiled loop over the block's rows, per KV head, over the keys the cache holds (at most
+   the budget): token ``i`` enters and, once the budget is full, the lowest-scoring eligible
+   pair leaves (its step is ``i``); row ``i`` becomes its softmax over the kept keys (and its
+   log-sum-exp), and the policy's scores take those probabilities;
+3. every other entry of the block set to 0 and the output, probabilities @ values: one matmul.
 
-So the memory is ``O(rows x T)`` and every logit is touched a constant number of times. The
-eviction rule, the scoring rules and their order are those of :class:`~lesskv.core.policies.Policy`
-(``eligible``, ``update_scores``): tests hold the two to identical steps for every policy. The
-loop is compiled by numba; where numba or the fused conditions are missing (another device,
-autograd, 16-bit logits, a sliding window, padding), :func:`fused_applies` says no and callers
-take the reference path.
+So the memory is ``O(rows x T)``, the loop costs ``O(T x budget)`` and every logit outside it
+is touched by vectorised torch ops a constant number of times. The eviction rule, the scoring
+rules and their order are those of :class:`~lesskv.core.policies.Policy` (``eligible``,
+``update_scores``); tests hold the two to identical steps for every policy. numba compiles the
+loop; where the fused conditions do not hold (another device, autograd, 16-bit tensors, a
+sliding window, padding, no numba), :func:`fused_applies` says no and callers take the
+reference path.
 """
 
 from __future__ import annotations
 
-import math as pymath
-
+import numpy as np
 import torch
 
 from lesskv.core.policies import Policy, Slots
@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover - numba is a dependency; a platform may 
 # The rows of one block hold about this many logits (batch x query heads x rows x keys): large
 # enough for efficient matmuls, small enough to stay in cache-friendly sizes.
 BLOCK_ELEMENTS = 2**22
+BLOCK_ROWS = 128  # rows per block, roughly, where the budget is small
 # How each policy's scores take a row's probabilities, in the compiled loop: position-only
 # policies (no scores) evict by their closed-form steps, given to the loop.
 RULES = {"h2o": 1, "tova": 2}
@@ -74,79 +75,113 @@ def policy_attention(
         steps = torch.full((n, t), t, dtype=torch.long)
     else:  # position-only: the closed form
         steps = policy.eviction_steps(None, slots, t).expand(b, hkv, t).reshape(n, t).clone()
-    scores = torch.zeros(n, t, dtype=torch.float32)
+    # The cache's positions, oldest first, their scores and their columns in the current
+    # block: (N, budget + the entering token). Every head holds min(i, budget) at step i.
+    held = torch.empty(n, slots.total + 1, dtype=torch.long)
+    held_scores = torch.empty(n, slots.total + 1, dtype=torch.float32)
+    held_cols = torch.empty(n, slots.total + 1, dtype=torch.long)
     lse = torch.empty(n, g, t, dtype=torch.float32)
     out = torch.empty(n, g, t, d, dtype=torch.float32)
     q_scaled = (q * scale).reshape(n, g, t, d)
     keys, values = key.reshape(n, t, d), value.reshape(n, t, d)
-    rows = max(1, BLOCK_ELEMENTS // (n * g * t))
+    rows = max(1, min(BLOCK_ROWS, BLOCK_ELEMENTS // (n * g * (slots.total + BLOCK_ROWS))))
     first, recent = policy.eligible(0, slots)[0], slots.recent
     for start in range(0, t, rows):
         end = min(t, start + rows)
-        logits = torch.matmul(q_scaled[:, :, start:end], keys[:, None, :end].mT)
-        arrays = (logits.numpy(), steps.numpy(), scores.numpy(), lse.numpy())
-        _KERNEL(*arrays, start, slots.total, first, recent, rule)
-        out[:, :, start:end] = torch.matmul(logits, values[:, None, :end])
-    return (
-        out.view(b, hkv, g, t, d),
-        lse.view(b, hkv, g, t, 1),
-        steps.view(b, hkv, t),
-    )
+        # A block's queries see only what the cache held when it began and the block itself.
+        count = min(start, slots.total)
+        index = torch.cat([held[:, :count], torch.arange(start, end).expand(n, -1)], 1)
+        index = index.unsqueeze(-1).expand(-1, -1, d)
+        block_k, block_v = keys.gather(1, index), values.gather(1, index)
+        block_q = q_scaled[:, :, start:end].reshape(n, g * (end - start), d)  # one matmul a head
+        logits = torch.bmm(block_q, block_k.mT).view(n, g, end - start, -1)
+        probs = torch.zeros_like(logits)
+        arrays = (logits, probs, steps, held, held_scores, held_cols, lse)
+        _KERNEL(*(a.numpy() for a in arrays), start, count, slots.total, first, recent, rule)
+        rows_out = torch.bmm(probs.view(n, g * (end - start), -1), block_v)
+        out[:, :, start:end] = rows_out.view(n, g, end - start, d)
+    return out.view(b, hkv, g, t, d), lse.view(b, hkv, g, t, 1), steps.view(b, hkv, t)
 
 
-def _evict_and_normalise(logits, steps, scores, lse, start, total, first, recent, rule):
-    """The compiled loop (numba, in place). ``logits: (N, G, rows, keys)`` for queries
-    ``start..start+rows-1``; ``steps``/``scores: (N, T)``; ``lse: (N, G, T)``. ``rule``: 0 the
-    steps are given (position-only policies), 1 H2O (scores accumulate every row's
-    probabilities), 2 TOVA (scores are the latest row's). Afterwards row ``i`` of ``logits``
-    holds the probabilities over the keys kept at step ``i`` (0 elsewhere)."""
-    n_heads, groups, rows, keys = logits.shape
-    t = steps.shape[1]
+def _evict_and_weigh(
+    logits,
+    probs,
+    steps,
+    held,
+    held_scores,
+    held_cols,
+    lse,
+    start,
+    count,
+    total,
+    first,
+    recent,
+    rule,
+):
+    """The compiled loop (numba, in place), per KV head ``n``, over one block of queries
+    ``start..start+rows-1``. ``logits``/``probs: (N, G, rows, count + rows)``: columns are the
+    ``count`` positions the cache held at the block's start (``held[:, :count]``, oldest
+    first), then the block's own tokens. ``steps: (N, T)``; ``held``, ``held_scores``,
+    ``held_cols: (N, total + 1)``: the cache's positions, their scores and their columns;
+    ``lse: (N, G, T)``. ``rule``: 0 the steps are given (position-only policies), 1 H2O
+    (scores accumulate every row's probabilities), 2 TOVA (scores are the latest row's).
+    Writes each row's probabilities at its held keys' columns of ``probs`` (the rest stays 0)
+    and its log-sum-exp."""
+    n_heads, groups, rows, _ = logits.shape
     for n in prange(n_heads):
+        weights = np.empty(total + 1, dtype=np.float32)  # one row's, at the held keys
+        row_sum = np.empty(total + 1, dtype=np.float32)  # its probabilities summed over G
+        held_cols[n, :count] = np.arange(count)
+        size = count
         for r in range(rows):
             i = start + r
-            if rule != 0 and i >= total:  # token i entered a full cache: one pair leaves
-                last = i - recent
-                best = first
-                for j in range(first + 1, last + 1):
-                    if scores[n, j] < scores[n, best]:
-                        best = j
-                steps[n, best] = i
-                scores[n, best] = pymath.inf  # never chosen again
+            held[n, size], held_scores[n, size], held_cols[n, size] = i, 0.0, count + r
+            size += 1  # token i entered
+            if rule == 0:  # drop what the given steps evict now
+                kept = 0
+                for a in range(size):
+                    if steps[n, held[n, a]] > i:
+                        held[n, kept], held_scores[n, kept] = held[n, a], held_scores[n, a]
+                        held_cols[n, kept] = held_cols[n, a]
+                        kept += 1
+                size = kept
+            elif size > total:  # a full cache: the lowest score in the eligible range leaves
+                last, victim, lowest = i - recent, -1, np.inf
+                for a in range(size):
+                    j = held[n, a]
+                    if j > last:
+                        break
+                    if j >= first and held_scores[n, a] < lowest:  # the oldest of equals
+                        victim, lowest = a, held_scores[n, a]
+                steps[n, held[n, victim]] = i
+                for a in range(victim, size - 1):
+                    held[n, a], held_scores[n, a] = held[n, a + 1], held_scores[n, a + 1]
+                    held_cols[n, a] = held_cols[n, a + 1]
+                size -= 1
+            row_sum[:size] = 0.0
             for g in range(groups):
-                top = -pymath.inf
-                for j in range(i + 1):
-                    if steps[n, j] > i and logits[n, g, r, j] > top:
-                        top = logits[n, g, r, j]
-                total_weight = 0.0
-                for j in range(i + 1):
-                    if steps[n, j] > i:
-                        weight = pymath.exp(logits[n, g, r, j] - top)
-                        logits[n, g, r, j] = weight
-                        total_weight += weight
-                    else:
-                        logits[n, g, r, j] = 0.0
-                for j in range(i + 1, keys):
-                    logits[n, g, r, j] = 0.0
-                inverse = 1.0 / total_weight
-                for j in range(i + 1):
-                    logits[n, g, r, j] *= inverse
-                lse[n, g, i] = top + pymath.log(total_weight)
+                row, out_row = logits[n, g, r], probs[n, g, r]
+                top = np.float32(-np.inf)  # float32 throughout: exp costs half of float64's
+                for a in range(size):
+                    weights[a] = row[held_cols[n, a]]
+                    top = max(top, weights[a])
+                weight_sum = np.float32(0.0)
+                for a in range(size):
+                    weights[a] = np.exp(weights[a] - top)
+                    weight_sum += weights[a]
+                lse[n, g, i] = top + np.log(weight_sum)
+                inverse = np.float32(1.0) / weight_sum
+                for a in range(size):
+                    probability = weights[a] * inverse
+                    out_row[held_cols[n, a]] = probability
+                    row_sum[a] += probability
             if rule == 1:
-                for j in range(i + 1):
-                    for g in range(groups):
-                        scores[n, j] += logits[n, g, r, j]
+                for a in range(size):
+                    held_scores[n, a] += row_sum[a]
             elif rule == 2:
-                for j in range(t):
-                    if scores[n, j] != pymath.inf:
-                        latest = 0.0
-                        if j <= i:
-                            for g in range(groups):
-                                latest += logits[n, g, r, j]
-                        scores[n, j] = latest
+                for a in range(size):
+                    held_scores[n, a] = row_sum[a]
 
 
 # Compiled on first call (about a second), then read from numba's on-disk cache.
-_KERNEL = (
-    None if njit is None else njit(parallel=True, cache=True, nogil=True)(_evict_and_normalise)
-)
+_KERNEL = None if njit is None else njit(parallel=True, cache=True, nogil=True)(_evict_and_weigh)
