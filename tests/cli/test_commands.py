@@ -178,3 +178,27 @@ def test_a_command_whose_optional_extra_is_missing_names_it_in_one_line(capsys, 
         "lesskv: error: --data hf:wikitext needs the optional package datasets: "
         "pip install 'lesskv[hf]'"
     )
+
+
+def test_training_on_a_device_this_machine_lacks_is_one_line_before_any_work(capsys, tmp_path):
+    import torch
+
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, or the first of none
+    for command in ("train", "finetune"):
+        for device, reason in ((missing, "this machine has"), ("banana", "not a device")):
+            out = tmp_path / f"{command}-{device}"
+            args = [command, "--device", device, "--data", "builtin", "--budget", "8"]
+            assert main([*args, "--out", str(out)]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith(f"lesskv: error: --device {device}") and reason in err, err
+            assert "\n" not in err and not out.exists()
+
+
+def test_train_a_bf16_model_stores_bf16_activations_and_fits_fp32_kernels(capsys, tmp_path):
+    save_tiny(tmp_path / "model")
+    args = ["train", "--model", str(tmp_path / "model"), "--data", _text_file(tmp_path)]
+    args += ["--dtype", "bfloat16", "--device", "cpu", "--budget", "8", "--seq-len", "48"]
+    args += ["--sequences", "4", "--epochs", "1", "--rank", "4", "--hidden", "16"]
+    assert main([*args, "--out", str(tmp_path / "kernels")]) == 0
+    config = json.loads((tmp_path / "kernels" / "lesskv_kernels.json").read_text())
+    assert all(torch.isfinite(torch.tensor(v)) for v in config["val_loss"].values())

@@ -155,3 +155,18 @@ def test_fused_collection_records_what_the_reference_does(name):
         assert recorded.keys() == ref_recorded.keys() == {"sparse_out", "lse", "plus_out"}
         for key, tensor in recorded.items():
             assert torch.allclose(tensor, ref_recorded[key], atol=1e-5), key
+
+
+def test_a_bf16_models_activations_keep_their_range_and_dtype(tmp_path):
+    """fp16 would turn 70000 into inf; a store is never read back as another dtype."""
+    from lesskv.training.per_layer import ActivationStore
+
+    shape = dict(n=1, hq=1, hkv=1, t=3, d=1, budget=1)
+    store = ActivationStore(tmp_path, 0, **shape, dtype=torch.bfloat16)
+    query = torch.tensor([70000.0, -3.5, 1e-3]).view(1, 3, 1).bfloat16()
+    store.write(0, query=query, steps=torch.tensor([[3, 3, 3]]))
+    batch = store.read([0])
+    assert torch.equal(batch["query"][0], query.float())
+    assert batch["steps"].tolist() == [[[3, 3, 3]]]
+    with pytest.raises(LessKVError, match="stored as bf16.*this run stores f16"):
+        ActivationStore(tmp_path, 0, **shape, dtype=torch.float32)

@@ -48,6 +48,39 @@ def add_dtype_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """``--device``: where the model runs (torchrun jobs: each process's own GPU instead)."""
+    p.add_argument(
+        "--device",
+        default=None,
+        help="where the model runs: cpu, cuda, cuda:1, mps... (default: the model's own, the "
+        "CPU for the built-in one; under torchrun each process takes its own GPU)",
+    )
+
+
+def model_device(args: argparse.Namespace) -> str | None:
+    """``--device``, checked before any work: one line naming what this machine lacks."""
+    if args.device is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise LessKVError(
+            f"--device {args.device}: not a device (cpu, cuda, cuda:1, mps)"
+        ) from None
+    if device.type == "cpu":
+        return str(device)
+    backend = getattr(torch, device.type, None)
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    count = backend.device_count() if available and hasattr(backend, "device_count") else 1
+    if not available or (device.index or 0) >= count:
+        found = f"{count} {device.type} device(s)" if available else f"no {device.type} device"
+        raise LessKVError(f"--device {args.device}: this machine has {found}")
+    return str(device)
+
+
 def add_compile_arg(p: argparse.ArgumentParser) -> None:
     """``--no-compile``: each layer's decoding step eager instead of compiled."""
     p.add_argument(

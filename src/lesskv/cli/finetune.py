@@ -7,6 +7,8 @@ from pathlib import Path
 
 from lesskv.cli.common import (
     add_data_args,
+    add_device_arg,
+    add_dtype_arg,
     add_kernels_arg,
     add_model_args,
     add_policy_args,
@@ -14,6 +16,8 @@ from lesskv.cli.common import (
     check_training_args,
     kernels_folder,
     load_kernels,
+    model_device,
+    model_dtype,
     window_lengths,
 )
 from lesskv.errors import LessKVError
@@ -31,6 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "count); an interrupted run resumes from its last step.",
     )
     add_model_args(finetune)
+    add_device_arg(finetune)
+    add_dtype_arg(finetune)
     add_kernels_arg(finetune)
     add_policy_args(finetune, budget="0.1")
     add_data_args(finetune, default=None)
@@ -70,7 +76,8 @@ def run(args: argparse.Namespace) -> None:
     from lesskv.training.finetune import FinetuneConfig, finetune_kernels
 
     check_training_args(args, "sequences", "val_sequences", "epochs", "val_every")
-    model, tokenizer = load_model(args.model)
+    device = model_device(args)
+    model, tokenizer = load_model(args.model, dtype=model_dtype(args), device=device)
     check_fits(model, max(args.seq_len), "--seq-len windows")
     policy = make_policy(args.policy, args.budget)
     check_evicts(policy, args.seq_len)

@@ -9,10 +9,14 @@ from typing import TYPE_CHECKING
 
 from lesskv.cli.common import (
     add_data_args,
+    add_device_arg,
+    add_dtype_arg,
     add_model_args,
     add_policy_args,
     check_evicts,
     check_training_args,
+    model_device,
+    model_dtype,
     window_lengths,
 )
 from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK, STATES
@@ -33,6 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "processes (GPUs, or CPU processes without CUDA) and across nodes.",
     )
     add_model_args(train)
+    add_device_arg(train)
+    add_dtype_arg(train)
     add_policy_args(train)
     add_data_args(train, default=None)
     train.add_argument(
@@ -93,6 +99,7 @@ def run(args: argparse.Namespace) -> None:
     from lesskv.training import distributed
 
     check_training_args(args, "sequences", "epochs", "batch_size", "rank", "hidden")
+    model_device(args)  # a device this machine lacks stops here, before any work
     policy = make_policy(args.policy, args.budget)
     check_evicts(policy, args.seq_len)
     texts = load_texts(args.data, field=args.field)
@@ -112,7 +119,8 @@ def _train(
     from lesskv.hf.modules import check_fits
     from lesskv.training.per_layer import TrainConfig, parse_layers, train_kernels
 
-    model, tokenizer = load_model(args.model, device=None if worker is None else str(worker.device))
+    device = model_device(args) if worker is None else str(worker.device)
+    model, tokenizer = load_model(args.model, dtype=model_dtype(args), device=device)
     check_fits(model, max(args.seq_len), "--seq-len windows")
     layers = parse_layers(args.layers, model.config.num_hidden_layers)
     windows = length_mix(tokenizer, texts, args.seq_len, args.sequences)

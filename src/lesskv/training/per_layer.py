@@ -88,15 +88,40 @@ def parse_layers(spec: str | None, num_layers: int) -> list[int]:
     return list(range(start, stop))
 
 
+# How activations are stored, by the model's dtype: fp16 keeps fp32 and fp16 models' values at
+# half the disk; bf16 models' values exceed fp16's range, so they keep their own bits (numpy has
+# no bfloat16: int16 files of the same bits).
+STORED = {torch.bfloat16: ("bf16", np.int16)}
+DEFAULT_STORED = ("f16", np.float16)
+
+
 class ActivationStore:
-    """Per-layer fp16 memmaps of everything one layer's training needs."""
+    """Per-layer memmaps (fp16, or bf16 for a bf16 model) of everything one layer's training
+    needs."""
 
     def __init__(
-        self, root: Path, layer: int, n: int, hq: int, hkv: int, t: int, d: int, budget: int
+        self,
+        root: Path,
+        layer: int,
+        n: int,
+        hq: int,
+        hkv: int,
+        t: int,
+        d: int,
+        budget: int,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.dir = root / f"len_{t}" / f"layer_{layer:03d}"
         self.budget = budget  # the loss counts positions from here on: something is evicted
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.suffix, self.numpy_dtype = STORED.get(dtype, DEFAULT_STORED)
+        self.torch_dtype = torch.bfloat16 if self.suffix == "bf16" else torch.float16
+        other = [p.name for p in self.dir.glob("query.*") if p.suffix != f".{self.suffix}"]
+        if other:  # never read one dtype's bits as another's
+            raise LessKVError(
+                f"{self.dir} holds activations stored as {other[0].split('.')[1]} (another "
+                f"model dtype); this run stores {self.suffix}: use another --out or --overwrite"
+            )
         shapes = {
             "query": (n, hq, t, d),
             "key": (n, hkv, t, d),
@@ -106,9 +131,9 @@ class ActivationStore:
             "lse": (n, hq, t),
             "plus_out": (n, hq, t, d),
         }
-        mode = "r+" if (self.dir / "query.f16").exists() else "w+"
+        mode = "r+" if (self.dir / f"query.{self.suffix}").exists() else "w+"
         self.arrays = {
-            name: np.memmap(self.dir / f"{name}.f16", np.float16, mode, shape=shape)
+            name: np.memmap(self.dir / f"{name}.{self.suffix}", self.numpy_dtype, mode, shape=shape)
             for name, shape in shapes.items()
         }
         steps_path = self.dir / "steps.i32"
@@ -118,19 +143,27 @@ class ActivationStore:
         return self.steps.shape[0]
 
     def write(self, index: int, **tensors: torch.Tensor) -> None:
+        """Store window ``index``'s tensors; torch converts them (vectorised, and bf16 has no
+        numpy dtype), numpy only copies."""
         for name, tensor in tensors.items():
-            target = self.steps if name == "steps" else self.arrays[name]
-            target[index] = tensor.detach().cpu().numpy()
+            if name == "steps":
+                self.steps[index] = tensor.detach().to("cpu", torch.int32).numpy()
+                continue
+            stored = tensor.detach().to("cpu", self.torch_dtype)
+            if self.torch_dtype == torch.bfloat16:
+                stored = stored.view(torch.int16)
+            self.arrays[name][index] = stored.numpy()
 
     def read(
         self, indices: list[int], device: torch.device | None = None
     ) -> dict[str, torch.Tensor]:
-        batch = {
-            k: torch.from_numpy(np.stack([a[i] for i in indices])).float()
-            for k, a in self.arrays.items()
-        }
+        batch = {k: self._tensor(np.stack([a[i] for i in indices])) for k, a in self.arrays.items()}
         batch["steps"] = torch.from_numpy(np.stack([self.steps[i] for i in indices])).long()
         return {k: v.to(device) for k, v in batch.items()}
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        stored = torch.from_numpy(array)
+        return (stored.view(torch.bfloat16) if self.suffix == "bf16" else stored).float()
 
     def flush(self) -> None:
         for array in (*self.arrays.values(), self.steps):
@@ -223,7 +256,8 @@ def _store(
 ) -> ActivationStore:
     module, hkv = attention_modules(model)[layer], kv_heads(model)
     hq = hkv * module.num_key_value_groups
-    return ActivationStore(root, layer, n, hq, hkv, t, module.head_dim, policy.slots(t).total)
+    budget = policy.slots(t).total
+    return ActivationStore(root, layer, n, hq, hkv, t, module.head_dim, budget, model.dtype)
 
 
 def _recording(
@@ -358,7 +392,11 @@ def layer_loss(
         lse = batch["lse"].view(b, kv_heads, hq // kv_heads, t, 1)
         phi_q, psi_k, decay = kernels.phi(q), kernels.psi(key), kernels.decay_rate()
         out = math_ops.less_parallel(out, lse, phi_q, psi_k, value, batch["steps"], decay)
-    projected = o_proj(out.reshape(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d))
+    # in fp32 whatever the model's dtype (the kernels and the stored activations are fp32)
+    weight, bias = o_proj.weight.float(), None if o_proj.bias is None else o_proj.bias.float()
+    projected = F.linear(
+        out.reshape(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d), weight, bias
+    )
     return F.mse_loss(projected[:, budget:], batch["target"][:, budget:])
 
 
