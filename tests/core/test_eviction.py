@@ -55,5 +55,23 @@ def test_other_conditions_take_the_reference_path():
     q, key, value, _ = inputs(t=16)
     assert not eviction.fused_applies(policy, q.double(), key.double(), value.double())
     assert not eviction.fused_applies(policy, q, key, value, window=8)
-    with torch.enable_grad():
-        assert not eviction.fused_applies(policy, q.requires_grad_(), key, value)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_gradients_equal_the_references(name, monkeypatch):
+    """Training through the blocked form: the same gradients as autograd through the T x T
+    reference, for a loss on the output and on the log-sum-exp (LESS's combination uses it)."""
+    monkeypatch.setattr(eviction, "BLOCK_ROWS", 16)  # several blocks, each row sees few keys
+    policy = make_policy(name, 12)
+    slots = policy.slots(50)
+    weights = torch.randn(2, 2, 3, 50, 16), torch.randn(2, 2, 3, 50, 1)
+    grads = []
+    for form in (eviction.policy_attention, reference):
+        q, key, value, scale = (
+            t.requires_grad_() if torch.is_tensor(t) else t for t in inputs(t=50)
+        )
+        out, lse, _ = form(policy, slots, q, key, value, scale)
+        ((out * weights[0]).sum() + (lse * weights[1]).sum()).backward()
+        grads.append((q.grad, key.grad, value.grad))
+    for fused, expected in zip(*grads, strict=True):
+        assert torch.allclose(fused, expected, atol=1e-4), (fused - expected).abs().max()

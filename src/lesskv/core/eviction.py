@@ -43,19 +43,16 @@ RULES = {"h2o": 1, "tova": 2}
 
 
 def fused_applies(policy: Policy, *tensors: torch.Tensor, window: int | None = None) -> bool:
-    """Whether :func:`policy_attention` serves this call: float32 on the CPU, no autograd, no
-    sliding window, a policy whose rule the compiled loop knows, numba installed."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    """Whether :func:`policy_attention` serves this call: float32 on the CPU, no sliding
+    window, a policy whose rule the compiled loop knows, numba installed."""
     return (
         window is None
-        and not needs_grad
         and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
         and (policy.name in RULES or not policy.uses_attention)
         and njit is not None
     )
 
 
-@torch.no_grad()
 def policy_attention(
     policy: Policy,
     slots: Slots,
@@ -67,7 +64,27 @@ def policy_attention(
     """Sparse causal attention under ``policy`` for queries ``q: (B, Hkv, G, T, D)`` over
     their own keys/values ``(B, Hkv, T, D)``: the output ``(B, Hkv, G, T, D)``, its
     log-sum-exp ``(B, Hkv, G, T, 1)`` and the eviction steps ``(B, Hkv, T)``, as
-    :meth:`Policy.eviction_steps` and a masked softmax give them."""
+    :meth:`Policy.eviction_steps` and a masked softmax give them. Differentiable in ``q``,
+    ``key`` and ``value`` (output and log-sum-exp): the backward pass recomputes each block,
+    so nothing of size ``T x T`` is kept for it either."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, key, value)):
+        return _Differentiable.apply(q, key, value, scale, policy, slots)
+    with torch.no_grad():
+        return _simulate(policy, slots, q, key, value, scale)[:3]
+
+
+Blocks = list[tuple[int, int, torch.Tensor]]  # (first row, end row, columns' positions (N, c))
+
+
+def _simulate(
+    policy: Policy,
+    slots: Slots,
+    q: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Blocks]:
+    """:func:`policy_attention`'s forward pass, and each block's key positions."""
     b, hkv, g, t, d = q.shape
     n = b * hkv
     rule = RULES.get(policy.name, 0)
@@ -84,14 +101,14 @@ def policy_attention(
     out = torch.empty(n, g, t, d, dtype=torch.float32)
     q_scaled = (q * scale).reshape(n, g, t, d)
     keys, values = key.reshape(n, t, d), value.reshape(n, t, d)
-    rows = max(1, min(BLOCK_ROWS, BLOCK_ELEMENTS // (n * g * (slots.total + BLOCK_ROWS))))
     first, recent = policy.eligible(0, slots)[0], slots.recent
-    for start in range(0, t, rows):
-        end = min(t, start + rows)
+    blocks = []
+    for start, end in _row_blocks(n * g, t, slots.total):
         # A block's queries see only what the cache held when it began and the block itself.
         count = min(start, slots.total)
-        index = torch.cat([held[:, :count], torch.arange(start, end).expand(n, -1)], 1)
-        index = index.unsqueeze(-1).expand(-1, -1, d)
+        columns = torch.cat([held[:, :count], torch.arange(start, end).expand(n, -1)], 1)
+        blocks.append((start, end, columns))
+        index = columns.unsqueeze(-1).expand(-1, -1, d)
         block_k, block_v = keys.gather(1, index), values.gather(1, index)
         block_q = q_scaled[:, :, start:end].reshape(n, g * (end - start), d)  # one matmul a head
         logits = torch.bmm(block_q, block_k.mT).view(n, g, end - start, -1)
@@ -100,7 +117,63 @@ def policy_attention(
         _KERNEL(*(a.numpy() for a in arrays), start, count, slots.total, first, recent, rule)
         rows_out = torch.bmm(probs.view(n, g * (end - start), -1), block_v)
         out[:, :, start:end] = rows_out.view(n, g, end - start, d)
-    return out.view(b, hkv, g, t, d), lse.view(b, hkv, g, t, 1), steps.view(b, hkv, t)
+    shaped = out.view(b, hkv, g, t, d), lse.view(b, hkv, g, t, 1), steps.view(b, hkv, t)
+    return *shaped, blocks
+
+
+def _row_blocks(heads: int, t: int, budget: int) -> list[tuple[int, int]]:
+    rows = max(1, min(BLOCK_ROWS, BLOCK_ELEMENTS // (heads * (budget + BLOCK_ROWS))))
+    return [(start, min(t, start + rows)) for start in range(0, t, rows)]
+
+
+class _Differentiable(torch.autograd.Function):
+    """:func:`policy_attention` for training: the steps do not depend on the inputs' values
+    in a differentiable way (they are discrete), so the gradient is attention's over the kept
+    keys, recomputed block by block (flash attention's backward, with the log-sum-exp's own
+    gradient added: LESS's combination uses it)."""
+
+    @staticmethod
+    def forward(ctx, q, key, value, scale, policy, slots):
+        out, lse, steps, blocks = _simulate(policy, slots, q, key, value, scale)
+        ctx.save_for_backward(q, key, value, out, lse, steps)
+        ctx.blocks, ctx.scale = blocks, scale
+        ctx.mark_non_differentiable(steps)
+        return out, lse, steps
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse, _):
+        q, key, value, out, lse, steps = ctx.saved_tensors
+        b, hkv, g, t, d = q.shape
+        n, scale = b * hkv, ctx.scale
+        q_scaled = (q * scale).reshape(n, g, t, d)
+        keys, values = key.reshape(n, t, d), value.reshape(n, t, d)
+        d_out = torch.zeros_like(out) if d_out is None else d_out
+        d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
+        d_out, out = d_out.reshape(n, g, t, d), out.reshape(n, g, t, d)
+        d_lse, lse, steps = d_lse.reshape(n, g, t), lse.reshape(n, g, t), steps.reshape(n, t)
+        d_q = torch.zeros_like(q_scaled)
+        d_k, d_v = torch.zeros_like(keys), torch.zeros_like(values)
+        for start, end, columns in ctx.blocks:
+            rows = end - start
+            index = columns.unsqueeze(-1).expand(-1, -1, d)
+            block_k, block_v = keys.gather(1, index), values.gather(1, index)
+            block_q = q_scaled[:, :, start:end].reshape(n, g * rows, d)
+            query = torch.arange(start, end).view(1, 1, rows, 1)
+            step = steps.gather(1, columns)[:, None, None]
+            kept = (columns[:, None, None] <= query) & (step > query)  # (N, 1, rows, columns)
+            logits = torch.bmm(block_q, block_k.mT).view(n, g, rows, -1)
+            probs = (logits - lse[:, :, start:end, None]).exp_().masked_fill_(~kept, 0.0)
+            grad_out = d_out[:, :, start:end].reshape(n, g * rows, d)
+            flat_probs = probs.view(n, g * rows, -1)
+            d_v.scatter_add_(1, index, torch.bmm(flat_probs.mT, grad_out))
+            d_probs = torch.bmm(grad_out, block_v.mT).view(n, g, rows, -1)
+            delta = (d_out[:, :, start:end] * out[:, :, start:end]).sum(-1, keepdim=True)
+            d_logits = probs * (d_probs - delta + d_lse[:, :, start:end, None])
+            flat = d_logits.view(n, g * rows, -1)
+            d_q[:, :, start:end] = torch.bmm(flat, block_k).view(n, g, rows, d)
+            d_k.scatter_add_(1, index, torch.bmm(flat.mT, block_q))
+        shape = (b, hkv, t, d)
+        return (d_q * scale).view(q.shape), d_k.view(shape), d_v.view(shape), None, None, None
 
 
 def _evict_and_weigh(
