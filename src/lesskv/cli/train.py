@@ -99,27 +99,31 @@ def run(args: argparse.Namespace) -> None:
     from lesskv.training import distributed
 
     check_training_args(args, "sequences", "epochs", "batch_size", "rank", "hidden")
-    model_device(args)  # a device this machine lacks stops here, before any work
+    device = model_device(args)  # a device this machine lacks stops here, before any work
     policy = make_policy(args.policy, args.budget)
     check_evicts(policy, args.seq_len)
     texts = load_texts(args.data, field=args.field)
     if args.distributed or distributed.launched_by_torchrun():
         with distributed.process_group() as worker:
-            _train(args, policy, texts, worker)
+            _train(args, policy, texts, str(worker.device), worker)
     else:
-        _train(args, policy, texts, None)
+        _train(args, policy, texts, device, None)
 
 
 def _train(
-    args: argparse.Namespace, policy: Policy, texts: list[str], worker: Worker | None
+    args: argparse.Namespace,
+    policy: Policy,
+    texts: list[str],
+    device: str | None,
+    worker: Worker | None,
 ) -> None:
-    """Load, train, report; ``worker`` is this process's place in a torchrun job, if any."""
+    """Load, train, report; ``worker`` is this process's place in a torchrun job, if any (its
+    own device, then, instead of ``--device``)."""
     from lesskv.data import length_mix
     from lesskv.hf.loading import load_model
     from lesskv.hf.modules import check_fits
     from lesskv.training.per_layer import TrainConfig, parse_layers, train_kernels
 
-    device = model_device(args) if worker is None else str(worker.device)
     model, tokenizer = load_model(args.model, dtype=model_dtype(args), device=device)
     check_fits(model, max(args.seq_len), "--seq-len windows")
     layers = parse_layers(args.layers, model.config.num_hidden_layers)

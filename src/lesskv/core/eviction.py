@@ -110,9 +110,7 @@ def _simulate(
         count = min(start, slots.total)
         columns = torch.cat([held[:, :count], torch.arange(start, end).expand(n, -1)], 1)
         blocks.append((start, end, columns))
-        index = columns.unsqueeze(-1).expand(-1, -1, d)
-        block_k, block_v = keys.gather(1, index), values.gather(1, index)
-        block_q = q_scaled[:, :, start:end].reshape(n, g * (end - start), d)  # one matmul a head
+        _, block_q, block_k, block_v = _block(q_scaled, keys, values, start, end, columns)
         logits = torch.bmm(block_q, block_k.mT).view(n, g, end - start, -1)
         probs = torch.zeros_like(logits)
         arrays = (logits, probs, steps, held, held_scores, held_cols, lse)
@@ -126,6 +124,22 @@ def _simulate(
 def _row_blocks(heads: int, t: int, budget: int) -> list[tuple[int, int]]:
     rows = max(1, min(BLOCK_ROWS, BLOCK_ELEMENTS // (heads * (budget + BLOCK_ROWS))))
     return [(start, min(t, start + rows)) for start in range(0, t, rows)]
+
+
+def _block(
+    q_scaled: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    start: int,
+    end: int,
+    columns: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block's gather index ``(N, c, D)``, its queries ``(N, G * rows, D)`` (one matmul
+    per KV head) and the keys and values of its ``columns``, ``(N, c, D)``."""
+    n, g, _, d = q_scaled.shape
+    index = columns.unsqueeze(-1).expand(-1, -1, d)
+    block_q = q_scaled[:, :, start:end].reshape(n, g * (end - start), d)
+    return index, block_q, keys.gather(1, index), values.gather(1, index)
 
 
 class _Differentiable(torch.autograd.Function):
@@ -157,9 +171,7 @@ class _Differentiable(torch.autograd.Function):
         d_k, d_v = torch.zeros_like(keys), torch.zeros_like(values)
         for start, end, columns in ctx.blocks:
             rows = end - start
-            index = columns.unsqueeze(-1).expand(-1, -1, d)
-            block_k, block_v = keys.gather(1, index), values.gather(1, index)
-            block_q = q_scaled[:, :, start:end].reshape(n, g * rows, d)
+            index, block_q, block_k, block_v = _block(q_scaled, keys, values, start, end, columns)
             query = torch.arange(start, end).view(1, 1, rows, 1)
             step = steps.gather(1, columns)[:, None, None]
             kept = (columns[:, None, None] <= query) & (step > query)  # (N, 1, rows, columns)

@@ -91,8 +91,8 @@ def parse_layers(spec: str | None, num_layers: int) -> list[int]:
 # How activations are stored, by the model's dtype: fp16 keeps fp32 and fp16 models' values at
 # half the disk; bf16 models' values exceed fp16's range, so they keep their own bits (numpy has
 # no bfloat16: int16 files of the same bits).
-STORED = {torch.bfloat16: ("bf16", np.int16)}
-DEFAULT_STORED = ("f16", np.float16)
+STORED = {torch.bfloat16: ("bf16", np.int16, torch.bfloat16)}
+DEFAULT_STORED = ("f16", np.float16, torch.float16)
 
 
 class ActivationStore:
@@ -114,8 +114,7 @@ class ActivationStore:
         self.dir = root / f"len_{t}" / f"layer_{layer:03d}"
         self.budget = budget  # the loss counts positions from here on: something is evicted
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.suffix, self.numpy_dtype = STORED.get(dtype, DEFAULT_STORED)
-        self.torch_dtype = torch.bfloat16 if self.suffix == "bf16" else torch.float16
+        self.suffix, self.numpy_dtype, self.torch_dtype = STORED.get(dtype, DEFAULT_STORED)
         other = [p.name for p in self.dir.glob("query.*") if p.suffix != f".{self.suffix}"]
         if other:  # never read one dtype's bits as another's
             raise LessKVError(
@@ -163,7 +162,7 @@ class ActivationStore:
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         stored = torch.from_numpy(array)
-        return (stored.view(torch.bfloat16) if self.suffix == "bf16" else stored).float()
+        return stored.view(self.torch_dtype).float()
 
     def flush(self) -> None:
         for array in (*self.arrays.values(), self.steps):
