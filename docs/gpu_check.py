@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from helpers import BUDGET, kernel_set, make_tiny_model  # noqa: E402
-from lesskv.core.decoding import Compiled, decode_attention  # noqa: E402
+from lesskv.core.decoding import Compiled, SlotBuffers, layer_step  # noqa: E402
 from lesskv.core.kernels import KernelShape, LayerKernels  # noqa: E402
 from lesskv.core.policies import POLICIES, make_policy  # noqa: E402
 from lesskv.hf.compat import cache_argument  # noqa: E402
@@ -53,27 +53,30 @@ def decode_equals_parallel(device: str) -> float:
 
 
 def step_time(device: str, less: bool, calls: int = 2000) -> float:
-    """Microseconds per compiled decoding step at SmolLM2's shapes (3 KV heads x 3, D 64,
-    410 slots, batch 4)."""
+    """Microseconds per compiled decoding step (insert, attention, scores, state) at SmolLM2's
+    shapes (3 KV heads x 3, D 64, 410 slots, batch 4)."""
     b, hkv, g, d, slots = 4, 3, 3, 64, 410
     query = torch.randn(b, hkv, g, 1, d, device=device)
+    key, value = torch.randn(2, b, hkv, 1, d, device=device)
     keys, values = torch.randn(2, b, hkv, slots, d, device=device)
-    valid = torch.ones(b, hkv, slots, dtype=torch.bool, device=device)
-    scores = torch.zeros(b, hkv, slots, device=device)
+    positions = torch.arange(slots, device=device).expand(b, hkv, slots).clone()
+    buffers = SlotBuffers(
+        keys,
+        values,
+        positions,
+        torch.zeros(b, hkv, slots, device=device),
+        torch.ones(b, hkv, slots, dtype=torch.bool, device=device),
+        torch.full((b,), slots, device=device),
+    )
     state = None
     if less:
         kernels = LayerKernels(KernelShape(hkv * g, hkv, d)).eval().to(device)
-        evicted = (
-            torch.randn(b, hkv, 1, d, device=device),
-            torch.randn(b, hkv, 1, d, device=device),
-            torch.ones(b, hkv, 1, device=device),
-            torch.full((b, hkv, 1), 100, device=device),
-        )
         h, z = torch.zeros(b, hkv, 8, d, device=device), torch.zeros(b, hkv, 8, device=device)
-        state = kernels, evicted, h, z
+        state = kernels, h, z
     torch._dynamo.reset()  # time this step's own graph, not what the checks above left
-    step = Compiled(decode_attention)
-    args = make_policy("h2o", slots), query, keys, values, valid, scores, 0.125, state
+    step = Compiled(layer_step)
+    policy = make_policy("h2o", slots)
+    args = policy, policy.split(slots), None, query, key, value, buffers, 0.125, state
     with torch.no_grad():
         for _ in range(20):
             step(*args)

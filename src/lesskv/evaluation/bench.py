@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from lesskv.core.decoding import compiled_decode_attention
+from lesskv.core.decoding import compiled_layer_step
 from lesskv.core.policies import Policy
 from lesskv.data import token_windows
 from lesskv.errors import LessKVError
@@ -222,14 +222,14 @@ def _step(model: PreTrainedModel, run: _Decoding, stock_attention: str) -> None:
     if model.config._attn_implementation != wanted:
         model.set_attn_implementation(wanted)
     device = run.token.device
-    compiling = compiled_decode_attention.compile_seconds
+    compiling = compiled_layer_step.compile_seconds
     start = time.perf_counter()
     out = model(
         input_ids=run.token, use_cache=True, logits_to_keep=1, **cache_argument(model, run.cache)
     )
     run.token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
-    compiling = compiled_decode_attention.compile_seconds - compiling
+    compiling = compiled_layer_step.compile_seconds - compiling
     run.compile_s += compiling
     run.steps.append(time.perf_counter() - start - compiling)
 

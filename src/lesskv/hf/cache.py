@@ -24,7 +24,13 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from lesskv.core.budget import DEFAULT_RANK, Budget
-from lesskv.core.decoding import compile_by_default, compiled_decode_attention
+from lesskv.core.decoding import (
+    SlotBuffers,
+    compile_by_default,
+    compiled_layer_step,
+    priority,
+    unexpired,
+)
 from lesskv.core.kernels import LayerKernels
 from lesskv.core.merge import MergeSlots
 from lesskv.core.policies import LambdaShape, Policy, make_policy
@@ -71,9 +77,9 @@ class LessLayer(CacheLayerMixin):
         self.window = window
         self.compile = compile  # the decoding step (attention, scores, state) as one graph
         self.merge: MergeSlots | None = None
-        # The pair the last decoding insert evicted (keys, values, weight, distance), folded
-        # into the state by the attention call that follows (:meth:`attend_one`).
-        self.evicted: tuple[torch.Tensor, ...] | None = None
+        # The token a decoding ``update`` received, inserted by the attention call that follows
+        # (:meth:`attend_one`), in the same compiled step.
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.seen = 0  # tokens seen, padding included: what positions and masks count
         self.budget = 0  # slots per KV head, fixed at the first call (fractions need a length)
 
@@ -108,7 +114,7 @@ class LessLayer(CacheLayerMixin):
                 f"{key_states.shape[0]}: use one LessCache per generation"
             )
         if key_states.shape[-2] == 1 and self.seen > 0:
-            self._insert_one(key_states, value_states)
+            self.pending = key_states, value_states
             self.seen += 1
             return self.keys, self.values
         return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
@@ -135,7 +141,7 @@ class LessLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.is_initialized, self.seen = False, 0
-        self.keys = self.values = self.evicted = None
+        self.keys = self.values = self.pending = None
 
     def _per_batch(self) -> list[str]:
         names = ["keys", "values", "positions", "scores", "valid", "real_seen"]
@@ -158,29 +164,27 @@ class LessLayer(CacheLayerMixin):
             self.batch_select_indices(rows.repeat_interleave(repeats))
 
     # -- eviction ----------------------------------------------------------------------------
-    def _priority(
-        self, scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor
-    ) -> torch.Tensor:
-        """Scores outside the policy's eligible range (for each row's newest real position)
-        made +inf, so they are never evicted; empty slots (padding, unfilled) come first."""
-        newest = (self.real_seen - 1).view(-1, 1, 1)
-        first, last = self.policy.eligible(newest, self.policy.split(self.budget))
-        if not self.policy.uses_attention:  # position-only: the oldest eligible pair first
-            scores = positions.to(scores.dtype)
-        priority = scores.masked_fill((positions < first) | (positions > last), POS_INF)
-        return priority.masked_fill(~valid, NEG_INF)
+    def buffers(self) -> SlotBuffers:
+        """The storage a decoding step updates in place."""
+        return SlotBuffers(
+            self.keys, self.values, self.positions, self.scores, self.valid, self.real_seen
+        )
 
     def attend_one(self, query: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """A decoding step's attention over the slots (the new token already inserted): the
-        output, with LESS's state folded and read if the layer has one, and the slots'
-        log-sum-exp; one compiled graph unless ``compile`` is off
-        (:func:`lesskv.core.decoding.decode_attention`)."""
-        less = None
-        if self.kernels is not None:
-            evicted, self.evicted = self.evicted, None
-            less = self.kernels, evicted, self.state_h, self.state_z
-        args = self.policy, query, self.keys, self.values, self.valid, self.scores, scale, less
-        return compiled_decode_attention(*args, enabled=self.compile)
+        """A decoding step: insert the token ``update`` received, attend over the slots, and
+        fold and read LESS's state if the layer has one; one compiled graph unless ``compile``
+        is off (:func:`lesskv.core.decoding.layer_step`). The output and the slots'
+        log-sum-exp; the merge slots take the evicted pair afterwards."""
+        key, value = self.pending
+        self.pending = None
+        less = None if self.kernels is None else (self.kernels, self.state_h, self.state_z)
+        split = self.policy.split(self.budget)
+        args = self.policy, split, self.window, query, key, value, self.buffers(), scale, less
+        out, lse, evicted = compiled_layer_step(*args, enabled=self.compile)
+        if self.merge is not None:
+            keys, values, positions, weight = evicted
+            self._merge(keys, values, positions, weight)
+        return out, lse
 
     def _evict(
         self,
@@ -227,33 +231,6 @@ class LessLayer(CacheLayerMixin):
                 weight.gather(-1, index)[..., 0],
             )
 
-    def _expire(self, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``valid`` without the pairs that fell out of the sliding window, if any (they
-        leave without entering the state: the model itself no longer sees them)."""
-        if self.window is None:
-            return valid
-        newest = (self.real_seen - 1).view(-1, 1, 1)
-        return valid & (positions > newest - self.window)
-
-    def _insert_one(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        newest = self.real_seen  # real position of the incoming token
-        self.real_seen = self.real_seen + 1
-        self.valid = self._expire(self.valid, self.positions)
-        slot = self._priority(self.scores, self.positions, self.valid).argmin(-1, keepdim=True)
-        index = slot.unsqueeze(-1).expand(-1, -1, 1, key.shape[-1])
-        was_valid = self.valid.gather(-1, slot).float()
-        evicted = self.keys.gather(2, index), self.values.gather(2, index)
-        position = self.positions.gather(-1, slot)
-        if self.kernels is not None:  # aged and folded with the state's read, in one step
-            self.evicted = (*evicted, was_valid, newest.view(-1, 1, 1) - position)
-        else:
-            self._evict(*evicted, position, was_valid)
-        self.keys.scatter_(2, index, key)
-        self.values.scatter_(2, index, value)
-        self.positions.scatter_(-1, slot, newest.view(-1, 1, 1).expand_as(slot))
-        self.scores.scatter_(-1, slot, 0.0)
-        self.valid.scatter_(-1, slot, True)
-
     def compress(
         self,
         keys: torch.Tensor,
@@ -271,18 +248,23 @@ class LessLayer(CacheLayerMixin):
         new_positions = self.real_seen.unsqueeze(1) + new_valid.long().cumsum(1) - 1
         positions = torch.cat([self.positions, new_positions[:, None].expand(b, hkv, q)], -1)
         valid = torch.cat([self.valid, new_valid[:, None].expand(b, hkv, q)], -1)
-        self.real_seen = self.real_seen + new_valid.long().sum(1)
-        valid = self._expire(valid, positions)
+        self.real_seen.add_(new_valid.long().sum(1))
+        newest = self.real_seen - 1
+        valid = unexpired(valid, positions, newest, self.window)
         if self.kernels is not None:
             age(self.kernels, self.state_h, self.state_z, new_valid.long().sum(1))
-        priority = self._priority(scores, positions, valid)
-        kept = priority.topk(self.budget, dim=-1, sorted=False).indices.sort(-1).values
+        split = self.policy.split(self.budget)
+        order = priority(self.policy, split, scores, positions, valid, newest)
+        kept = order.topk(self.budget, dim=-1, sorted=False).indices.sort(-1).values
         dropped = torch.ones_like(valid).scatter_(-1, kept, False) & valid
         self._evict(keys, values, positions, dropped.float())
         index = kept.unsqueeze(-1).expand(-1, -1, -1, d)
-        self.keys, self.values = keys.gather(2, index), values.gather(2, index)
-        self.positions, self.valid = positions.gather(-1, kept), valid.gather(-1, kept)
-        self.scores = scores.gather(-1, kept)
+        # written into the same storage: a decoding step (or a captured graph) finds it there
+        self.keys.copy_(keys.gather(2, index))
+        self.values.copy_(values.gather(2, index))
+        self.positions.copy_(positions.gather(-1, kept))
+        self.valid.copy_(valid.gather(-1, kept))
+        self.scores.copy_(scores.gather(-1, kept))
         self.seen += q
 
     def memory_bytes(self) -> dict[str, int]:
