@@ -22,7 +22,7 @@ from lesskv.core.decoding import Compiled, SlotBuffers, layer_step  # noqa: E402
 from lesskv.core.kernels import KernelShape, LayerKernels  # noqa: E402
 from lesskv.core.policies import POLICIES, make_policy  # noqa: E402
 from lesskv.hf.compat import cache_argument  # noqa: E402
-from lesskv.hf.methods import make_cache, set_method  # noqa: E402
+from lesskv.hf.methods import StepOptions, make_cache, set_method  # noqa: E402
 
 
 def decode_equals_parallel(device: str) -> float:
@@ -40,7 +40,8 @@ def decode_equals_parallel(device: str) -> float:
                 parallel = model(input_ids=ids).logits
             set_method(model, "full")
             for compile in (True, False):
-                cache = make_cache(model, method, policy, kernels=kernels, rank=4, compile=compile)
+                step = StepOptions(compile=compile)
+                cache = make_cache(model, method, policy, kernels=kernels, rank=4, step=step)
                 with torch.no_grad():
                     steps = [
                         model(input_ids=ids[:, t : t + 1], **cache_argument(model, cache)).logits

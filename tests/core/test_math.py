@@ -80,11 +80,15 @@ def random_steps(b, hkv, t, seed=1):
     return torch.maximum(steps, torch.arange(t) + 1).clamp(max=t)  # not before it arrives
 
 
-@pytest.mark.parametrize("rates", [[0.05, 0.0], [3.0, 40.0]])  # 40: blocks of one query
-def test_decayed_state_equals_the_naive_formula(rates):
+@pytest.mark.parametrize("block", [1, 5, None])  # queries per block: any size gives the same
+@pytest.mark.parametrize("rates", [None, [0.05, 0.0], [3.0, 40.0]])  # 40: blocks of one query
+def test_decayed_state_equals_the_naive_formula(rates, block):
     q, k, v, phi, psi = random_inputs(t=12)
     steps = random_steps(2, 2, 12)
-    num, den = math.lowrank_parallel(phi, psi, v, steps, torch.tensor(rates))
+    steps[1, 0] = torch.arange(12).add(1).clamp(max=12)  # heads evict at different paces
+    decay = torch.tensor(rates) if rates is not None else None
+    num, den = math.lowrank_parallel(phi, psi, v, steps, decay, block=block)
+    rates = rates or [0.0, 0.0]
     pos = torch.arange(12)
     evicted = steps.unsqueeze(-2) <= pos.view(12, 1)  # (B, Hkv, i, j): j evicted by step i
     distance = (pos.view(12, 1) - pos).clamp_min(0)

@@ -20,6 +20,7 @@ from lesskv.evaluation.bench import (
     prompt_batch,
     run_benchmark,
 )
+from lesskv.hf.methods import PLAIN_STEPS, StepOptions
 
 TEXT = ["the cat sat on a mat the dog ran on the mat " * 4]  # 48 words: forces repetition
 METHODS = ("full", "baseline", "less")
@@ -146,9 +147,11 @@ def test_interleaved_methods_keep_their_caches_apart(setup):
 
     model, tokenizer, policy, kernels = setup
     ids = bench.prompt_batch(tokenizer, TEXT, 40, 2)
-    together = bench._interleaved(model, ids, METHODS, policy, kernels, 6, "sdpa", 2, None)
+    together = bench._interleaved(model, ids, METHODS, policy, kernels, 6, "sdpa", 2, PLAIN_STEPS)
     for run in together:
-        (alone,) = bench._interleaved(model, ids, [run.method], policy, kernels, 6, "sdpa", 2, None)
+        alone = bench._interleaved(
+            model, ids, [run.method], policy, kernels, 6, "sdpa", 2, PLAIN_STEPS
+        )[0]
         assert torch.equal(run.token, alone.token), run.method
         for mine, theirs in zip(run.cache.layers, alone.cache.layers, strict=True):
             assert torch.equal(mine.keys, theirs.keys)
@@ -169,8 +172,8 @@ def test_compilation_is_timed_apart_from_the_steps(setup):
     model, tokenizer, policy, kernels = setup
     ids = bench.prompt_batch(tokenizer, TEXT, 40, 2)
     compiled, eager = (
-        bench._interleaved(model, ids, ["less"], policy, kernels, 4, "sdpa", 2, compile)[0]
-        for compile in (True, False)
+        bench._interleaved(model, ids, ["less"], policy, kernels, 4, "sdpa", 2, step)[0]
+        for step in (StepOptions(compile=True), StepOptions(compile=False))
     )
     assert torch.equal(compiled.token, eager.token)
     assert eager.compile_s == 0

@@ -311,3 +311,24 @@ def test_generate_past_the_context_stops_at_the_boundary_with_a_clear_error():
         )
     assert cache.get_seq_length() == 256
     assert all(layer.seen == 256 for layer in cache.layers)
+
+
+def test_cuda_graphs_on_a_cpu_model_are_refused_in_one_line():
+    model = make_tiny_model("llama-gqa")
+    with pytest.raises(LessKVError, match="needs the model on a CUDA device; it is on cpu"):
+        LessCache(model, "h2o", BUDGET, cuda_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("method", ["baseline", "merge", "less"])
+def test_decoding_replayed_as_cuda_graphs_equals_the_plain_steps(policy, method):
+    model = make_tiny_model("llama-gqa").cuda()
+    pol = make_policy(policy, BUDGET)
+    kernels = kernel_set(model, policy).cuda() if method == "less" else None
+    ids = prompt(40, batch=2).cuda()
+    plain = make_cache(model, method, pol, kernels=kernels, rank=4)
+    graphed = make_cache(model, method, pol, kernels=kernels, rank=4, cuda_graphs=True)
+    want, got = decode_steps(model, plain, ids), decode_steps(model, graphed, ids)
+    assert all(layer.captured.graph is not None for layer in graphed.layers)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

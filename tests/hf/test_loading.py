@@ -11,12 +11,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import make_tiny_model, save_tiny
+from helpers import kernel_set, make_tiny_model, save_tiny
 from lesskv.core.budget import DEFAULT_MODEL
 from lesskv.errors import LessKVError
 from lesskv.hf import loading as lm
+from lesskv.hf.cache import LessCache
+from lesskv.hf.compat import cache_argument
 from lesskv.hf.loading import cache_dir, load_model
-from lesskv.hf.modules import max_context, model_fingerprint
+from lesskv.hf.modules import attention_modules, max_context, model_fingerprint
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -83,6 +85,128 @@ def test_fingerprint_tracks_architecture_not_weights():
     other_rope = make_tiny_model("llama-gqa")
     other_rope.config.rope_parameters = {"rope_theta": 500000.0, "rope_type": "default"}
     assert model_fingerprint(other_rope) != gqa
+
+
+# device_map: placed as from_pretrained places it, each cache layer on its layer's device.
+
+
+def greedy(model, ids: torch.Tensor, cache: LessCache | None, tokens: int = 12) -> torch.Tensor:
+    options = cache_argument(model, cache) if cache is not None else {}
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=tokens, do_sample=False, **options)
+
+
+def assert_cache_layers_on_their_layer_devices(model, cache: LessCache) -> None:
+    for module, layer in zip(attention_modules(model), cache.layers, strict=True):
+        device = next(module.parameters()).device
+        assert layer.keys.device == layer.state_h.device == device
+        if layer.kernels is not None:
+            assert all(p.device == device for p in layer.kernels.parameters())
+
+
+@pytest.fixture
+def placements(monkeypatch) -> list:
+    """The device_map each from_pretrained call received."""
+    seen, real = [], lm.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("device_map"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lm, "AutoModelForCausalLM", SimpleNamespace(from_pretrained=spy))
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("device_map", "passed"), [({"": "cpu"}, {"": "cpu"}), ("cpu", {"": "cpu"}), ("auto", "auto")]
+)
+def test_a_device_map_loads_and_generates_like_the_plain_load(
+    tmp_path, placements, device_map, passed
+):
+    save_tiny(tmp_path)
+    plain, tokenizer = load_model(str(tmp_path))
+    placed, _ = load_model(str(tmp_path), device_map=device_map)
+    assert placements == [None, passed]
+    ids = tokenizer("the cat sat on a mat the dog ran", return_tensors="pt").input_ids
+    assert torch.equal(logits(placed, ids), logits(plain, ids))
+    for model in (plain, placed):
+        model.generation_config.eos_token_id = None  # random weights must not stop early
+    assert torch.equal(greedy(placed, ids, None), greedy(plain, ids, None))
+    for kernels in (None, kernel_set(plain)):
+        expected = greedy(plain, ids, LessCache(plain, "h2o", 4, kernels=kernels))
+        cache = LessCache(placed, "h2o", 4, kernels=kernel_set(placed) if kernels else None)
+        assert torch.equal(greedy(placed, ids, cache), expected)
+        assert_cache_layers_on_their_layer_devices(placed, cache)
+
+
+def test_the_built_in_model_takes_a_device_map(fake_conversion, placements):
+    model, _ = load_model(device_map="cpu")
+    assert fake_conversion.calls == 1 and placements == [{"": "cpu"}]
+    assert model.device.type == "cpu"
+
+
+def refuse_loading(*args, **kwargs):
+    raise AssertionError("nothing may be loaded for a bad device_map")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"device": "cpu", "device_map": "cpu"}, "pass device or device_map, not both"),
+        ({"device_map": {"": "banana"}}, "device_map[''] = 'banana': not a device"),
+        ({"device_map": "gpu:0"}, "device_map 'gpu:0': not a device"),
+        (
+            {"device_map": {"model.layers.1": f"cuda:{torch.cuda.device_count()}"}},
+            "this machine has",
+        ),
+        ({"device_map": "disk"}, "offloading is not supported"),
+        ({"device_map": {"lm_head": "meta", "": "cpu"}}, "offloading is not supported"),
+        ({"device_map": {}}, "device_map is empty"),
+        ({"device_map": {0: "cpu"}}, "module names are strings"),
+    ],
+)
+def test_a_bad_device_map_is_one_line_before_any_loading(monkeypatch, options, message):
+    monkeypatch.setattr(lm, "AutoModelForCausalLM", SimpleNamespace(from_pretrained=refuse_loading))
+    with pytest.raises(LessKVError) as caught:
+        load_model("someone/some-model", **options)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_device_map_naming_no_module_of_the_model_is_refused(tmp_path):
+    save_tiny(tmp_path)
+    with pytest.raises(LessKVError, match=r"names 'model.layer.0', which is not a module.*lm_head"):
+        load_model(str(tmp_path), device_map={"model.layer.0": "cpu", "": "cpu"})
+
+
+def test_offloaded_weights_are_refused():
+    """accelerate leaves an offloaded module's weights on the meta device while it runs
+    elsewhere; a LessCache would put that layer's kernels there too."""
+    model = make_tiny_model()
+    lm._check_placement(model, "auto")  # every weight on a device: accepted
+    layer = model.model.layers[1].mlp
+    layer.up_proj.weight = torch.nn.Parameter(layer.up_proj.weight.to("meta"))
+    with pytest.raises(
+        LessKVError, match=r"offloaded 1 module\(s\) \(model.layers.1.mlp.up_proj\)"
+    ):
+        lm._check_placement(model, "auto")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_model_split_over_two_gpus_keeps_each_cache_layer_on_its_layer_device(tmp_path):
+    save_tiny(tmp_path)
+    plain, tokenizer = load_model(str(tmp_path))
+    split = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "": 1}
+    placed, _ = load_model(str(tmp_path), device_map=split)
+    devices = [next(m.parameters()).device.index for m in attention_modules(placed)]
+    assert devices == [0, 1]
+    ids = tokenizer("the cat sat on a mat the dog ran", return_tensors="pt").input_ids
+    for model in (plain, placed):
+        model.generation_config.eos_token_id = None
+    cache = LessCache(placed, "h2o", 4, kernels=kernel_set(placed))
+    out = greedy(placed, ids.to(placed.device), cache)
+    assert_cache_layers_on_their_layer_devices(placed, cache)
+    expected = greedy(plain, ids, LessCache(plain, "h2o", 4, kernels=kernel_set(plain)))
+    assert torch.equal(out.cpu(), expected)
 
 
 # The built-in model's cache logic, with the slow GGUF conversion replaced by a tiny model.

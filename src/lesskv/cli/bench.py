@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from lesskv.cli.common import (
     add_compile_arg,
     add_data_args,
+    add_device_arg,
     add_dtype_arg,
     add_json_arg,
     add_kernels_arg,
@@ -17,7 +18,9 @@ from lesskv.cli.common import (
     add_policy_args,
     load_kernels,
     model_dtype,
+    model_placement,
     print_table,
+    step_options,
     write_json,
 )
 from lesskv.errors import LessKVError
@@ -71,7 +74,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="prefill one prompt per grid point and repeat its cache across the batch "
         "(decode timings unchanged; makes long-context batches affordable on CPU)",
     )
-    bench.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    add_device_arg(bench)
     add_data_args(bench)
     add_json_arg(bench)
     bench.add_argument("--plot", type=Path, default=None, help="write a PNG of the results")
@@ -94,11 +97,13 @@ def run(args: argparse.Namespace) -> None:
     contexts = parse_int_list(args.contexts, "--contexts", 2)
     batch_sizes = parse_int_list(args.batch_sizes, "--batch-sizes", 1)
     methods = _check_args(args)
+    placement = model_placement(args)
+    step = step_options(args, placement)
     policy = make_policy(args.policy, args.budget)
     for context in contexts:
         policy.slots(context)  # validates the budget before any loading
     texts = load_texts(args.data, field=args.field)
-    model, tokenizer = load_model(args.model, dtype=model_dtype(args), device=args.device)
+    model, tokenizer = load_model(args.model, dtype=model_dtype(args), **placement)
     check_contexts(model, contexts, args.new_tokens)
     kernels = None
     if "less" in methods:
@@ -114,7 +119,7 @@ def run(args: argparse.Namespace) -> None:
         new_tokens=args.new_tokens,
         prompt_texts=texts,
         shared_prefill=args.shared_prefill,
-        compile=args.compile,
+        step=step,
     )
     print(
         f"{args.model} on {rows[0].device}, {policy.name} budget {policy.budget}, "

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from lesskv.core.policies import Policy
     from lesskv.hf.checkpoint import LessKernels
+    from lesskv.hf.methods import StepOptions
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -49,12 +50,21 @@ def add_dtype_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
-    """``--device``: where the model runs (torchrun jobs: each process's own GPU instead)."""
+    """``--device`` or ``--device-map``: where the model runs (torchrun jobs: each process's own
+    GPU instead)."""
     p.add_argument(
         "--device",
         default=None,
         help="where the model runs: cpu, cuda, cuda:1, mps... (default: the model's own, the "
         "CPU for the built-in one; under torchrun each process takes its own GPU)",
+    )
+    p.add_argument(
+        "--device-map",
+        default=None,
+        help="place the model's modules instead of moving it to one --device, e.g. split over "
+        "GPUs: auto, balanced, sequential, one device, or a JSON object of module name -> "
+        'device such as \'{"model.layers.0": 0, "": 1}\' (each cache layer stays on its '
+        "layer's device; offloading to the CPU or disk is refused)",
     )
 
 
@@ -62,27 +72,39 @@ def model_device(args: argparse.Namespace) -> str | None:
     """``--device``, checked before any work: one line naming what this machine lacks."""
     if args.device is None:
         return None
-    import torch
+    from lesskv.hf.loading import check_device
 
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
+    return str(check_device(args.device, f"--device {args.device}"))
+
+
+def model_placement(args: argparse.Namespace) -> dict[str, object]:
+    """``--device`` or ``--device-map`` as :func:`lesskv.hf.loading.load_model`'s keyword
+    arguments, checked before any work: one line naming what is wrong."""
+    if args.device_map is None:
+        return {"device": model_device(args)}
+    if args.device is not None:
         raise LessKVError(
-            f"--device {args.device}: not a device (cpu, cuda, cuda:1, mps)"
-        ) from None
-    if device.type == "cpu":
-        return str(device)
-    backend = getattr(torch, device.type, None)
-    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
-    count = backend.device_count() if available and hasattr(backend, "device_count") else 1
-    if not available or (device.index or 0) >= count:
-        found = f"{count} {device.type} device(s)" if available else f"no {device.type} device"
-        raise LessKVError(f"--device {args.device}: this machine has {found}")
-    return str(device)
+            "--device and --device-map exclude each other: --device moves the whole model to "
+            "one device, --device-map places its modules"
+        )
+    from lesskv.hf.loading import check_device_map
+
+    text = args.device_map.strip()
+    if not text.startswith("{"):  # a strategy, a device, or a GPU's index
+        device_map = int(text) if text.isdigit() else text
+        return {"device_map": check_device_map(device_map, "--device-map")}
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise LessKVError(f"--device-map: not a JSON object ({err})") from None
+    if not isinstance(mapping, dict):
+        raise LessKVError("--device-map: not a JSON object of module name -> device")
+    return {"device_map": check_device_map(mapping, "--device-map")}
 
 
 def add_compile_arg(p: argparse.ArgumentParser) -> None:
-    """``--no-compile``: each layer's decoding step eager instead of compiled."""
+    """``--no-compile``: each layer's decoding step eager instead of compiled;
+    ``--cuda-graphs``: replayed as a CUDA graph."""
     p.add_argument(
         "--no-compile",
         dest="compile",
@@ -93,6 +115,27 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
         "(compiling costs a few seconds at the first step, about 10 s cold on a CPU, and pays "
         "off over long generations; LESSKV_COMPILE=0 is the same switch)",
     )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="on a CUDA GPU, replay each layer's decoding step as a CUDA graph from its "
+        "second step on (the step's kernel launches then cost one replay)",
+    )
+
+
+def step_options(args: argparse.Namespace, placement: dict[str, object]) -> StepOptions:
+    """``--no-compile`` and ``--cuda-graphs`` for the caches; graphs without a GPU to run on
+    are one line before any work."""
+    from lesskv.hf.methods import StepOptions
+
+    device = placement.get("device")
+    on_gpu = placement.get("device_map") is not None or str(device).startswith("cuda")
+    if args.cuda_graphs and not on_gpu:
+        raise LessKVError(
+            f"--cuda-graphs needs the model on a CUDA GPU (--device cuda or a --device-map); "
+            f"it would run on {device or 'cpu'}"
+        )
+    return StepOptions(args.compile, args.cuda_graphs)
 
 
 def model_dtype(args: argparse.Namespace) -> torch.dtype:

@@ -6,6 +6,7 @@ import argparse
 
 from lesskv.cli.common import (
     add_data_args,
+    add_device_arg,
     add_dtype_arg,
     add_json_arg,
     add_kernels_arg,
@@ -13,6 +14,7 @@ from lesskv.cli.common import (
     add_policy_args,
     load_kernels,
     model_dtype,
+    model_placement,
     parse_methods,
     print_table,
     write_json,
@@ -31,6 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_args(ppl)
     add_dtype_arg(ppl)
+    add_device_arg(ppl)
     add_data_args(ppl, default=None)
     ppl.add_argument("--seq-len", type=int, default=1024, help="window length in tokens")
     ppl.add_argument("--windows", type=int, default=None, help="score only the first N windows")
@@ -68,8 +71,9 @@ def run(args: argparse.Namespace) -> None:
     policy.slots(args.seq_len)  # validates the budget against the window before any loading
     if args.windows is not None and args.windows < 1:
         raise LessKVError(f"--windows must be >= 1, got {args.windows}")
+    placement = model_placement(args)
     texts = load_texts(args.data, field=args.field)
-    model, tokenizer = load_model(args.model, dtype=model_dtype(args))
+    model, tokenizer = load_model(args.model, dtype=model_dtype(args), **placement)
     check_fits(model, args.seq_len, "--seq-len windows")
     kernels = None
     if "less" in methods:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lesskv.cli.common import (
     add_compile_arg,
+    add_device_arg,
     add_dtype_arg,
     add_json_arg,
     add_kernels_arg,
@@ -14,8 +15,10 @@ from lesskv.cli.common import (
     add_policy_args,
     load_kernels,
     model_dtype,
+    model_placement,
     parse_methods,
     print_table,
+    step_options,
     write_json,
 )
 from lesskv.core.budget import DEFAULT_RANK
@@ -32,6 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_args(summ)
     add_dtype_arg(summ)
+    add_device_arg(summ)
     add_compile_arg(summ)
     summ.add_argument(
         "--data",
@@ -65,8 +69,10 @@ def run(args: argparse.Namespace) -> None:
     policy = make_policy(args.policy, args.budget)
     if args.samples < 1:
         raise LessKVError("--samples must be >= 1")
+    placement = model_placement(args)
+    step = step_options(args, placement)
     examples = load_examples(args.data, args.samples, args.data_dir)
-    model, tokenizer = load_model(args.model, dtype=model_dtype(args))
+    model, tokenizer = load_model(args.model, dtype=model_dtype(args), **placement)
     kernels = None
     if "less" in methods:
         kernels = load_kernels(args.kernels, args.model, model, policy)
@@ -79,7 +85,7 @@ def run(args: argparse.Namespace) -> None:
         kernels,
         args.rank,
         args.max_new_tokens,
-        compile=args.compile,
+        step=step,
     )
     rows = as_rows(results)
     print_table(rows, ["method", "policy", "budget", "rouge1", "rouge2", "rougeL", "samples"])

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from lesskv.cli.common import (
+    add_device_arg,
     add_dtype_arg,
     add_json_arg,
     add_kernels_arg,
@@ -13,6 +14,7 @@ from lesskv.cli.common import (
     add_policy_args,
     load_kernels,
     model_dtype,
+    model_placement,
     parse_methods,
     print_table,
     write_json,
@@ -34,6 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_args(tasks)
     add_dtype_arg(tasks)
+    add_device_arg(tasks)
     tasks.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     tasks.add_argument(
         "--data-dir",
@@ -65,8 +68,9 @@ def run(args: argparse.Namespace) -> None:
     methods = parse_methods(args.methods)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     policy = make_policy(args.policy, args.budget)
+    placement = model_placement(args)
     quiet_lm_eval()
-    model, tokenizer = load_model(args.model, dtype=model_dtype(args))
+    model, tokenizer = load_model(args.model, dtype=model_dtype(args), **placement)
     kernels = None
     if "less" in methods:
         kernels = list(load_kernels(args.kernels, args.model, model, policy).layers)

@@ -8,12 +8,15 @@ from pathlib import Path
 
 from lesskv.cli.common import (
     add_compile_arg,
+    add_device_arg,
     add_dtype_arg,
     add_kernels_arg,
     add_model_args,
     add_policy_args,
     load_kernels,
     model_dtype,
+    model_placement,
+    step_options,
 )
 from lesskv.core.budget import METHODS
 from lesskv.errors import LessKVError
@@ -32,6 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_args(gen)
     add_dtype_arg(gen)
+    add_device_arg(gen)
     add_compile_arg(gen)
     gen.add_argument("--method", choices=METHODS, default="less")
     add_policy_args(gen, budget="0.1")
@@ -61,12 +65,14 @@ def run(args: argparse.Namespace) -> None:
     prompt = _read_prompt(args)
     if args.max_new_tokens < 1:
         raise LessKVError("--max-new-tokens must be >= 1")
+    placement = model_placement(args)
+    step = step_options(args, placement)
     policy = make_policy(args.policy, args.budget)
-    model, tokenizer = load_model(args.model, dtype=model_dtype(args))
+    model, tokenizer = load_model(args.model, dtype=model_dtype(args), **placement)
     kernels = (
         load_kernels(args.kernels, args.model, model, policy) if args.method == "less" else None
     )
-    cache = make_cache(model, args.method, policy, kernels, compile=args.compile)
+    cache = make_cache(model, args.method, policy, kernels, step=step)
     options = {"do_sample": args.sample}
     if args.sample:
         options["temperature"] = args.temperature

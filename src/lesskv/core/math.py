@@ -164,17 +164,22 @@ def lowrank_parallel(
     value: torch.Tensor,
     steps: torch.Tensor,
     decay: torch.Tensor | None = None,
+    block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-rank terms for every query at once (teacher forcing), as running states.
 
     ``phi_q: (B, Hkv, G, T, R)``, ``psi_k: (B, Hkv, T, R)``, ``steps: (B, Hkv, T)`` the step
     at which each token is evicted (T: never). Evicted tokens never return, so the state at
     step i is a prefix sum over tokens in eviction order: H_i = Σ_{steps[j] <= i} ψ(k_j)ᵀ v_j,
-    accumulated in the same order as the decode-time cache. O(T·R·D) instead of O(T²).
+    accumulated in the same order as the decode-time cache. O(T·R·D) work, and memory for one
+    ``block`` of queries at a time: the state after the block before, plus the prefix sums of
+    the pairs the block's queries see leave (a whole sequence's prefix states are 4 GiB a layer
+    for an 8B model at 32k tokens).
 
     ``decay`` (``(Hkv,)`` rates λ >= 0) weighs pair j by ``exp(-λ (i - j))`` for query i, as
-    the decoding cache's state decays by ``exp(-λ)`` per token. The weights are taken relative
-    to the first query of blocks short enough that none exceeds ``exp(EXP_LIMIT)``.
+    the decoding cache's state decays by ``exp(-λ)`` per token. The running state is kept
+    relative to the block's first query, and blocks are short enough that no weight exceeds
+    ``exp(EXP_LIMIT)``.
     """
     t = steps.shape[-1]
     sorted_steps, order = steps.sort(dim=-1, stable=True)
@@ -185,21 +190,41 @@ def lowrank_parallel(
         sorted_steps.contiguous(), queries.expand_as(steps).contiguous(), right=True
     )
     rate = None if decay is None else decay.view(-1, 1).to(psi_k.dtype)
-    block = t if rate is None else _decay_block(rate, t)
+    size = min(block or QUERY_BLOCK, t if rate is None else _decay_block(rate, t))
+    b, hkv, r, d = *psi_k.shape[:2], psi_k.shape[-1], value.shape[-1]
+    state_h, state_z = psi_k.new_zeros(b, hkv, r, d), psi_k.new_zeros(b, hkv, r)
+    done = torch.zeros(b, hkv, dtype=torch.long, device=steps.device)  # pairs in the state
     parts = []
-    for start in range(0, t, block):
-        rows = slice(start, min(t, start + block))
-        psi_w = psi_sorted
-        if rate is not None:  # pair j's weight as seen from query ``start``
-            psi_w = psi_sorted * (rate * (order - start)).clamp_max(EXP_LIMIT).exp().unsqueeze(-1)
-        num, den = _prefix_states(phi_q[..., rows, :], psi_w, v_sorted, evicted_by[..., rows])
+    for start in range(0, t, size):
+        rows = slice(start, min(t, start + size))
+        if rate is not None and start:  # the state moves on to this block's first query
+            fade = (-rate * size).exp()
+            state_h, state_z = state_h * fade[..., None], state_z * fade
+        new = _Pairs(psi_sorted, v_sorted, order, done, evicted_by[..., rows.stop - 1])
+        psi_w = new.psi  # pair j's weight as seen from query ``start``
+        if rate is not None:
+            psi_w = psi_w * (rate * (new.positions - start)).exp().unsqueeze(-1)
+        # state after c of the block's new pairs, c = 0..n
+        prefix_h = torch.cat(
+            [
+                state_h[:, :, None],
+                state_h[:, :, None] + torch.einsum("bhtr,bhtd->bhtrd", psi_w, new.values).cumsum(2),
+            ],
+            2,
+        )
+        prefix_z = torch.cat([state_z[:, :, None], state_z[:, :, None] + psi_w.cumsum(2)], 2)
+        seen = evicted_by[..., rows] - done.unsqueeze(-1)  # (B, Hkv, rows) in 0..n
+        num, den = _read_states(phi_q[..., rows, :], prefix_h, prefix_z, seen)
         if rate is not None:  # and from there on to each query of the block
             to_query = (-rate * (queries[rows] - start)).exp()[None, :, None, :, None]
             num, den = num * to_query, den * to_query
         parts.append((num, den))
+        state_h, state_z, done = prefix_h[:, :, -1], prefix_z[:, :, -1], new.upto
     return torch.cat([n for n, _ in parts], 3), torch.cat([d for _, d in parts], 3)
 
 
+# Queries whose low-rank terms are computed together: their states are (block x R x D) per head.
+QUERY_BLOCK = 512
 # exp() of at most this: far from float32's limit (88), so products and sums stay finite.
 EXP_LIMIT = 60.0
 
@@ -210,20 +235,35 @@ def _decay_block(rate: torch.Tensor, t: int) -> int:
     return t if fastest * t <= EXP_LIMIT else max(1, int(EXP_LIMIT / fastest))
 
 
-def _prefix_states(
-    phi_q: torch.Tensor, psi_sorted: torch.Tensor, v_sorted: torch.Tensor, evicted_by: torch.Tensor
+class _Pairs:
+    """The pairs (in eviction order) from ``done`` up to ``upto`` ``(B, Hkv)`` per head, padded
+    to the longest head's count with pairs of weight 0."""
+
+    def __init__(
+        self,
+        psi_sorted: torch.Tensor,
+        v_sorted: torch.Tensor,
+        order: torch.Tensor,
+        done: torch.Tensor,
+        upto: torch.Tensor,
+    ) -> None:
+        count = int((upto - done).max())
+        index = done.unsqueeze(-1) + torch.arange(count, device=done.device)
+        real = index < upto.unsqueeze(-1)
+        index = index.clamp(max=order.shape[-1] - 1)
+        self.upto = upto
+        self.positions = order.gather(-1, index)
+        psi = psi_sorted.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, psi_sorted.shape[-1]))
+        self.psi = psi * real.unsqueeze(-1)
+        self.values = v_sorted.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, v_sorted.shape[-1]))
+
+
+def _read_states(
+    phi_q: torch.Tensor, prefix_h: torch.Tensor, prefix_z: torch.Tensor, seen: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """φ(q)·H and φ(q)·z for queries that have seen ``evicted_by`` evictions, H and z being
-    prefix sums of the pairs in eviction order."""
-    # State after c evictions, c = 0..T: index 0 is the empty state.
-    state_h = F.pad(
-        torch.einsum("bhtr,bhtd->bhtrd", psi_sorted, v_sorted).cumsum(2), (0, 0, 0, 0, 1, 0)
-    )
-    state_z = F.pad(psi_sorted.cumsum(2), (0, 0, 1, 0))
-    h_i = state_h.gather(
-        2, evicted_by[..., None, None].expand(*evicted_by.shape, *state_h.shape[-2:])
-    )
-    z_i = state_z.gather(2, evicted_by.unsqueeze(-1).expand(*evicted_by.shape, state_z.shape[-1]))
+    """φ(q)·H and φ(q)·z for queries that have seen ``seen`` of the prefix states."""
+    h_i = prefix_h.gather(2, seen[..., None, None].expand(*seen.shape, *prefix_h.shape[-2:]))
+    z_i = prefix_z.gather(2, seen.unsqueeze(-1).expand(*seen.shape, prefix_z.shape[-1]))
     num = torch.einsum("bhgtr,bhtrd->bhgtd", phi_q, h_i)
     den = torch.einsum("bhgtr,bhtr->bhgt", phi_q, z_i).unsqueeze(-1)
     return num, den

@@ -34,7 +34,7 @@ from lesskv.hf import attention
 from lesskv.hf.cache import LessCache
 from lesskv.hf.checkpoint import LessKernels
 from lesskv.hf.compat import cache_argument
-from lesskv.hf.methods import make_cache
+from lesskv.hf.methods import PLAIN_STEPS, StepOptions, make_cache
 from lesskv.hf.modules import attention_modules, check_fits, kv_heads
 
 BENCH_METHODS = ("full", "baseline", "less")
@@ -164,7 +164,7 @@ def _make_cache(
     policy: Policy | None,
     kernels: LessKernels | None,
     stock_attention: str,
-    compile: bool | None,
+    step: StepOptions,
 ) -> DynamicCache | LessCache:
     """A fresh cache; ``full`` also puts the model back on its stock attention, so it is timed
     exactly as transformers runs it (a LessCache switches the model to lesskv's attention)."""
@@ -172,7 +172,7 @@ def _make_cache(
         if model.config._attn_implementation != stock_attention:
             model.set_attn_implementation(stock_attention)
         return DynamicCache(config=model.config)
-    return make_cache(model, method, policy, kernels, compile=compile)
+    return make_cache(model, method, policy, kernels, step=step)
 
 
 @dataclass
@@ -196,12 +196,12 @@ def _prefill(
     kernels: LessKernels | None,
     stock_attention: str,
     batch: int,
-    compile: bool | None,
+    step: StepOptions,
 ) -> _Decoding:
     """Prefill ``ids`` into a fresh cache, repeated up to ``batch`` sequences if ``ids``
     holds fewer (as ``generate()`` does for ``num_return_sequences``)."""
     device = ids.device
-    cache = _make_cache(model, method, policy, kernels, stock_attention, compile)
+    cache = _make_cache(model, method, policy, kernels, stock_attention, step)
     _sync(device)
     start = time.perf_counter()
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_argument(model, cache))
@@ -243,16 +243,14 @@ def _interleaved(
     new_tokens: int,
     stock_attention: str,
     batch: int,
-    compile: bool | None,
+    step: StepOptions,
 ) -> list[_Decoding]:
     """Every method prefilled on the same ``ids`` (each its own cache), then decoded round
     robin, one step each per round, the order rotating every round: a burst of load on the
     machine hits all methods alike, so their per-round ratios hold from run to run."""
     if ids.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ids.device)
-    runs = [
-        _prefill(model, ids, m, policy, kernels, stock_attention, batch, compile) for m in methods
-    ]
+    runs = [_prefill(model, ids, m, policy, kernels, stock_attention, batch, step) for m in methods]
     for round_ in range(new_tokens):
         shift = round_ % len(runs)
         for run in runs[shift:] + runs[:shift]:
@@ -356,7 +354,7 @@ def run_benchmark(
     progress: bool = True,
     warmup: bool = True,
     shared_prefill: bool = False,
-    compile: bool | None = None,
+    step: StepOptions = PLAIN_STEPS,
 ) -> list[BenchRow]:
     """Time every (context, batch) point, its methods interleaved step by step; one
     :class:`BenchRow` per (context, batch, method), in that order.
@@ -370,7 +368,7 @@ def run_benchmark(
     prompt per grid point and repeats its cache across the batch: decoding costs the same
     whatever the prompts hold, and it makes long-context batches affordable where prefill is
     slow (H2O's scores need the whole attention matrix, which CPU prefill pays dearly).
-    ``compile``: whether LESS's decoding step is compiled (see :class:`LessCache`).
+    ``step``: how the caches run their decoding steps (compiled, CUDA graphs).
     """
     methods = list(methods)
     _check_grid(model, contexts, batch_sizes, methods, policy, kernels, new_tokens)
@@ -385,7 +383,7 @@ def run_benchmark(
     try:
         if warmup:
             ids = prompt_batch(tokenizer, prompt_texts, min(contexts), 1).to(device)
-            warm = _interleaved(model, ids, methods, policy, kernels, 2, stock, 1, compile)
+            warm = _interleaved(model, ids, methods, policy, kernels, 2, stock, 1, step)
             compiled_in_warmup = {run.method: run.compile_s for run in warm}
         bar = tqdm(grid, desc="bench", unit="point", disable=not progress)
         for context, batch in bar:
@@ -393,7 +391,7 @@ def run_benchmark(
             prompts = 1 if shared_prefill else batch
             ids = prompt_batch(tokenizer, prompt_texts, context, prompts).to(device)
             runs = _interleaved(
-                model, ids, methods, policy, kernels, new_tokens, stock, batch, compile
+                model, ids, methods, policy, kernels, new_tokens, stock, batch, step
             )
             for run in runs:
                 run.compile_s += compiled_in_warmup.pop(run.method, 0.0)

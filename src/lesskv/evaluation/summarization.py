@@ -23,7 +23,7 @@ from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError
 from lesskv.hf.checkpoint import LessKernels
 from lesskv.hf.compat import cache_argument
-from lesskv.hf.methods import make_cache
+from lesskv.hf.methods import PLAIN_STEPS, StepOptions, make_cache
 from lesskv.hf.modules import max_context
 
 # Named datasets: file under the data folder, and how to turn a record into (prompt, summary).
@@ -132,10 +132,10 @@ def evaluate_summarization(
     rank: int = DEFAULT_RANK,
     max_new_tokens: int = 64,
     progress: bool = True,
-    compile: bool | None = None,
+    step: StepOptions = PLAIN_STEPS,
 ) -> tuple[list[SummaryResult], list[dict]]:
-    """ROUGE per method, plus every generation (for inspection); ``compile``: see
-    :class:`~lesskv.hf.cache.LessCache`."""
+    """ROUGE per method, plus every generation (for inspection); ``step``: how the caches
+    run their decoding steps."""
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     room = max_context(model) - max_new_tokens
     prompts = [fit_prompt(tokenizer, ex.prompt, room).to(model.device) for ex in examples]
@@ -147,7 +147,7 @@ def evaluate_summarization(
             output = model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                **cache_argument(model, make_cache(model, method, policy, kernels, rank, compile)),
+                **cache_argument(model, make_cache(model, method, policy, kernels, rank, step)),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,

@@ -32,6 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lesskv.core import eviction, math
+from lesskv.core.memory import release_freed_memory
 from lesskv.core.merge import merge_parallel
 from lesskv.core.policies import Policy, Slots, keep_mask_from_steps, state_steps
 from lesskv.core.state import fading
@@ -186,6 +187,25 @@ def less_attention(
             "a sparse method cannot decode from transformers' own cache (its parallel form "
             "scores whole sequences): generate with a LessCache(...) to evict for real"
         )
+    out = _sparse_parallel(setup, slots, query, key, value, attention_mask, scale, kwargs)
+    if key.device.type == "cpu":  # the layer's block tensors leave no pages behind
+        release_freed_memory()
+    return _heads_last(out)
+
+
+def _sparse_parallel(
+    setup: LayerSetup,
+    slots: Slots,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+    kwargs: dict,
+) -> torch.Tensor:
+    """The parallel form of a sparse layer: the policy's attention, and the evicted pairs'
+    summary (LESS's state or merge slots) joined to it; ``(B, Hkv, G, T, D)``."""
+    policy = setup.policy
     q = math.group_queries(query, key.shape[1])
     window = kwargs.get("sliding_window")  # every layer slides: the policy runs inside it
     summary = setup.kernels is not None or setup.merge_slots > 0
@@ -197,13 +217,13 @@ def less_attention(
             policy, slots, q, key, value, attention_mask, scale, window, summary
         )
     if not summary:
-        return _heads_last(out)
+        return out
     kernels, entering = setup.kernels, state_steps(steps, window)
     if kernels is None:
         slots = merge_parallel(q, key, value, entering, setup.merge_slots, scale)
-        return _heads_last(math.join_attention(out.float(), lse.float(), *slots).to(out.dtype))
+        return math.join_attention(out.float(), lse.float(), *slots).to(out.dtype)
     phi_q, psi_k, decay = kernels.phi(q), kernels.psi(key), kernels.decay_rate()
-    return _heads_last(math.less_parallel(out, lse, phi_q, psi_k, value, entering, decay))
+    return math.less_parallel(out, lse, phi_q, psi_k, value, entering, decay)
 
 
 def _masked_parallel(

@@ -31,6 +31,7 @@ from lesskv.core.decoding import (
     priority,
     unexpired,
 )
+from lesskv.core.graphs import CapturedStep, require_cuda
 from lesskv.core.kernels import LayerKernels
 from lesskv.core.merge import MergeSlots
 from lesskv.core.policies import LambdaShape, Policy, make_policy
@@ -68,6 +69,7 @@ class LessLayer(CacheLayerMixin):
         merge_slots: int = 0,
         window: int | None = None,
         compile: bool = True,
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
         self.policy, self.kernels, self.rank, self.context = policy, kernels, rank, context
@@ -76,6 +78,8 @@ class LessLayer(CacheLayerMixin):
         # A sliding window: pairs that fall out of it leave the cache and enter no summary
         self.window = window
         self.compile = compile  # the decoding step (attention, scores, state) as one graph
+        # ... replayed as a CUDA graph from its second run on
+        self.captured = CapturedStep() if cuda_graphs else None
         self.merge: MergeSlots | None = None
         # The token a decoding ``update`` received, inserted by the attention call that follows
         # (:meth:`attend_one`), in the same compiled step.
@@ -180,7 +184,8 @@ class LessLayer(CacheLayerMixin):
         less = None if self.kernels is None else (self.kernels, self.state_h, self.state_z)
         split = self.policy.split(self.budget)
         args = self.policy, split, self.window, query, key, value, self.buffers(), scale, less
-        out, lse, evicted = compiled_layer_step(*args, enabled=self.compile)
+        step = compiled_layer_step if self.captured is None else self.captured
+        out, lse, evicted = step(*args, enabled=self.compile)
         if self.merge is not None:
             keys, values, positions, weight = evicted
             self._merge(keys, values, positions, weight)
@@ -289,7 +294,8 @@ class LessCache(Cache):
     environment sets ``LESSKV_COMPILE=0``) runs each layer's decoding step (the softmax over
     the slots, the policy's scores, LESS's state) as one graph compiled by ``torch.compile``
     on the first decoding step; it falls back to eager, with one warning, where compiling
-    fails.
+    fails. ``cuda_graphs=True`` (CUDA only) then replays each layer's step as a CUDA graph
+    (:mod:`lesskv.core.graphs`): the step's launches cost one replay.
 
     A LessCache holds one generation's state: it serves the model it was built for, one batch
     size, and the thread that first uses it; anything else raises :class:`LessKVError`.
@@ -305,7 +311,10 @@ class LessCache(Cache):
         extra_tokens: int = 0,
         merge_slots: int = 0,
         compile: bool | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
+        if cuda_graphs:
+            require_cuda(next(model.parameters()).device)
         if merge_slots < 0 or (merge_slots and kernels is not None):
             raise LessKVError(
                 f"merge_slots={merge_slots}: use a count >= 0, and either kernels (LESS) or "
@@ -334,7 +343,17 @@ class LessCache(Cache):
             if window is not None and native:  # the layer's own rule: the newest ``window``, and
                 # no summary of what leaves (rank 1: the smallest state, never written)
                 rule = LambdaShape(window, sinks=0)
-                layers.append(LessLayer(rule, None, 1, context, window=window, compile=compile))
+                layers.append(
+                    LessLayer(
+                        rule,
+                        None,
+                        1,
+                        context,
+                        window=window,
+                        compile=compile,
+                        cuda_graphs=cuda_graphs,
+                    )
+                )
                 continue
             layer_kernels = None if kernels is None else on_layer_device(kernels.layers[i], module)
             layers.append(
@@ -347,6 +366,7 @@ class LessCache(Cache):
                     merge_slots=merge_slots,
                     window=window,
                     compile=compile,
+                    cuda_graphs=cuda_graphs,
                 )
             )
         super().__init__(layers=layers)

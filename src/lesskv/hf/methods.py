@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 
 from torch import nn
 from transformers import PreTrainedModel
@@ -119,21 +120,33 @@ def layer_setups(
     }
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """How a :class:`LessCache` runs its decoding steps (see there): compiled (``None``: unless
+    ``LESSKV_COMPILE=0``), and replayed as CUDA graphs."""
+
+    compile: bool | None = None
+    cuda_graphs: bool = False
+
+
+PLAIN_STEPS = StepOptions()
+
+
 def make_cache(
     model: PreTrainedModel,
     method: str,
     policy: Policy | None = None,
     kernels: LessKernels | None = None,
     rank: int = DEFAULT_RANK,
-    compile: bool | None = None,
+    step: StepOptions = PLAIN_STEPS,
 ) -> LessCache | None:
-    """The cache ``method`` generates with; ``None`` for ``full`` (transformers' own cache).
-    ``compile``: see :class:`LessCache`."""
+    """The cache ``method`` generates with; ``None`` for ``full`` (transformers' own cache),
+    its decoding steps run as ``step`` says."""
     check_method(method, policy, kernels)
     if method == "full":
         return None
     if method == "less":
-        return LessCache(model, policy, kernels=kernels, compile=compile)
+        return LessCache(model, policy, kernels=kernels, **asdict(step))
     head_dim = attention_modules(model)[0].head_dim
     return LessCache(
         model,
@@ -141,7 +154,7 @@ def make_cache(
         rank=rank,
         extra_tokens=extra_tokens(method, rank, head_dim),
         merge_slots=merge_slots(method, rank, head_dim),
-        compile=compile,
+        **asdict(step),
     )
 
 
