@@ -202,3 +202,82 @@ def test_train_a_bf16_model_stores_bf16_activations_and_fits_fp32_kernels(capsys
     assert main([*args, "--out", str(tmp_path / "kernels")]) == 0
     config = json.loads((tmp_path / "kernels" / "lesskv_kernels.json").read_text())
     assert all(torch.isfinite(torch.tensor(v)) for v in config["val_loss"].values())
+
+
+def test_eval_ppl_with_a_device_map_scores_like_the_plain_load(capsys, tmp_path):
+    save_tiny(tmp_path / "model")
+    args = ["eval", "ppl", "--model", str(tmp_path / "model"), "--data", _text_file(tmp_path)]
+    args += ["--seq-len", "32", "--windows", "2", "--budget", "8", "--methods", "full,baseline"]
+    assert main([*args, "--json", str(tmp_path / "plain.json")]) == 0
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    for device_map in ("cpu", '{"": "cpu"}', "auto"):
+        out = tmp_path / f"{device_map[:4]}.json"
+        assert main([*args, "--device-map", device_map, "--json", str(out)]) == 0
+        assert json.loads(out.read_text()) == plain
+    capsys.readouterr()
+
+
+MODEL_COMMANDS = [
+    ["generate", "--prompt", "the cat"],
+    ["bench"],
+    ["eval", "ppl", "--data", "builtin", "--budget", "8"],
+    ["eval", "tasks", "--tasks", "piqa"],
+    ["eval", "summarize"],
+    ["train", "--data", "builtin", "--budget", "8", "--out"],
+    ["finetune", "--data", "builtin", "--budget", "8", "--out"],
+]
+
+
+def test_a_bad_device_map_is_one_line_before_any_work_in_every_command(capsys, tmp_path):
+    missing = f"cuda:{torch.cuda.device_count()}"
+    bad = [
+        (["--device-map", "banana"], "--device-map 'banana': not a device"),
+        (["--device-map", missing], f"--device-map '{missing}': this machine has"),
+        (["--device-map", '{"model.layers.0": "disk"}'], "offloading is not supported"),
+        (["--device-map", "{nope"], "--device-map: not a JSON object"),
+        (["--device", "cpu", "--device-map", "cpu"], "--device and --device-map exclude"),
+    ]
+    out = tmp_path / "out"
+    for command in MODEL_COMMANDS:
+        for options, message in bad:
+            args = [*command, str(out)] if command[-1] == "--out" else command
+            assert main([*args, *options]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("lesskv: error: ") and message in err, (command, err)
+            assert "\n" not in err and not out.exists()
+
+
+def test_cuda_graphs_without_a_gpu_is_one_line_before_any_work(capsys, monkeypatch):
+    import lesskv.hf.loading as loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_model", no_loading)
+    commands = [
+        ["generate", "--prompt", "Hello", "--method", "baseline", "--cuda-graphs"],
+        ["bench", "--data", "builtin", "--cuda-graphs", "--device", "cpu"],
+        ["eval", "summarize", "--data", "xsum", "--samples", "1", "--cuda-graphs"],
+    ]
+    for command in commands:
+        assert main(command) == 2, command[0]
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("lesskv: error: --cuda-graphs needs the model on a CUDA GPU"), err
+        assert "\n" not in err
+
+
+def test_train_collects_layers_in_groups_within_the_store_budget(capsys, tmp_path):
+    from lesskv.training.per_layer import ActivationStore
+
+    save_tiny(tmp_path / "model")
+    capsys.readouterr()  # saving the model prints progress
+    args = ["train", "--model", str(tmp_path / "model"), "--data", _text_file(tmp_path)]
+    args += ["--budget", "8", "--seq-len", "48", "--sequences", "4", "--epochs", "1"]
+    args += ["--rank", "4", "--hidden", "16", "--out", str(tmp_path / "kernels")]
+    one_layer = ActivationStore.nbytes(n=4, hq=6, hkv=2, t=48, d=16)
+    assert main([*args, "--store-budget", str(one_layer - 1)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading bar
+    assert err.startswith(f"lesskv: error: one layer's activations need {one_layer} bytes")
+    assert not (tmp_path / "kernels").exists()
+    assert main([*args, "--store-budget", str(one_layer)]) == 0
+    assert (tmp_path / "kernels" / "lesskv_kernels.json").exists()

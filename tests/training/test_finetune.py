@@ -7,6 +7,7 @@ from helpers import make_tiny_model
 from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf.checkpoint import LessKernels
+from lesskv.hf.modules import attention_modules
 from lesskv.training import finetune
 from lesskv.training.finetune import FinetuneConfig, finetune_kernels, validation_kl
 from lesskv.training.per_layer import TrainConfig, train_kernels
@@ -35,14 +36,23 @@ def trained(tmp_path_factory):
     return model, windows, out
 
 
-def run(trained, out, **overrides):
+def run(trained, out, checkpointing=True, **overrides):
     model, windows, base = trained
     kernels = LessKernels.from_pretrained(base, model)
     options = dict(sequences=8, val_sequences=4, epochs=2, lr=3e-3, val_every=4) | overrides
     config = FinetuneConfig(
         model="tiny", base_kernels=str(base), data="random", seq_lens=[T], **options
     )
-    return finetune_kernels(model, kernels, windows[:8], windows[8:], config, out, progress=False)
+    return finetune_kernels(
+        model,
+        kernels,
+        windows[:8],
+        windows[8:],
+        config,
+        out,
+        progress=False,
+        checkpointing=checkpointing,
+    )
 
 
 def test_finetuning_lowers_held_out_kl_and_round_trips(trained, tmp_path):
@@ -113,3 +123,49 @@ def test_windows_of_several_lengths_train_together(trained, tmp_path):
     )
     tuned = finetune_kernels(model, kernels, mixed, windows[8:], config, tmp_path, progress=False)
     assert tuned.meta.finetune["steps"] == 6
+
+
+def _kernel_gradients(model, kernels, ids, layers):
+    kernels.zero_grad(set_to_none=True)
+    with finetune.checkpointed(layers):
+        loss = finetune.next_token_kl(model, ids, make_policy("h2o", 8), kernels)
+    loss.backward()
+    return [p.grad.clone() for p in kernels.parameters()]
+
+
+def test_checkpointed_layers_run_again_and_give_the_same_gradients(trained):
+    model, windows, base = trained
+    kernels = LessKernels.from_pretrained(base, model).requires_grad_(True)
+    modes = [m.training for m in model.modules()]
+    calls = []
+    handles = [
+        m.register_forward_hook(lambda *_: calls.append(1)) for m in attention_modules(model)
+    ]
+    try:
+        plain = _kernel_gradients(model, kernels, windows[:1], [])
+        runs_plain, calls[:] = len(calls), []
+        layers = finetune.decoder_layers(model)
+        checkpointed = _kernel_gradients(model, kernels, windows[:1], layers)
+    finally:
+        for handle in handles:
+            handle.remove()
+    layer_count = len(attention_modules(model))
+    assert len(calls) == runs_plain + layer_count  # teacher, student, and the student again
+    for a, b in zip(plain, checkpointed, strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+    assert all("forward" not in layer.__dict__ for layer in layers)
+    assert [m.training for m in model.modules()] == modes
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_finetuning_ends_with_the_same_kernels_with_or_without_checkpointing(trained, tmp_path):
+    with_checkpoints = run(trained, tmp_path / "on", epochs=1)
+    without = run(trained, tmp_path / "off", epochs=1, checkpointing=False)
+    pairs = zip(with_checkpoints.parameters(), without.parameters(), strict=True)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in pairs)
+    assert with_checkpoints.meta.finetune == without.meta.finetune
+
+
+def test_a_model_without_decoder_layers_cannot_checkpoint():
+    with pytest.raises(LessKVError, match="--no-checkpointing"):
+        finetune.decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,10 +15,15 @@ from lesskv.errors import LessKVError
 from lesskv.hf.checkpoint import LessKernels
 from lesskv.hf.methods import set_method
 from lesskv.hf.modules import attention_modules
+from lesskv.training import per_layer
 from lesskv.training.per_layer import (
+    ActivationStore,
     TrainConfig,
     collect_activations,
+    layer_store_bytes,
+    loaded,
     parse_layers,
+    store_groups,
     train_kernels,
 )
 
@@ -133,8 +139,6 @@ def test_upstream_kernels_record_each_layer_on_its_inference_inputs(tmp_path):
 def test_fused_collection_records_what_the_reference_does(name):
     """Collection's compiled, blocked simulation against the stacked T x T one it replaces on
     the CPU: the same steps, and the same outputs at the budget and at Baseline+'s."""
-    from lesskv.training import per_layer
-
     generator = torch.Generator().manual_seed(4)
     seen = {
         layer: (
@@ -159,8 +163,6 @@ def test_fused_collection_records_what_the_reference_does(name):
 
 def test_a_bf16_models_activations_keep_their_range_and_dtype(tmp_path):
     """fp16 would turn 70000 into inf; a store is never read back as another dtype."""
-    from lesskv.training.per_layer import ActivationStore
-
     shape = dict(n=1, hq=1, hkv=1, t=3, d=1, budget=1)
     store = ActivationStore(tmp_path, 0, **shape, dtype=torch.bfloat16)
     query = torch.tensor([70000.0, -3.5, 1e-3]).view(1, 3, 1).bfloat16()
@@ -170,3 +172,162 @@ def test_a_bf16_models_activations_keep_their_range_and_dtype(tmp_path):
     assert batch["steps"].tolist() == [[[3, 3, 3]]]
     with pytest.raises(LessKVError, match="stored as bf16.*this run stores f16"):
         ActivationStore(tmp_path, 0, **shape, dtype=torch.float32)
+
+
+def test_a_stores_size_is_known_before_it_exists(tmp_path):
+    dims = dict(n=3, hq=6, hkv=2, t=10, d=4)
+    for dtype in (torch.float32, torch.bfloat16):
+        store = ActivationStore(tmp_path / str(dtype), 0, **dims, budget=2, dtype=dtype)
+        on_disk = sum(p.stat().st_size for p in store.dir.iterdir())
+        assert on_disk == ActivationStore.nbytes(**dims)
+
+
+def test_layers_go_in_consecutive_groups_that_fit_the_budget():
+    assert store_groups({0: 3, 1: 3, 2: 3, 3: 5, 4: 1}, 6) == [[0, 1], [2], [3, 4]]
+    assert store_groups({2: 4, 5: 4}, 100) == [[2, 5]]
+    assert store_groups({}, 1) == [[]]
+
+
+def _spy_on_collection(monkeypatch, activations):
+    """Each collection's layers, and the layer folders in ``activations`` when it starts."""
+    real, calls = per_layer.collect_activations, []
+
+    def spy(model, windows, layers, *args, **kwargs):
+        calls.append((layers, sorted(p.name for p in activations.glob("len_*/layer_*"))))
+        return real(model, windows, layers, *args, **kwargs)
+
+    monkeypatch.setattr(per_layer, "collect_activations", spy)
+    return calls
+
+
+def test_layers_are_collected_in_groups_that_fit_the_store_budget(tmp_path, monkeypatch):
+    """A budget of one layer: one collection per layer, each after the last one's activations
+    are gone; a rerun with another budget is the same run, and every budget trains the same
+    kernels."""
+    model, windows, policy, config = setup(epochs=1)
+    one_layer = layer_store_bytes(model, 0, [windows])
+    train = functools.partial(train_kernels, model, windows, policy, config, progress=False)
+    calls = _spy_on_collection(monkeypatch, tmp_path / "grouped" / "activations")
+    grouped = train(tmp_path / "grouped", store_budget=2 * one_layer - 1)
+    assert calls == [([0], []), ([1], [])]
+    calls.clear()
+    train(tmp_path / "together", layers=[0], store_budget=one_layer)
+    together = train(tmp_path / "together", store_budget=2 * one_layer)
+    assert [layers for layers, _ in calls] == [[0], [1]]  # only the missing layer, then
+    for a, b in zip(grouped.state_dict().values(), together.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_budget_below_one_layer_is_refused_before_any_work(tmp_path, monkeypatch):
+    model, windows, policy, config = setup(epochs=1)
+    mix = [windows[:12], windows[12:].reshape(6, 2 * T)]
+    need = layer_store_bytes(model, 0, mix)
+    calls = _spy_on_collection(monkeypatch, tmp_path / "activations")
+    with pytest.raises(LessKVError, match=f"one layer's activations need {need} bytes"):
+        train_kernels(model, mix, policy, config, tmp_path / "out", store_budget=need - 1)
+    assert calls == [] and not (tmp_path / "out").exists()
+
+
+def test_the_default_store_budget_is_half_the_free_disk_where_out_will_be(tmp_path, monkeypatch):
+    asked = []
+
+    def disk_usage(path):
+        asked.append(path)
+        return shutil._ntuple_diskusage(1000, 200, 801)
+
+    monkeypatch.setattr(per_layer.shutil, "disk_usage", disk_usage)
+    assert per_layer.default_store_budget(tmp_path / "not" / "yet") == 400
+    assert asked == [tmp_path]
+
+
+def test_an_interrupted_collection_runs_only_the_missing_windows(tmp_path):
+    model, windows, policy, _ = setup()
+    record = functools.partial(collect_activations, model, windows[:6], [0, 1], policy, rank=4)
+    whole = record(tmp_path / "whole", progress=False)
+    seen, allowed = [], {"windows": 3}
+
+    def interrupt_when_allowed_runs_out(module, args, kwargs):
+        seen.append(kwargs["input_ids"])
+        if len(seen) > allowed["windows"]:
+            raise KeyboardInterrupt
+
+    handle = model.register_forward_pre_hook(interrupt_when_allowed_runs_out, with_kwargs=True)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            record(tmp_path / "resumed", progress=False)
+        seen.clear()
+        allowed["windows"] = len(windows)
+        resumed = record(tmp_path / "resumed", progress=False)
+        assert torch.equal(torch.cat(seen), windows[3:6])
+        seen.clear()
+        record(tmp_path / "resumed", progress=False)
+        assert seen == []  # complete: not one forward pass
+    finally:
+        handle.remove()
+    for layer in (0, 1):
+        assert resumed[layer].complete == 6
+        for name, array in whole[layer].arrays.items():
+            assert np.array_equal(array, resumed[layer].arrays[name], equal_nan=True), name
+        assert np.array_equal(whole[layer].steps, resumed[layer].steps)
+
+
+def _store_with_windows(tmp_path, n=5):
+    store = ActivationStore(tmp_path, 0, n=n, hq=2, hkv=1, t=4, d=3, budget=1)
+    generator = torch.Generator().manual_seed(0)
+    for i in range(n):
+        store.write(
+            i,
+            query=torch.randn(2, 4, 3, generator=generator),
+            target=torch.randn(4, 6, generator=generator),
+            steps=torch.randint(0, 5, (1, 4), generator=generator),
+        )
+    return store
+
+
+def test_batches_are_read_ahead_in_order_one_at_a_time(tmp_path, monkeypatch):
+    store = _store_with_windows(tmp_path)
+    chunks = [[3, 1], [0], [4, 2], [1]]
+    expected = [store.read(chunk) for chunk in chunks]
+    real, started = store.gather, []
+
+    def counted(indices, pin=False):
+        started.append(indices)
+        return real(indices, pin)
+
+    monkeypatch.setattr(store, "gather", counted)
+    batches = loaded([(store, chunk) for chunk in chunks], torch.device("cpu"))
+    for k, (batch_store, batch) in enumerate(batches):
+        assert len(started) <= k + 2  # this batch and the next, never more in memory
+        assert batch_store is store and batch.keys() == expected[k].keys()
+        for name, tensor in batch.items():
+            assert tensor.dtype == expected[k][name].dtype, name
+            assert torch.equal(tensor, expected[k][name]), name
+    assert started == chunks
+    assert list(loaded([], torch.device("cpu"))) == []
+
+
+def test_prefetched_training_is_bit_identical_to_reading_in_the_loop(tmp_path, monkeypatch):
+    model, windows, policy, config = setup(epochs=2)
+    stores = collect_activations(model, windows[:8], [1], policy, tmp_path, 4, progress=False)
+    o_proj = attention_modules(model)[1].o_proj
+    shape = per_layer.KernelShape(6, 2, 16, rank=4, hidden=32)
+    train = functools.partial(per_layer.train_layer, [stores[1]], o_proj, shape, config, 1)
+    prefetched = train(log=lambda _: None)
+    monkeypatch.setattr(  # how batches were read before: synchronously, in the loop
+        per_layer, "loaded", lambda batches, device: ((s, s.read(c, device)) for s, c in batches)
+    )
+    in_the_loop = train(log=lambda _: None)
+    assert prefetched[1] == in_the_loop[1]
+    kernels = zip(prefetched[0].parameters(), in_the_loop[0].parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in kernels)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs a GPU")
+def test_batches_for_a_gpu_come_from_pinned_memory(tmp_path):
+    store = _store_with_windows(tmp_path)
+    assert all(t.is_pinned() for t in store.gather([0, 1], pin=True).values())
+    chunks = [[0, 1], [2]]
+    batches = [batch for _, batch in loaded([(store, c) for c in chunks], torch.device("cuda"))]
+    for batch, chunk in zip(batches, chunks, strict=True):
+        for name, tensor in store.read(chunk).items():
+            assert batch[name].is_cuda and torch.equal(batch[name].cpu(), tensor), name

@@ -16,8 +16,8 @@ from lesskv.cli.common import (
     check_training_args,
     kernels_folder,
     load_kernels,
-    model_device,
     model_dtype,
+    model_placement,
     window_lengths,
 )
 from lesskv.errors import LessKVError
@@ -58,6 +58,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     finetune.add_argument(
         "--val-every", type=int, default=16, help="steps between validations (and at the end)"
     )
+    finetune.add_argument(
+        "--checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run each decoder layer again in the backward pass instead of keeping its "
+        "activations (default on; same gradients): on SmolLM2 at 1024 tokens a step's peak "
+        "memory falls from 4.6 to 2.5 GiB for about a quarter more time",
+    )
     finetune.add_argument("--seed", type=int, default=0)
     finetune.add_argument("--out", type=Path, required=True, help="output kernel folder")
     finetune.add_argument(
@@ -76,8 +84,8 @@ def run(args: argparse.Namespace) -> None:
     from lesskv.training.finetune import FinetuneConfig, finetune_kernels
 
     check_training_args(args, "sequences", "val_sequences", "epochs", "val_every")
-    device = model_device(args)
-    model, tokenizer = load_model(args.model, dtype=model_dtype(args), device=device)
+    placement = model_placement(args)
+    model, tokenizer = load_model(args.model, dtype=model_dtype(args), **placement)
     check_fits(model, max(args.seq_len), "--seq-len windows")
     policy = make_policy(args.policy, args.budget)
     check_evicts(policy, args.seq_len)
@@ -99,7 +107,15 @@ def run(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
     tuned = finetune_kernels(
-        model, kernels, train, val, config, args.out, args.overwrite, args.command_line
+        model,
+        kernels,
+        train,
+        val,
+        config,
+        args.out,
+        args.overwrite,
+        args.command_line,
+        checkpointing=args.checkpointing,
     )
     info = tuned.meta.finetune
     print(

@@ -4,6 +4,8 @@ torchrun the layers are split across processes."""
 from __future__ import annotations
 
 import argparse
+import re
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,11 +17,12 @@ from lesskv.cli.common import (
     add_policy_args,
     check_evicts,
     check_training_args,
-    model_device,
     model_dtype,
+    model_placement,
     window_lengths,
 )
 from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK, STATES
+from lesskv.errors import LessKVError
 
 if TYPE_CHECKING:  # the command imports the heavy modules only once it knows what it runs
     from lesskv.core.policies import Policy
@@ -78,6 +81,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "layers before it sparse too: a second round after a first `lesskv train`",
     )
     train.add_argument("--layers", default=None, help="train only layers a:b (resumable)")
+    train.add_argument(
+        "--store-budget",
+        type=byte_size,
+        default=None,
+        metavar="SIZE",
+        help="disk the recorded activations may fill at once, e.g. 20GB, 500MiB or a byte "
+        "count (default: half the free space where --out is): layers are collected in groups "
+        "that fit, one more forward pass per group; any budget trains the same kernels",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", type=Path, required=True, help="output kernel folder")
     train.add_argument(
@@ -92,6 +104,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(run=run)
 
 
+UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+UNITS |= {f"{unit}i": 2 ** (10 * power) for power, unit in enumerate("kmgt", 1)}
+
+
+def byte_size(text: str) -> int:
+    """``--store-budget 20GB`` → bytes (argparse type): a byte count, or a number with a unit,
+    kB MB GB TB (powers of 1000) or KiB MiB GiB TiB (of 1024)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]i?)?b?\s*", text.lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: a byte count or a number with a unit (500MB, 20GiB)"
+        )
+    size = int(Decimal(match[1]) * UNITS[match[2] or ""])
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the budget must be at least one byte")
+    return size
+
+
 def run(args: argparse.Namespace) -> None:
     """Check the arguments and read the data before any process group or model exists."""
     from lesskv.core.policies import make_policy
@@ -99,32 +129,38 @@ def run(args: argparse.Namespace) -> None:
     from lesskv.training import distributed
 
     check_training_args(args, "sequences", "epochs", "batch_size", "rank", "hidden")
-    device = model_device(args)  # a device this machine lacks stops here, before any work
+    placement = model_placement(args)  # a device this machine lacks stops here, before any work
+    launched = args.distributed or distributed.launched_by_torchrun()
+    if launched and args.device_map is not None:
+        raise LessKVError(
+            "--device-map cannot be used under torchrun: each process takes its own GPU"
+        )
     policy = make_policy(args.policy, args.budget)
     check_evicts(policy, args.seq_len)
     texts = load_texts(args.data, field=args.field)
-    if args.distributed or distributed.launched_by_torchrun():
+    if launched:
         with distributed.process_group() as worker:
-            _train(args, policy, texts, str(worker.device), worker)
+            _train(args, policy, texts, {"device": str(worker.device)}, worker)
     else:
-        _train(args, policy, texts, device, None)
+        _train(args, policy, texts, placement, None)
 
 
 def _train(
     args: argparse.Namespace,
     policy: Policy,
     texts: list[str],
-    device: str | None,
+    placement: dict[str, object],
     worker: Worker | None,
 ) -> None:
-    """Load, train, report; ``worker`` is this process's place in a torchrun job, if any (its
-    own device, then, instead of ``--device``)."""
+    """Load, train, report; ``placement`` is :func:`load_model`'s ``device`` or ``device_map``,
+    ``worker`` this process's place in a torchrun job, if any (its own device, then, instead of
+    ``--device``)."""
     from lesskv.data import length_mix
     from lesskv.hf.loading import load_model
     from lesskv.hf.modules import check_fits
     from lesskv.training.per_layer import TrainConfig, parse_layers, train_kernels
 
-    model, tokenizer = load_model(args.model, dtype=model_dtype(args), device=device)
+    model, tokenizer = load_model(args.model, dtype=model_dtype(args), **placement)
     check_fits(model, max(args.seq_len), "--seq-len windows")
     layers = parse_layers(args.layers, model.config.num_hidden_layers)
     windows = length_mix(tokenizer, texts, args.seq_len, args.sequences)
@@ -160,6 +196,7 @@ def _train(
         command=args.command_line,
         worker=worker,
         upstream=upstream,
+        store_budget=args.store_budget,
     )
     if worker is not None and worker.rank != 0:
         return

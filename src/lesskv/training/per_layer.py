@@ -1,15 +1,24 @@
 """Per-layer training of LESS kernels on a frozen model.
 
 1. One pass of the full-attention model over the training windows records, for every layer
-   trained, the post-RoPE Q/K/V, the true attention output after ``o_proj``, and everything
+   of a group, the post-RoPE Q/K/V, the true attention output after ``o_proj``, and everything
    that does not depend on the kernels: the policy's eviction steps (its whole keep-mask in
    O(T)) and the sparse attention output with its log-sum-exp. Arrays stream to disk
-   (fp16 memmaps), so the sequence count is not limited by RAM.
-2. Each layer then trains on its own: MSE between ``o_proj(LESS output)`` and the true output
-   at the positions where something is evicted, Adam with the learning rate halved every 10
-   epochs, best validation checkpoint kept and written atomically. A rerun skips finished
-   layers, so an interrupted run resumes, and ``layers`` lets processes share the work
-   (:mod:`lesskv.distributed` splits them across torchrun's ranks).
+   (fp16 memmaps), so the sequence count is not limited by RAM. Each store marks how many
+   windows it holds, so an interrupted collection resumes where it stopped.
+2. Each layer of the group then trains on its own: MSE between ``o_proj(LESS output)`` and the
+   true output at the positions where something is evicted, Adam with the learning rate
+   halved every 10 epochs, best validation checkpoint kept and written atomically; the next
+   batch is read from disk while one trains. A rerun skips finished layers, so an interrupted
+   run resumes, and ``layers`` lets processes share the work (:mod:`lesskv.distributed` splits
+   them across torchrun's ranks).
+
+Why groups: every layer's activations at once outgrow any disk at real sizes (an 8B model at
+the paper's 512 windows of 4096 tokens records ~1.8 TiB). Layers are therefore collected in
+consecutive groups whose stores fit a byte budget; a group's stores are deleted as soon as its
+layers are trained. Each group runs the model over the windows again, up to its last layer
+(the per-layer work, simulating the policy and storing, is done once per layer whatever the
+groups); the budget never changes the kernels.
 """
 
 from __future__ import annotations
@@ -20,7 +29,8 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -93,11 +103,12 @@ def parse_layers(spec: str | None, num_layers: int) -> list[int]:
 # no bfloat16: int16 files of the same bits).
 STORED = {torch.bfloat16: ("bf16", np.int16, torch.bfloat16)}
 DEFAULT_STORED = ("f16", np.float16, torch.float16)
+COMPLETE_FILE = "complete"  # in a store's folder: how many windows, from the first, it holds
 
 
 class ActivationStore:
     """Per-layer memmaps (fp16, or bf16 for a bf16 model) of everything one layer's training
-    needs."""
+    needs, and how many of its windows are complete."""
 
     def __init__(
         self,
@@ -121,7 +132,19 @@ class ActivationStore:
                 f"{self.dir} holds activations stored as {other[0].split('.')[1]} (another "
                 f"model dtype); this run stores {self.suffix}: use another --out or --overwrite"
             )
-        shapes = {
+        shapes = self.shapes(n, hq, hkv, t, d)
+        self.steps = self._memmap(self.dir / "steps.i32", np.int32, shapes.pop("steps"))
+        self.arrays = {
+            name: self._memmap(self.dir / f"{name}.{self.suffix}", self.numpy_dtype, shape)
+            for name, shape in shapes.items()
+        }
+        marker = self.dir / COMPLETE_FILE
+        self.complete = int(marker.read_text()) if marker.exists() else 0
+
+    @staticmethod
+    def shapes(n: int, hq: int, hkv: int, t: int, d: int) -> dict[str, tuple[int, ...]]:
+        """Each array's shape for ``n`` windows (``steps`` int32, the others 2-byte values)."""
+        return {
             "query": (n, hq, t, d),
             "key": (n, hkv, t, d),
             "value": (n, hkv, t, d),
@@ -129,21 +152,29 @@ class ActivationStore:
             "sparse_out": (n, hq, t, d),
             "lse": (n, hq, t),
             "plus_out": (n, hq, t, d),
+            "steps": (n, hkv, t),
         }
-        mode = "r+" if (self.dir / f"query.{self.suffix}").exists() else "w+"
-        self.arrays = {
-            name: np.memmap(self.dir / f"{name}.{self.suffix}", self.numpy_dtype, mode, shape=shape)
-            for name, shape in shapes.items()
-        }
-        steps_path = self.dir / "steps.i32"
-        self.steps = np.memmap(steps_path, np.int32, mode, shape=(n, hkv, t))
+
+    @classmethod
+    def nbytes(cls, n: int, hq: int, hkv: int, t: int, d: int) -> int:
+        """Bytes on disk of a store of these dimensions: what it costs before it exists."""
+        sizes = {name: math.prod(shape) for name, shape in cls.shapes(n, hq, hkv, t, d).items()}
+        steps = sizes.pop("steps") * np.dtype(np.int32).itemsize
+        return steps + sum(sizes.values()) * np.dtype(DEFAULT_STORED[1]).itemsize
+
+    @staticmethod
+    def _memmap(path: Path, dtype: type, shape: tuple[int, ...]) -> np.memmap:
+        return np.memmap(path, dtype, "r+" if path.exists() else "w+", shape=shape)
 
     def __len__(self) -> int:
         return self.steps.shape[0]
 
     def write(self, index: int, **tensors: torch.Tensor) -> None:
-        """Store window ``index``'s tensors; torch converts them (vectorised, and bf16 has no
+        """Store window ``index``'s tensors (a complete window is kept as it is: a resumed
+        collection never rewrites one); torch converts them (vectorised, and bf16 has no
         numpy dtype), numpy only copies."""
+        if index < self.complete:
+            return
         for name, tensor in tensors.items():
             if name == "steps":
                 self.steps[index] = tensor.detach().to("cpu", torch.int32).numpy()
@@ -153,20 +184,43 @@ class ActivationStore:
                 stored = stored.view(torch.int16)
             self.arrays[name][index] = stored.numpy()
 
+    def mark_complete(self, count: int) -> None:
+        """Record that windows ``0..count-1`` are on disk (flushed first, so the mark never
+        runs ahead of the data)."""
+        if count <= self.complete:
+            return
+        self.flush()
+        atomic_write(self.dir / COMPLETE_FILE, lambda p: Path(p).write_text(f"{count}\n"))
+        self.complete = count
+
+    def gather(self, indices: list[int], pin: bool = False) -> dict[str, torch.Tensor]:
+        """Windows ``indices`` as host tensors in the stored dtypes (half the bytes of fp32
+        to move), in page-locked memory with ``pin`` so a GPU copies them asynchronously."""
+        batch = {
+            name: torch.from_numpy(np.stack([array[i] for i in indices])).view(self.torch_dtype)
+            for name, array in self.arrays.items()
+        }
+        batch["steps"] = torch.from_numpy(np.stack([self.steps[i] for i in indices]))
+        return {name: t.pin_memory() if pin else t for name, t in batch.items()}
+
     def read(
         self, indices: list[int], device: torch.device | None = None
     ) -> dict[str, torch.Tensor]:
-        batch = {k: self._tensor(np.stack([a[i] for i in indices])) for k, a in self.arrays.items()}
-        batch["steps"] = torch.from_numpy(np.stack([self.steps[i] for i in indices])).long()
-        return {k: v.to(device) for k, v in batch.items()}
-
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        stored = torch.from_numpy(array)
-        return stored.view(self.torch_dtype).float()
+        """Windows ``indices`` on ``device``: fp32 values and int64 steps."""
+        return on_device(self.gather(indices), device)
 
     def flush(self) -> None:
         for array in (*self.arrays.values(), self.steps):
             array.flush()
+
+
+def on_device(
+    host: dict[str, torch.Tensor], device: torch.device | None, non_blocking: bool = False
+) -> dict[str, torch.Tensor]:
+    """:meth:`ActivationStore.gather`'s tensors moved, then widened there (fp32 values, int64
+    steps: exact conversions, so where they run changes no bit)."""
+    moved = {name: t.to(device, non_blocking=non_blocking) for name, t in host.items()}
+    return {name: t.long() if name == "steps" else t.float() for name, t in moved.items()}
 
 
 class _StopForward(Exception):
@@ -194,7 +248,8 @@ def collect_activations(
     """Run the model once over ``windows`` and record each layer in ``layers``: its post-RoPE
     Q/K/V, its full-attention output after ``o_proj`` (the target), and the policy's sparse
     output; Baseline+'s too for the ``validation`` windows (all by default), the only ones its
-    loss is measured on.
+    loss is measured on. Windows that every store already holds (an interrupted collection)
+    are not run again.
 
     The model runs full attention (the paper's recipe), or with ``upstream`` kernels LESS in
     every layer, so that each layer is recorded on the inputs it gets at inference, when the
@@ -229,7 +284,15 @@ def collect_activations(
             hook = functools.partial(lambda i, module, args, out: record_target(i, out), i)
             handles.append(modules[i].o_proj.register_forward_hook(hook))
     extra = extra_tokens("baseline+", rank, modules[0].head_dim)
-    bar = tqdm(range(n), desc="collecting activations", unit="seq", disable=not progress)
+    start = min(store.complete for store in stores.values())  # windows already collected
+    bar = tqdm(
+        range(start, n),
+        initial=start,
+        total=n,
+        desc="collecting activations",
+        unit="seq",
+        disable=not progress,
+    )
     try:
         with _recording(model, observe, layers, policy, upstream, rank):
             for i in bar:
@@ -242,21 +305,72 @@ def collect_activations(
                 for group in _simulation_groups(seen, t):
                     _record_sparse(group, seen, stores, i, policy, budgets, scratch)
                 seen.clear()
+                for store in stores.values():
+                    store.mark_complete(i + 1)
     finally:
         for handle in handles:
             handle.remove()
-    for store in stores.values():
-        store.flush()
     return stores
 
 
 def _store(
     model: PreTrainedModel, layer: int, root: Path, n: int, t: int, policy: Policy
 ) -> ActivationStore:
+    budget = policy.slots(t).total
+    return ActivationStore(
+        root, layer, **_dimensions(model, layer, n, t), budget=budget, dtype=model.dtype
+    )
+
+
+def _dimensions(model: PreTrainedModel, layer: int, n: int, t: int) -> dict[str, int]:
+    """The store dimensions of ``layer`` for ``n`` windows of ``t`` tokens."""
     module, hkv = attention_modules(model)[layer], kv_heads(model)
     hq = hkv * module.num_key_value_groups
-    budget = policy.slots(t).total
-    return ActivationStore(root, layer, n, hq, hkv, t, module.head_dim, budget, model.dtype)
+    return {"n": n, "hq": hq, "hkv": hkv, "t": t, "d": module.head_dim}
+
+
+def layer_store_bytes(model: PreTrainedModel, layer: int, windows: Sequence[torch.Tensor]) -> int:
+    """Disk bytes of ``layer``'s stores for ``windows`` (one ``(N, T)`` tensor per length)."""
+    return sum(ActivationStore.nbytes(**_dimensions(model, layer, *w.shape)) for w in windows)
+
+
+def store_groups(sizes: dict[int, int], budget: int) -> list[list[int]]:
+    """The layers of ``sizes`` (layer → store bytes), in order, in consecutive groups whose
+    stores together fit ``budget`` bytes (each layer alone must: :func:`check_store_budget`)."""
+    groups: list[list[int]] = [[]]
+    used = 0
+    for layer, size in sizes.items():
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(layer)
+        used += size
+    return groups
+
+
+def check_store_budget(sizes: dict[int, int], budget: int, processes: int = 1) -> None:
+    """Refuse, before any work, a budget that cannot hold even one layer's stores."""
+    need = max(sizes.values(), default=0)
+    if need > budget:
+        each = f" for each of {processes} processes" if processes > 1 else ""
+        raise LessKVError(
+            f"one layer's activations need {need} bytes ({_readable(need)}) on disk, more "
+            f"than the store budget of {budget} bytes ({_readable(budget)}){each}: raise "
+            "--store-budget, or train on fewer or shorter windows"
+        )
+
+
+def _readable(size: int) -> str:
+    """``size`` bytes in the largest binary unit that keeps it at least 1."""
+    power = min(max((size.bit_length() - 1) // 10, 0), 4)
+    return f"{size / 1024**power:.4g} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[power]}"
+
+
+def default_store_budget(out: Path) -> int:
+    """Half the free disk space where ``out`` is (or will be): room for the activations,
+    with as much again left for everything else on that disk."""
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    return shutil.disk_usage(existing).free // 2
 
 
 def _recording(
@@ -412,11 +526,33 @@ def _mean_loss(
     """Mean over windows of :func:`layer_loss`."""
     total, windows = 0.0, 0
     with torch.no_grad():
-        for store, chunk in batches:
-            batch = store.read(chunk, o_proj.weight.device)
+        for store, batch in loaded(batches, o_proj.weight.device):
             loss = layer_loss(kernels, o_proj, batch, store.budget, kv_heads, sparse)
-            total, windows = total + loss.item() * len(chunk), windows + len(chunk)
+            size = len(batch["steps"])
+            total, windows = total + loss.item() * size, windows + size
     return total / windows
+
+
+def loaded(
+    batches: Sequence[Batch], device: torch.device
+) -> Iterator[tuple[ActivationStore, dict[str, torch.Tensor]]]:
+    """``batches`` in order, each on ``device``; a background thread reads the next one from
+    disk (into page-locked memory for a GPU, whose copy then overlaps too) while the caller
+    trains on this one. A thread, not DataLoader workers: those would pickle the memmaps
+    (numpy pickles their whole contents) or copy the process, for one sequential read."""
+    pin = device.type == "cuda"
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lesskv-read") as reader:
+
+        def read(k: int) -> Future:
+            store, chunk = batches[k]
+            return reader.submit(store.gather, chunk, pin)
+
+        pending = read(0) if batches else None
+        for k, (store, _) in enumerate(batches):
+            host = pending.result()
+            if k + 1 < len(batches):
+                pending = read(k + 1)
+            yield store, on_device(host, device, non_blocking=pin)
 
 
 def split_windows(n: int, config: TrainConfig) -> tuple[list[int], list[int]]:
@@ -461,9 +597,8 @@ def train_layer(
         kernels.train()
         shuffled = [[t[j] for j in torch.randperm(len(t), generator=generator)] for _, t in splits]
         train = _batches(stores, shuffled, config.batch_size)
-        for k in torch.randperm(len(train), generator=generator).tolist():
-            store, chunk = train[k]
-            batch = store.read(chunk, o_proj.weight.device)
+        order = [train[k] for k in torch.randperm(len(train), generator=generator).tolist()]
+        for store, batch in loaded(order, o_proj.weight.device):
             loss = layer_loss(kernels, o_proj, batch, store.budget, kv)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -490,19 +625,27 @@ def train_kernels(
     progress: bool = True,
     worker: Worker | None = None,
     upstream: Sequence[nn.Module] | None = None,
+    store_budget: int | None = None,
 ) -> LessKernels | None:
     """Train (or finish training) kernels into ``out_dir``; returns them once all layers exist.
     ``windows``: ``(N, T)`` token windows, or one such tensor per window length; with
     ``upstream`` kernels every layer trains on the inputs it sees when all run LESS.
+    ``store_budget``: bytes of activations on disk at once (default: half the free space
+    there), which sizes the groups of layers collected together; it never changes the result.
 
     Under torchrun (``worker``), the missing layers are split across the ranks: rank 0 alone
     claims ``out_dir`` (which every rank must share), lists what is missing and, after all
-    ranks are done, assembles the checkpoint; the other ranks return ``None``.
+    ranks are done, assembles the checkpoint; the other ranks return ``None``. Each rank gets
+    an equal share of the store budget (their activations share ``out_dir``).
     """
     out = Path(out_dir)
     windows = [windows] if isinstance(windows, torch.Tensor) else list(windows)
     modules = attention_modules(attention.enable(model))
     requested = range(len(modules)) if layers is None else layers
+    processes = 1 if worker is None else worker.world_size
+    budget = (default_store_budget(out) if store_budget is None else store_budget) // processes
+    sizes = {layer: layer_store_bytes(model, layer, windows) for layer in requested}
+    check_store_budget(sizes, budget, processes)
 
     def plan() -> list[int]:
         claim_output_dir(out, config, overwrite, shared=True)
@@ -512,7 +655,8 @@ def train_kernels(
     mine = todo if worker is None else shard(todo, worker.rank, worker.world_size)
     lead = worker is None or worker.rank == 0
     meta = _kernel_meta(model, policy, config, command)
-    _train_layers(model, windows, policy, config, out, mine, meta, progress and lead, upstream)
+    groups = store_groups({layer: sizes[layer] for layer in mine}, budget)
+    _train_layers(model, windows, policy, config, out, groups, meta, progress and lead, upstream)
     if worker is not None:
         dist.barrier()
         lost = missing_layers(out, todo) if lead else []
@@ -530,42 +674,45 @@ def _train_layers(
     policy: Policy,
     config: TrainConfig,
     out: Path,
-    todo: list[int],
+    groups: list[list[int]],
     meta: KernelMeta,
     progress: bool,
     upstream: Sequence[nn.Module] | None,
 ) -> None:
-    """Collect activations for ``todo`` in one pass per window length, then train and save
-    each layer."""
+    """Group by group: collect the group's activations (one pass per window length), then
+    train and save each of its layers, deleting its activations once it is saved."""
+    todo = [layer for group in groups for layer in group]
     if not todo:
         return
     freeze(model)
     modules = attention_modules(model)
     shape = replace(meta.layer_shape, dropout=config.dropout)
     started = time.time()
-    by_length = [
-        collect_activations(
-            model,
-            group,
-            todo,
-            policy,
-            out / "activations",
-            config.rank,
-            progress,
-            set(split_windows(len(group), config)[0]),
-            upstream,
-        )
-        for group in windows
-    ]
-    bar = tqdm(todo, desc="training layers", unit="layer", disable=not progress)
-    for layer in bar:
-        stores = [stores[layer] for stores in by_length]
-        kernels, losses = train_layer(
-            stores, modules[layer].o_proj, shape, config, layer, bar.write
-        )
-        _save_layer(out, layer, kernels, losses)
-        for store in stores:
-            shutil.rmtree(store.dir, ignore_errors=True)
+    bar = tqdm(total=len(todo), desc="training layers", unit="layer", disable=not progress)
+    for group in groups:
+        by_length = [
+            collect_activations(
+                model,
+                length,
+                group,
+                policy,
+                out / "activations",
+                config.rank,
+                progress,
+                set(split_windows(len(length), config)[0]),
+                upstream,
+            )
+            for length in windows
+        ]
+        for layer in group:
+            stores = [stores[layer] for stores in by_length]
+            kernels, losses = train_layer(
+                stores, modules[layer].o_proj, shape, config, layer, bar.write
+            )
+            _save_layer(out, layer, kernels, losses)
+            for store in stores:
+                shutil.rmtree(store.dir, ignore_errors=True)
+            bar.update()
     bar.write(f"trained {len(todo)} layer(s) in {time.time() - started:.0f} s")
 
 
