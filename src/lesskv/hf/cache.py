@@ -48,8 +48,6 @@ from lesskv.hf.modules import (
     sliding_windows,
 )
 
-NEG_INF, POS_INF = float("-inf"), float("inf")
-
 
 class LessLayer(CacheLayerMixin):
     """One layer's slots and state; lesskv's attention function drives it
