@@ -12,7 +12,9 @@ import pytest
 def test_freed_block_tensors_leave_the_process():
     """The pattern of a teacher-forced layer, in a fresh process: a large tensor freed (glibc
     then serves mid-sized ones from its heap), then many block-sized tensors interleaved with
-    small long-lived ones and freed. Their pages stay mapped until released."""
+    small long-lived ones and freed. Their pages stay mapped until released (with this
+    machine's torch build; other builds allocate differently, and the pages may leave sooner:
+    either way none may remain after the release)."""
     script = textwrap.dedent(
         """
         import torch
@@ -24,16 +26,16 @@ def test_freed_block_tensors_leave_the_process():
 
         large = torch.ones(20 * 2**18)  # 20 MiB
         del large
+        before = rss_mib()
         blocks, small = [], []
         for _ in range(100):
             blocks.append(torch.ones(3 * 2**18))  # 3 MiB each
             small.append(torch.ones(16))
         del blocks
-        kept = rss_mib()
         release_freed_memory()
-        print(kept - rss_mib())
+        print(rss_mib() - before)
         """
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert float(done.stdout) > 200  # of the 300 MiB freed
+    assert float(done.stdout) < 30  # of the 300 MiB allocated and freed
