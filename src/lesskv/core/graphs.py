@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from lesskv.core.decoding import Evicted, LessState, SlotBuffers, compiled_layer_step
-from lesskv.core.policies import Policy, Slots
+from lesskv.core.decoding import Evicted, compiled_layer_step
 from lesskv.errors import LessKVError
 
 # One memory pool per device, shared by every layer's graph: layers replay one after another
@@ -44,32 +43,18 @@ class CapturedStep:
         self.inputs: tuple[torch.Tensor, ...] = ()
         self.outputs: tuple[torch.Tensor, torch.Tensor, Evicted] | None = None
 
-    def __call__(
-        self,
-        policy: Policy,
-        split: Slots,
-        window: int | None,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        slots: SlotBuffers,
-        scale: float,
-        less: LessState | None,
-        enabled: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor, Evicted]:
+    def __call__(self, *args, enabled: bool = True) -> tuple[torch.Tensor, torch.Tensor, Evicted]:
+        """``args``: :func:`~lesskv.core.decoding.layer_step`'s."""
+        _, _, _, query, key, value, slots, _, less = args
         persistent = (*slots, *(less[1:] if less is not None else ()))
         storage = tuple((t.data_ptr(), t.shape) for t in persistent) + tuple(
             (t.shape, t.stride(), t.dtype) for t in (query, key, value)
         )
-        head = policy, split, window
-        device = query.device
         if storage != self.storage:  # new buffers: one ordinary step first
             self.storage, self.graph, self.outputs = storage, None, None
-            args = (*head, query, key, value, slots, scale, less)
-            return self._warm(device, *args, enabled=enabled)
+            return self._warm(query.device, *args, enabled=enabled)
         if self.graph is None:
-            args = (*head, query, key, value, slots, scale, less)
-            self._capture(device, *args, enabled=enabled)
+            self._capture(query.device, *args, enabled=enabled)
         for static, fresh in zip(self.inputs, (query, key, value), strict=True):
             static.copy_(fresh)
         self.graph.replay()
