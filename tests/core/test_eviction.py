@@ -1,5 +1,6 @@
-"""The compiled eviction loop and its blocked attention against the reference: the policy's
-Python simulation over T x T logits, then a masked softmax. One matrix over every policy."""
+"""The eviction loops and their blocked attention against the reference: the policy's Python
+simulation over T x T logits, then a masked softmax. One matrix over every policy and every
+loop: numba's (the CPU), and the torch slot loop (any device) eager and compiled."""
 
 import pytest
 import torch
@@ -16,6 +17,16 @@ def inputs(b=2, hkv=2, g=3, t=80, d=16, seed=0):
     return q, key, value, d**-0.5
 
 
+@pytest.fixture(params=["numba", "torch", "torch-compiled"])
+def loop(request, monkeypatch):
+    """Which loop scores the rows: the torch loops run here by taking numba away."""
+    if request.param != "numba":
+        monkeypatch.setattr(eviction, "_KERNEL", None)
+    compiled = request.param == "torch-compiled"
+    monkeypatch.setattr(eviction, "_compiles", lambda device: compiled)
+    return request.param
+
+
 def reference(policy, slots, q, key, value, scale):
     t = key.shape[2]
     logits = math.causal_logits(q, key, scale) if policy.uses_attention else None
@@ -26,7 +37,9 @@ def reference(policy, slots, q, key, value, scale):
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
 @pytest.mark.parametrize(("t", "budget", "block"), [(80, 12, 2**22), (80, 12, 700), (33, 8, 1)])
-def test_steps_are_identical_and_outputs_equal_the_reference(name, t, budget, block, monkeypatch):
+def test_steps_are_identical_and_outputs_equal_the_reference(
+    name, t, budget, block, loop, monkeypatch
+):
     """Blocks of every size (one row at a time included) give the same steps and outputs."""
     monkeypatch.setattr(eviction, "BLOCK_ELEMENTS", block)
     policy = make_policy(name, budget)
@@ -50,6 +63,23 @@ def test_a_budget_covering_the_sequence_is_causal_attention(name):
     assert torch.allclose(out, full_out, atol=1e-5) and torch.allclose(lse, full_lse, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_16_bit_inputs_are_simulated_in_float32(name, loop):
+    """bf16 tensors (a GPU model's) take the blocked path: the reference's steps and outputs
+    on the same values in fp32, returned in fp32 (the caller casts)."""
+    policy = make_policy(name, 12)
+    slots = policy.slots(60)
+    q, key, value, scale = (t.bfloat16() if torch.is_tensor(t) else t for t in inputs(t=60))
+    assert eviction.fused_applies(policy, q, key, value)
+    out, lse, steps = eviction.policy_attention(policy, slots, q, key, value, scale)
+    ref_out, ref_lse, ref_steps = reference(
+        policy, slots, q.float(), key.float(), value.float(), scale
+    )
+    assert out.dtype == torch.float32
+    assert torch.equal(steps, ref_steps)
+    assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)
+
+
 def test_other_conditions_take_the_reference_path():
     policy = make_policy("h2o", 8)
     q, key, value, _ = inputs(t=16)
@@ -58,7 +88,7 @@ def test_other_conditions_take_the_reference_path():
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
-def test_gradients_equal_the_references(name, monkeypatch):
+def test_gradients_equal_the_references(name, loop, monkeypatch):
     """Training through the blocked form: the same gradients as autograd through the T x T
     reference, for a loss on the output and on the log-sum-exp (LESS's combination uses it)."""
     monkeypatch.setattr(eviction, "BLOCK_ROWS", 16)  # several blocks, each row sees few keys

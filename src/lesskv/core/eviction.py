@@ -8,18 +8,20 @@ largest tensors of a layer, plus ~T small ops. Here queries are taken a block of
 1. the block's logits ``(B, Hkv, G, rows, columns)``, one matmul per KV head, where the columns
    are the pairs the cache held when the block began (at most the budget) and the block's own
    tokens: a query never sees a pair evicted before its block;
-2. a compiled loop over the block's rows, per KV head, over the pairs the cache holds: token
-   ``i`` enters and, once the budget is full, the lowest-scoring eligible pair leaves (its step
-   is ``i``); row ``i``'s softmax over the kept pairs (and its log-sum-exp) is written, and the
-   policy's scores take those probabilities;
+2. a loop over the block's rows, per KV head, over the pairs the cache holds: token ``i``
+   enters and, once the budget is full, the lowest-scoring eligible pair leaves (its step is
+   ``i``); row ``i``'s softmax over the kept pairs (and its log-sum-exp) is written, and the
+   policy's scores take those probabilities. Position-only policies (Λ) know their steps in
+   closed form and need no loop: a block's softmax is one masked pass;
 3. the output, probabilities @ values: one matmul per KV head.
 
-So memory and matmuls are ``O(T x (budget + rows))`` and the loop ``O(T x budget)``. The
-eviction rule, the scoring rules and their order are those of
-:class:`~lesskv.core.policies.Policy` (``eligible``, ``update_scores``); tests hold the two to
-identical steps for every policy. numba compiles the loop; where the fused conditions do not
-hold (another device, 16-bit tensors, a sliding window, padding, no numba),
-:func:`fused_applies` says no and callers take the reference path.
+So memory and matmuls are ``O(T x (budget + rows))`` and the loop ``O(T x budget)``, on any
+device; the inputs may be 16-bit (the work is fp32). On the CPU numba compiles the loop, with
+the eviction rule and scoring rules of :class:`~lesskv.core.policies.Policy` (``eligible``,
+``update_scores``) written out; elsewhere the loop is the decoding cache's own slot eviction
+(:func:`~lesskv.core.decoding.priority`), one row at a time, compiled by torch. Tests hold
+both to identical steps for every policy. A sliding window, padding or float64 inputs take the
+reference path (:func:`fused_applies` says no).
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lesskv.core import math
+from lesskv.core.decoding import Compiled, compile_by_default, priority
 from lesskv.core.policies import H2O, TOVA, Policy, Slots
 
-try:  # numba compiles the loop; without it callers take the reference path
+try:  # numba compiles the CPU loop; without it the torch loop runs there too
     from numba import njit, prange
 except ImportError:  # pragma: no cover - numba is a dependency; a platform may lack wheels
     njit, prange = None, range
@@ -40,18 +44,17 @@ except ImportError:  # pragma: no cover - numba is a dependency; a platform may 
 BLOCK_ROWS = 128
 BLOCK_ELEMENTS = 2**22
 # How each policy's scores take a row's probabilities in the compiled loop (its update_scores):
-# 1 accumulate (H2O), 2 the latest row's (TOVA); position-only policies (0) give their steps.
+# 1 accumulate (H2O), 2 the latest row's (TOVA). Position-only policies give their steps.
 RULES: dict[type[Policy], int] = {H2O: 1, TOVA: 2}
 
 
 def fused_applies(policy: Policy, *tensors: torch.Tensor, window: int | None = None) -> bool:
-    """Whether :func:`policy_attention` serves this call: float32 on the CPU, no sliding
-    window, a policy whose rule the compiled loop knows, numba installed."""
+    """Whether :func:`policy_attention` serves this call: no sliding window, 32- or 16-bit
+    floats, and a policy that scores by a rule the loops know or by position alone."""
     return (
         window is None
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and all(t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in tensors)
         and (type(policy) in RULES or not policy.uses_attention)
-        and njit is not None
     )
 
 
@@ -86,39 +89,182 @@ def _simulate(
     value: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Blocks]:
-    """:func:`policy_attention`'s forward pass, and each block's key positions."""
+    """:func:`policy_attention`'s forward pass (fp32 whatever the inputs' dtype), and each
+    block's key positions."""
     b, hkv, g, t, d = q.shape
-    n = b * hkv
+    n, device = b * hkv, q.device
     rule = RULES.get(type(policy), 0)
     if rule:
-        steps = torch.full((n, t), t, dtype=torch.long)
-    else:  # position-only: the closed form
-        steps = policy.eviction_steps(None, slots, t).expand(b, hkv, t).reshape(n, t).clone()
-    # The cache's positions, oldest first, their scores and their columns in the current
-    # block: (N, budget + the entering token). Every head holds min(i, budget) at step i.
-    held = torch.empty(n, slots.total + 1, dtype=torch.long)
-    held_scores = torch.empty(n, slots.total + 1, dtype=torch.float32)
-    held_cols = torch.empty(n, slots.total + 1, dtype=torch.long)
-    lse = torch.empty(n, g, t, dtype=torch.float32)
-    out = torch.empty(n, g, t, d, dtype=torch.float32)
-    q_scaled = (q * scale).reshape(n, g, t, d)
-    keys, values = key.reshape(n, t, d), value.reshape(n, t, d)
-    first, recent = policy.eligible(0, slots)[0], slots.recent
+        steps = torch.full((n, t), t, dtype=torch.long, device=device)
+        if _numba_serves(device):
+            loop = _NumbaLoop(policy, n, slots)
+        else:
+            loop = _TorchLoop(policy, b, hkv, t, slots, device)
+    else:  # position-only: the closed form, and each block's keep-mask from it
+        steps = policy.eviction_steps(None, slots, t, device=device)
+        steps = steps.expand(b, hkv, t).reshape(n, t).clone()
+        loop = _GivenSteps(steps, slots.total)
+    lse = torch.empty(n, g, t, dtype=torch.float32, device=device)
+    out = torch.empty(n, g, t, d, dtype=torch.float32, device=device)
+    q_scaled = (q.float() * scale).reshape(n, g, t, d)
+    keys, values = key.float().reshape(n, t, d), value.float().reshape(n, t, d)
     blocks = []
     for start, end in _row_blocks(n * g, t, slots.total):
         # A block's queries see only what the cache held when it began and the block itself.
-        count = min(start, slots.total)
-        columns = torch.cat([held[:, :count], torch.arange(start, end).expand(n, -1)], 1)
+        block = torch.arange(start, end, device=device).expand(n, -1)
+        columns = torch.cat([loop.held(start), block], 1)
         blocks.append((start, end, columns))
         _, block_q, block_k, block_v = _block(q_scaled, keys, values, start, end, columns)
         logits = torch.bmm(block_q, block_k.mT).view(n, g, end - start, -1)
-        probs = torch.zeros_like(logits)
-        arrays = (logits, probs, steps, held, held_scores, held_cols, lse)
-        _KERNEL(*(a.numpy() for a in arrays), start, count, slots.total, first, recent, rule)
+        probs = loop.weigh(logits, steps, lse, start, columns)
         rows_out = torch.bmm(probs.view(n, g * (end - start), -1), block_v)
         out[:, :, start:end] = rows_out.view(n, g, end - start, d)
     shaped = out.view(b, hkv, g, t, d), lse.view(b, hkv, g, t, 1), steps.view(b, hkv, t)
     return *shaped, blocks
+
+
+def _numba_serves(device: torch.device) -> bool:
+    """The compiled CPU loop runs where it can; elsewhere (a GPU) the torch loop does."""
+    return device.type == "cpu" and _KERNEL is not None
+
+
+def _kept(columns: torch.Tensor, steps: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Which of a block's ``columns`` each of its queries sees, ``(N, 1, rows, columns)``:
+    key j is visible to query i iff ``j <= i < steps[j]``."""
+    query = torch.arange(start, end, device=columns.device).view(1, 1, -1, 1)
+    step = steps.gather(1, columns)[:, None, None]
+    return (columns[:, None, None] <= query) & (step > query)
+
+
+class _GivenSteps:
+    """Position-only policies: the steps are known, so a block's softmax is one masked pass."""
+
+    def __init__(self, steps: torch.Tensor, total: int) -> None:
+        self.steps, self.total = steps, total
+
+    def held(self, start: int) -> torch.Tensor:
+        """The positions kept when token ``start`` arrives, oldest first ``(N, min(start,
+        total))``: every head holds as many."""
+        kept = self.steps[:, :start] >= start
+        positions = torch.arange(start, device=kept.device).expand_as(kept)
+        return positions[kept].view(kept.shape[0], -1)
+
+    def weigh(self, logits, steps, lse, start, columns) -> torch.Tensor:
+        end = start + logits.shape[2]
+        probs, block_lse = math.masked_softmax(logits, _kept(columns, steps, start, end))
+        lse[:, :, start:end] = block_lse.squeeze(-1)
+        return probs
+
+
+class _NumbaLoop:
+    """Scoring policies on the CPU, in the compiled loop: the cache's positions, oldest
+    first, their scores and their columns in the current block, ``(N, budget + the entering
+    token)``."""
+
+    def __init__(self, policy: Policy, n: int, slots: Slots) -> None:
+        self.rule, self.total = RULES[type(policy)], slots.total
+        self.first, self.recent = policy.eligible(0, slots)[0], slots.recent
+        self.positions = torch.empty(n, slots.total + 1, dtype=torch.long)
+        self.scores = torch.empty(n, slots.total + 1, dtype=torch.float32)
+        self.cols = torch.empty(n, slots.total + 1, dtype=torch.long)
+
+    def held(self, start: int) -> torch.Tensor:
+        return self.positions[:, : min(start, self.total)]
+
+    def weigh(self, logits, steps, lse, start, columns) -> torch.Tensor:
+        probs = torch.zeros_like(logits)
+        arrays = (logits, probs, steps, self.positions, self.scores, self.cols, lse)
+        count, total = min(start, self.total), self.total
+        _KERNEL(
+            *(a.numpy() for a in arrays), start, count, total, self.first, self.recent, self.rule
+        )
+        return probs
+
+
+class _TorchLoop:
+    """Scoring policies on any device: the decoding cache's own eviction (slots,
+    :func:`~lesskv.core.decoding.priority`, the policy's ``update_scores``) driven one row at
+    a time over the block's logits. Slots fill in order, so when a block begins its first
+    ``min(start, budget)`` slots are the cache's content and their columns."""
+
+    def __init__(self, policy: Policy, b: int, hkv: int, t: int, slots: Slots, device) -> None:
+        self.policy, self.split = policy, slots
+        shape = (b, hkv, slots.total)
+        self.positions = torch.full(shape, -1, dtype=torch.long, device=device)
+        self.scores = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.valid = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.cols = torch.zeros(shape, dtype=torch.long, device=device)
+        self.tokens = torch.arange(t, device=device)
+        self.compiled = _compiles(torch.device(device))
+
+    def held(self, start: int) -> torch.Tensor:
+        count = min(start, self.split.total)
+        return self.positions[..., :count].flatten(0, 1)
+
+    def weigh(self, logits, steps, lse, start, columns) -> torch.Tensor:
+        b, hkv, total = self.positions.shape
+        n, g, rows, width = logits.shape
+        # held pairs: their order among the block's columns; empty slots: column 0, unread
+        self.cols.copy_(torch.arange(total, device=logits.device) * self.valid)
+        logits = logits.view(b, hkv, g, rows, width)
+        probs = torch.zeros_like(logits)
+        steps, lse = steps.view(b, hkv, -1), lse.view(b, hkv, g, -1)
+        buffers = (self.positions, self.scores, self.valid, self.cols)
+        first_column = columns.shape[1] - rows
+        for r in range(rows):
+            i = start + r
+            row = (logits[..., r, :], probs[..., r, :], lse[..., i], steps)
+            newest = self.tokens[i].expand(b)
+            column = self.tokens[first_column + r]
+            _row_step(
+                self.policy, self.split, *row, *buffers, newest, column, enabled=self.compiled
+            )
+        return probs.view(n, g, rows, width)
+
+
+def _compiles(device: torch.device) -> bool:
+    """The row loop is compiled on accelerators, where each eager op is a kernel launch; on
+    the CPU it runs only without numba, eager."""
+    return device.type != "cpu" and compile_by_default()
+
+
+def _evict_row(
+    policy: Policy,
+    split: Slots,
+    logits: torch.Tensor,
+    probs: torch.Tensor,
+    lse: torch.Tensor,
+    steps: torch.Tensor,
+    positions: torch.Tensor,
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    cols: torch.Tensor,
+    newest: torch.Tensor,
+    column: torch.Tensor,
+) -> None:
+    """One row of :class:`_TorchLoop`, in place: token ``newest`` ``(B,)`` takes the slot the
+    policy evicts (its pair's step becomes ``newest``) and ``column`` in the block; its query
+    rows ``logits`` ``(B, Hkv, G, columns)`` are softmaxed over the slots into ``probs`` and
+    ``lse`` ``(B, Hkv, G)``, and the policy's scores take those probabilities."""
+    order = priority(policy, split, scores, positions, valid, newest)
+    slot = order.argmin(-1, keepdim=True)
+    left = positions.gather(-1, slot).clamp(min=0)
+    now = newest.view(-1, 1, 1).expand_as(slot)
+    steps.scatter_(-1, left, torch.where(valid.gather(-1, slot), now, steps.gather(-1, left)))
+    positions.scatter_(-1, slot, now)
+    scores.scatter_(-1, slot, 0.0)
+    valid.scatter_(-1, slot, True)
+    cols.scatter_(-1, slot, column.expand_as(slot))
+    index = cols.unsqueeze(2).expand(-1, -1, logits.shape[2], -1)
+    row_probs, row_lse = math.masked_softmax(logits.gather(-1, index), valid.unsqueeze(2))
+    probs.scatter_add_(-1, index, row_probs)
+    lse.copy_(row_lse.squeeze(-1))
+    updated = policy.update_scores(scores, row_probs.unsqueeze(-2))
+    if updated is not scores:  # TOVA returns new scores
+        scores.copy_(updated)
+
+
+_row_step = Compiled(_evict_row)
 
 
 def _row_blocks(heads: int, t: int, budget: int) -> list[tuple[int, int]]:
@@ -172,9 +318,7 @@ class _Differentiable(torch.autograd.Function):
         for start, end, columns in ctx.blocks:
             rows = end - start
             index, block_q, block_k, block_v = _block(q_scaled, keys, values, start, end, columns)
-            query = torch.arange(start, end).view(1, 1, rows, 1)
-            step = steps.gather(1, columns)[:, None, None]
-            kept = (columns[:, None, None] <= query) & (step > query)  # (N, 1, rows, columns)
+            kept = _kept(columns, steps, start, end)
             logits = torch.bmm(block_q, block_k.mT).view(n, g, rows, -1)
             probs = (logits - lse[:, :, start:end, None]).exp_().masked_fill_(~kept, 0.0)
             grad_out = d_out[:, :, start:end].reshape(n, g * rows, d)
@@ -210,8 +354,8 @@ def _evict_and_weigh(
     ``count`` positions the cache held at the block's start (``held[:, :count]``, oldest
     first), then the block's own tokens. ``steps: (N, T)``; ``held``, ``held_scores``,
     ``held_cols: (N, total + 1)``: the cache's positions, their scores and their columns;
-    ``lse: (N, G, T)``. ``rule``: 0 the steps are given (position-only policies), 1 H2O
-    (scores accumulate every row's probabilities), 2 TOVA (scores are the latest row's).
+    ``lse: (N, G, T)``. ``rule``: 1 H2O (scores accumulate every row's probabilities), 2 TOVA
+    (scores are the latest row's).
     Writes each row's probabilities at its held keys' columns of ``probs`` (the rest stays 0)
     and its log-sum-exp."""
     n_heads, groups, rows, _ = logits.shape
@@ -224,15 +368,7 @@ def _evict_and_weigh(
             i = start + r
             held[n, size], held_scores[n, size], held_cols[n, size] = i, 0.0, count + r
             size += 1  # token i entered
-            if rule == 0:  # drop what the given steps evict now
-                kept = 0
-                for a in range(size):
-                    if steps[n, held[n, a]] > i:
-                        held[n, kept], held_scores[n, kept] = held[n, a], held_scores[n, a]
-                        held_cols[n, kept] = held_cols[n, a]
-                        kept += 1
-                size = kept
-            elif size > total:  # a full cache: the lowest score in the eligible range leaves
+            if size > total:  # a full cache: the lowest score in the eligible range leaves
                 last, victim, lowest = i - recent, -1, np.inf
                 for a in range(size):
                     j = held[n, a]
