@@ -4,6 +4,7 @@ loop: numba's (the CPU), and the torch slot loop (any device) eager and compiled
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lesskv.core import eviction, math
 from lesskv.core.policies import POLICIES, keep_mask_from_steps, make_policy
@@ -105,3 +106,32 @@ def test_gradients_equal_the_references(name, loop, monkeypatch):
         grads.append((q.grad, key.grad, value.grad))
     for fused, expected in zip(*grads, strict=True):
         assert torch.allclose(fused, expected, atol=1e-4), (fused - expected).abs().max()
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements any operation returned while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.most = max(self.most, tensor.numel())
+        return out
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_no_tensor_grows_with_the_square_of_the_sequence(name, loop, monkeypatch):
+    """The point of the blocked form: at 1024 tokens and a 64-token budget, no tensor holds
+    even a quarter of one head's ``T x T`` logits (the reference builds ``G x T x T``)."""
+    if loop == "torch-compiled":
+        pytest.skip("compiled code allocates inside its kernels, out of the mode's sight")
+    monkeypatch.setattr(eviction, "BLOCK_ROWS", 32)
+    policy = make_policy(name, 64)
+    q, key, value, scale = inputs(b=1, hkv=1, g=2, t=1024, d=8)
+    with LargestTensor() as largest:
+        eviction.policy_attention(policy, policy.slots(1024), q, key, value, scale)
+    assert largest.most < 1024 * 1024 // 4, largest.most
