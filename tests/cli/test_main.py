@@ -26,6 +26,8 @@ COMMAND_MODULES = {
     ("eval", "summarize"): eval_summarize,
     ("eval", "tasks"): eval_tasks,
     ("analyze", "residual"): analyze,
+    ("analyze", "oracle"): analyze,
+    ("analyze", "layers"): analyze,
     ("analyze", "attention"): analyze,
     ("generate",): generate,
     ("bench",): bench,

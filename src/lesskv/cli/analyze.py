@@ -1,5 +1,11 @@
-"""``lesskv analyze``: the paper's figures, residual spectrum (Fig. 3) and attention maps
-(Fig. 1), each written as a PNG plus the JSON it was drawn from."""
+"""``lesskv analyze``: the paper's figures, residual spectrum (Fig. 3), the rank-r residual
+oracle's perplexity (Fig. 3, right) and attention maps (Fig. 1), each written as a PNG plus the
+JSON it was drawn from.
+
+The oracle is its own subcommand rather than an option of ``residual``: it measures perplexity
+(whole forward passes, one per rank, next to full/Baseline/Baseline+/LESS) where ``residual``
+measures spectra of one full-attention pass, and it takes other options (``--kernels``,
+``--batch-size``) and writes other files."""
 
 from __future__ import annotations
 
@@ -21,9 +27,11 @@ from lesskv.errors import LessKVError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register the ``analyze`` group with its ``residual`` and ``attention`` subcommands."""
+    """Register the ``analyze`` group with its ``residual``, ``oracle`` and ``attention``
+    subcommands."""
     analyses = subparsers.add_parser(
-        "analyze", help="figures: residual spectrum (paper Fig. 3), attention maps (Fig. 1)"
+        "analyze",
+        help="figures: residual spectrum and rank-r oracle (paper Fig. 3), attention maps (Fig. 1)",
     ).add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
     residual = analyses.add_parser(
         "residual",
@@ -41,6 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     residual.add_argument("--windows", type=int, default=2, help="windows averaged")
     residual.add_argument("--out", type=Path, required=True, help="output folder")
     residual.set_defaults(run=run)
+    add_oracle_parser(analyses)
+    add_layers_parser(analyses)
     attention = analyses.add_parser(
         "attention",
         help="attention maps of full, sparse and LESS-effective attention for one head",
@@ -61,10 +71,70 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     attention.set_defaults(run=run)
 
 
+def add_oracle_parser(analyses: argparse._SubParsersAction) -> None:
+    """``analyze oracle``: the data options of ``residual``, plus ranks and kernels."""
+    oracle = analyses.add_parser(
+        "oracle",
+        help="perplexity when every layer adds the rank-r part of its full-minus-sparse residual",
+        description="Teacher-forced perplexity on --windows windows when every layer's attention "
+        "output is the sparse policy's plus the rank-r truncated SVD of (full - sparse), per "
+        "batch row and query head over the window: the best any rank-r correction could do. "
+        "Reference lines: full, baseline, baseline+ and, with kernels (--kernels, or the shipped "
+        "ones for the default model), less. Writes oracle.png and oracle.json to --out.",
+    )
+    add_model_args(oracle)
+    add_dtype_arg(oracle)
+    add_data_args(oracle)
+    add_policy_args(oracle, budget="0.1")
+    oracle.add_argument("--seq-len", type=int, default=512, help="window length in tokens")
+    oracle.add_argument("--windows", type=int, default=2, help="windows scored")
+    oracle.add_argument(
+        "--ranks",
+        default="0,1,2,4,8,16",
+        help="comma-separated oracle ranks, 0 (the plain policy) to the head dimension (full "
+        "attention); default 0,1,2,4,8,16",
+    )
+    add_kernels_arg(oracle)
+    oracle.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    oracle.add_argument("--out", type=Path, required=True, help="output folder")
+    oracle.set_defaults(run=run)
+
+
+def add_layers_parser(analyses: argparse._SubParsersAction) -> None:
+    """``analyze layers``: where LESS loses, layer by layer."""
+    layers = analyses.add_parser(
+        "layers",
+        help="per layer: the share of the sparse error LESS removes beside a rank-r oracle, "
+        "and LESS in one layer / from one layer on, end to end",
+        description="On --windows windows read by a full-attention pass: per layer, the error "
+        "||O_full - O_sparse||^2 of the plain policy and the share of it that Baseline+, LESS "
+        "and the rank --oracle-rank oracle remove. Then the mean NLL with LESS in one layer "
+        "only, and in that layer and every later one (the plain policy elsewhere), every "
+        "--layer-step layers. Writes layers.png and layers.json to --out.",
+    )
+    add_model_args(layers)
+    add_dtype_arg(layers)
+    add_data_args(layers)
+    add_policy_args(layers, budget="0.1")
+    layers.add_argument("--seq-len", type=int, default=1024, help="window length in tokens")
+    layers.add_argument("--windows", type=int, default=4, help="windows scored")
+    layers.add_argument("--oracle-rank", type=int, default=8, help="rank of the oracle compared")
+    layers.add_argument(
+        "--layer-step", type=int, default=1, help="end-to-end rows every this many layers"
+    )
+    add_kernels_arg(layers)
+    layers.add_argument("--out", type=Path, required=True, help="output folder")
+    layers.set_defaults(run=run)
+
+
 def run(args: argparse.Namespace) -> None:
     """Run the analysis named on the command line."""
     if args.analysis == "residual":
         run_residual(args)
+    elif args.analysis == "oracle":
+        run_oracle(args)
+    elif args.analysis == "layers":
+        run_layers(args)
     else:
         run_attention(args)
 
@@ -88,6 +158,90 @@ def run_residual(args: argparse.Namespace) -> None:
     report = residual_energy(model, windows, policy, model_name=args.model)
     json_path, png_path = report.save(args.out), plot_residual_energy(report, args.out)
     print_table(report.layer_rows(), ["layer", *report.columns()])
+    print(f"written: {png_path}, {json_path}")
+
+
+def parse_ranks(text: str) -> list[int]:
+    """``--ranks 0,1,8`` → ``[0, 1, 8]`` (sorted, once each); the head dimension bounds them
+    once the model is loaded."""
+    try:
+        ranks = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise LessKVError(f"--ranks {text!r}: not a comma-separated list of integers") from None
+    if min(ranks) < 0:
+        raise LessKVError(f"--ranks {text!r}: a rank must be >= 0")
+    return sorted(set(ranks))
+
+
+def run_oracle(args: argparse.Namespace) -> None:
+    """Score the references and every rank; without usable kernels the LESS line is left out,
+    not fatal (unless --kernels was asked for explicitly)."""
+    from lesskv.analysis.oracle import check_ranks, oracle_perplexity, plot_oracle
+    from lesskv.core.policies import make_policy
+    from lesskv.data import load_texts, token_windows
+    from lesskv.hf.loading import load_model
+    from lesskv.hf.modules import check_fits
+
+    ranks = parse_ranks(args.ranks)
+    policy = make_policy(args.policy, args.budget)
+    policy.slots(args.seq_len)
+    if args.windows < 1 or args.batch_size < 1:
+        raise LessKVError("--windows and --batch-size must be >= 1")
+    texts = load_texts(args.data, field=args.field)
+    model, tokenizer = load_model(args.model, dtype=model_dtype(args))
+    check_fits(model, args.seq_len, "--seq-len windows")
+    check_ranks(ranks, model)
+    kernels = None
+    try:
+        kernels = list(load_kernels(args.kernels, args.model, model, policy, args.seq_len).layers)
+    except LessKVError as err:
+        if args.kernels is not None:
+            raise
+        print(f"no LESS line: {err}", file=sys.stderr)
+    windows = token_windows(tokenizer, texts, args.seq_len, max_windows=args.windows)
+    report = oracle_perplexity(
+        model, windows, policy, ranks, kernels, args.batch_size, model_name=args.model
+    )
+    json_path, png_path = report.save(args.out), plot_oracle(report, args.out)
+    print_table(report.rows(), ["method", "rank", "ppl", "nll", "gap_closed"])
+    print(f"written: {png_path}, {json_path}")
+
+
+def run_layers(args: argparse.Namespace) -> None:
+    """Score the reference methods, then diagnose every layer against them."""
+    from lesskv.analysis.layers import diagnose_layers, plot_layers
+    from lesskv.analysis.oracle import check_ranks
+    from lesskv.core.policies import make_policy
+    from lesskv.data import load_texts, token_windows
+    from lesskv.evaluation.perplexity import evaluate_perplexity
+    from lesskv.hf.loading import load_model
+    from lesskv.hf.modules import check_fits
+
+    policy = make_policy(args.policy, args.budget)
+    policy.slots(args.seq_len)
+    if min(args.windows, args.oracle_rank, args.layer_step) < 1:
+        raise LessKVError("--windows, --oracle-rank and --layer-step must be >= 1")
+    texts = load_texts(args.data, field=args.field)
+    model, tokenizer = load_model(args.model, dtype=model_dtype(args))
+    check_fits(model, args.seq_len, "--seq-len windows")
+    check_ranks([args.oracle_rank], model)
+    kernels = list(load_kernels(args.kernels, args.model, model, policy, args.seq_len).layers)
+    windows = token_windows(tokenizer, texts, args.seq_len, max_windows=args.windows)
+    methods = ["full", "baseline", "baseline+", "less"]
+    scored = evaluate_perplexity(model, windows, methods, policy, kernels)
+    reference = {row.method: row.nll for row in scored}
+    report = diagnose_layers(
+        model,
+        windows,
+        policy,
+        kernels,
+        reference,
+        args.layer_step,
+        args.oracle_rank,
+        model_name=args.model,
+    )
+    json_path, png_path = report.save(args.out), plot_layers(report, args.out)
+    print_table(report.rows(), list(report.rows()[0]))
     print(f"written: {png_path}, {json_path}")
 
 

@@ -55,6 +55,19 @@ def window_nll(model: PreTrainedModel, ids: torch.Tensor) -> float:
     ).item()
 
 
+def mean_nll(
+    model: PreTrainedModel, windows: torch.Tensor, batch_size: int = 1, bar: tqdm | None = None
+) -> float:
+    """Mean next-token NLL over ``windows`` ``(N, T)`` with whatever attention the model is set
+    to (a method, or any layer setups): every row of the tables shares this loop."""
+    nll = 0.0
+    for batch in windows.split(batch_size):
+        nll += window_nll(model, batch.to(model.device))
+        if bar is not None:
+            bar.update(len(batch))
+    return nll / (windows.shape[0] * (windows.shape[1] - 1))
+
+
 def evaluate_perplexity(
     model: PreTrainedModel,
     windows: torch.Tensor,
@@ -68,17 +81,13 @@ def evaluate_perplexity(
     """Perplexity per method over the same ``windows`` ``(N, T)``; the model ends in full mode."""
     n, seq_len = windows.shape
     head_dim = attention_modules(model)[0].head_dim
-    batches = windows.split(batch_size)
     results = []
     bar = tqdm(total=len(methods) * n, desc="perplexity", unit="win", disable=not progress)
     try:
         for method in methods:
             set_method(model, method, policy=policy, kernels=kernels, rank=rank)
             bar.set_postfix(method=method)
-            nll = 0.0
-            for batch in batches:
-                nll += window_nll(model, batch.to(model.device))
-                bar.update(len(batch))
+            nll = mean_nll(model, windows, batch_size, bar)
             tokens = n * (seq_len - 1)
             kept = kept_tokens(method, policy, seq_len, head_dim, rank)
             pair_bytes = 2 * head_dim * model.dtype.itemsize
@@ -89,8 +98,8 @@ def evaluate_perplexity(
                     budget=str(policy.budget) if policy is not None and method != "full" else "",
                     budget_tokens=kept,
                     head_bytes=kept * pair_bytes + state_bytes(method, rank, head_dim),
-                    ppl=math.exp(nll / tokens),
-                    nll=nll / tokens,
+                    ppl=math.exp(nll),
+                    nll=nll,
                     tokens=tokens,
                     windows=n,
                     seq_len=seq_len,

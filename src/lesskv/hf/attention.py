@@ -59,6 +59,9 @@ class LayerSetup:
     merge_slots: int = 0
     # Sees (module, query, key, value) on every call: how training records post-RoPE states.
     observer: Observer | None = None
+    # Analysis only (the oracle of the paper's Fig. 3, right): the sparse output plus the best
+    # rank-r approximation of full minus sparse output; no cache can hold this.
+    oracle_rank: int | None = None
 
 
 FULL = LayerSetup()
@@ -188,6 +191,9 @@ def less_attention(
             "scores whole sequences): generate with a LessCache(...) to evict for real"
         )
     out = _sparse_parallel(setup, slots, query, key, value, attention_mask, scale, kwargs)
+    if setup.oracle_rank is not None:
+        full = (query, key, value, attention_mask, scale)
+        out = _oracle(module, setup.oracle_rank, out, full, kwargs)
     if key.device.type == "cpu":  # the layer's block tensors leave no pages behind
         release_freed_memory()
     return _heads_last(out)
@@ -224,6 +230,15 @@ def _sparse_parallel(
         return math.join_attention(out.float(), lse.float(), *slots).to(out.dtype)
     phi_q, psi_k, decay = kernels.phi(q), kernels.psi(key), kernels.decay_rate()
     return math.less_parallel(out, lse, phi_q, psi_k, value, entering, decay)
+
+
+def layer_output(
+    setup: LayerSetup, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """What a layer given ``setup`` outputs for one unpadded sequence, grouped ``(B, Hkv, G,
+    T, D)``: for analyses that read a layer's real inputs (its policy must evict)."""
+    slots = setup.policy.slots(key.shape[2], setup.extra_tokens)
+    return _sparse_parallel(setup, slots, query, key, value, None, scale, {})
 
 
 def _masked_parallel(
@@ -386,6 +401,32 @@ def _chunk_visibility(
             attention_mask = attention_mask == 0
         own = attention_mask[..., -q_len:].unsqueeze(2).expand(-1, slots.shape[1], -1, -1, -1)
     return torch.cat([slots, own], -1)
+
+
+def _oracle(
+    module: nn.Module,
+    rank: int,
+    sparse: torch.Tensor,
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float],
+    kwargs: dict,
+) -> torch.Tensor:
+    """``sparse + truncated(full - sparse, rank)`` per batch row and query head over the
+    sequence's ``T x D`` outputs, grouped ``(B, Hkv, G, T, D)``. Full attention is what the
+    ``full`` method runs (transformers' sdpa, same mask and window), on this layer's inputs;
+    padding queries are left out of the residual, so they cannot bend its singular vectors."""
+    if rank == 0:  # nothing added: skip full attention and the SVD
+        return sparse
+    query, key, value, attention_mask, scale = inputs
+    full, _ = sdpa_attention_forward(
+        module, query, key, value, attention_mask, scaling=scale, **kwargs
+    )
+    t = sparse.shape[3]
+    residual = full.transpose(1, 2).reshape(sparse.shape).float() - sparse.float()
+    if attention_mask is not None:  # a padding query cannot see its own key
+        own = attention_mask.diagonal(dim1=-2, dim2=-1)
+        real = own if own.dtype == torch.bool else own == 0
+        residual = residual * real.reshape(-1, 1, 1, t, 1)
+    return (sparse.float() + math.truncated(residual, rank)).to(sparse.dtype)
 
 
 def _heads_last(out: torch.Tensor) -> tuple[torch.Tensor, None]:

@@ -1,0 +1,113 @@
+"""Where LESS loses, per layer: the shares of the sparse error removed (against errors
+computed by hand from the layer's inputs) and the end-to-end rows (against whole-model runs
+of the same methods)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from helpers import WORDS, kernel_set, make_tiny_model, prompt, save_tiny
+from lesskv.analysis.layers import diagnose_layers, end_to_end, plot_layers, sparse_error_shares
+from lesskv.cli import main
+from lesskv.core import math as attention_math
+from lesskv.core.policies import make_policy
+from lesskv.errors import LessKVError
+from lesskv.evaluation.perplexity import mean_nll
+from lesskv.hf.methods import observing, using_method
+from lesskv.hf.modules import attention_modules, attention_scale
+
+
+@pytest.fixture
+def setting():
+    model = make_tiny_model("llama-gqa")
+    policy = make_policy("h2o", 8)
+    kernels = list(kernel_set(model).layers)
+    return model, policy, kernels, prompt(32, batch=2)
+
+
+def test_shares_are_what_the_layer_outputs_say(setting):
+    """Layer 0's inputs are the same under every method: its shares, recomputed by hand."""
+    model, policy, kernels, windows = setting
+    sparse, removed = sparse_error_shares(model, windows, policy, kernels, progress=False)
+    seen = []
+    with observing(model, lambda m, q, k, v: seen.append((m, q, k, v)), layers=[0]):
+        for window in windows:
+            model(window[None])
+    errors = {"baseline": 0.0, "less": 0.0, "oracle": 0.0}
+    for module, query, key, value in seen:
+        q = attention_math.group_queries(query, key.shape[1])
+        scale = attention_scale(module)
+        full = attention_math.sparse_output(q, key, value, torch.ones(32, 32).tril().bool(), scale)
+        steps = policy.eviction_steps(
+            attention_math.causal_logits(q, key, scale), policy.slots(32), 32
+        )
+        keep = (torch.arange(32)[None, :] <= torch.arange(32)[:, None]) & (
+            torch.arange(32)[:, None] < steps[..., None, :]
+        )
+        out, lse = attention_math.sparse_attention(q, key, value, keep[:, :, None], scale)
+        k = kernels[0]
+        less = attention_math.less_parallel(
+            out, lse, k.phi(q), k.psi(key), value, steps, k.decay_rate()
+        )
+        residual = (full - out).reshape(1, -1, 32, full.shape[-1])
+        errors["baseline"] += residual.square().sum().item()
+        errors["less"] += (full - less).square().sum().item()
+        rest = residual - attention_math.truncated(residual, 8)
+        errors["oracle"] += rest.square().sum().item()
+    assert sparse[0] == pytest.approx(errors["baseline"], rel=1e-4)
+    for name in ("less", "oracle"):
+        assert removed[name][0] == pytest.approx(1 - errors[name] / errors["baseline"], abs=1e-4)
+    assert all(0 <= share <= 1 for share in removed["oracle"])  # the best rank-8 term
+    assert len(sparse) == len(attention_modules(model))
+
+
+def test_end_to_end_rows_are_whole_model_runs(setting):
+    """LESS from layer 0 on is LESS everywhere; from the last layer on is LESS in it alone."""
+    model, policy, kernels, windows = setting
+    last = len(kernels) - 1
+    only, after = end_to_end(model, windows, policy, kernels, [0, last], progress=False)
+    with using_method(model, "less", policy=policy, kernels=kernels), torch.no_grad():
+        everywhere = mean_nll(model, windows)
+    assert after[0] == pytest.approx(everywhere, abs=1e-6)
+    assert only[1] == pytest.approx(after[1], abs=1e-6)
+
+
+def test_report_rows_figure_and_refusal(setting, tmp_path):
+    model, policy, kernels, windows = setting
+    reference = {"full": 1.0, "baseline": 1.5, "baseline+": 1.4, "less": 1.3}
+    report = diagnose_layers(
+        model, windows, policy, kernels, reference, layer_step=2, progress=False
+    )
+    rows = report.rows()
+    assert [row["layer"] for row in rows] == list(range(len(kernels)))
+    assert math.isnan(rows[1]["less_only_dnll"]) and not math.isnan(rows[0]["less_only_dnll"])
+    assert plot_layers(report, tmp_path).stat().st_size > 0
+    assert report.save(tmp_path).exists()
+    with pytest.raises(LessKVError, match="nothing is evicted"):
+        diagnose_layers(model, windows, make_policy("h2o", 64), kernels, reference, progress=False)
+
+
+def test_cli_writes_the_diagnosis_and_refuses_bad_numbers(tmp_path, capsys):
+    model = save_tiny(tmp_path / "model")
+    kernel_set(model).save_pretrained(tmp_path / "kernels")
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(WORDS[2 + i % 8] for i in range(400)))
+    out = tmp_path / "layers"
+    args = ["analyze", "layers", "--model", str(tmp_path / "model"), "--data", str(text)]
+    args += ["--budget", "8", "--seq-len", "32", "--windows", "2", "--out", str(out)]
+    args += ["--kernels", str(tmp_path / "kernels")]
+    for bad, words in (
+        (["--oracle-rank", "17"], "between 0 and the head dimension 16, got 17"),
+        (["--layer-step", "0"], "must be >= 1"),
+    ):
+        capsys.readouterr()
+        assert main([*args, *bad]) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln and "it/s]" not in ln]
+        assert len(err) == 1 and err[0].startswith("lesskv: error:") and words in err[0]
+    assert main([*args, "--oracle-rank", "4"]) == 0
+    assert "less_removed" in capsys.readouterr().out
+    saved = json.loads((out / "layers.json").read_text())
+    assert saved["oracle_rank"] == 4 and len(saved["rows"]) == 2
+    assert (out / "layers.png").read_bytes().startswith(b"\x89PNG")
