@@ -90,6 +90,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "count (default: half the free space where --out is): layers are collected in groups "
         "that fit, one more forward pass per group; any budget trains the same kernels",
     )
+    train.add_argument(
+        "--loss",
+        choices=("mse", "kl", "mse+kl"),
+        default="mse",
+        help="what each layer's kernels minimise: the output MSE (the paper's), the KL between "
+        "the true attention weights and LESS's implied ones, or both (the share of the plain "
+        "policy's output error left, plus the KL)",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", type=Path, required=True, help="output kernel folder")
     train.add_argument(
@@ -179,6 +187,7 @@ def _train(
         data=args.data,
         state=args.kernel,
         upstream=str(args.upstream or ""),
+        loss=args.loss,
     )
     upstream = None
     if args.upstream is not None:

@@ -47,6 +47,8 @@ class KernelMeta:
     val_loss: dict[str, float] = field(default_factory=dict)
     baseline_plus_val_loss: dict[str, float] = field(default_factory=dict)
     finetune: dict[str, object] = field(default_factory=dict)  # set by `lesskv finetune`
+    # How `lesskv train` trained them: the loss, the data's size and the schedule.
+    training: dict[str, object] = field(default_factory=dict)
     # The state's form (lesskv.core.kernels.STATES). Configs saved before the field existed
     # hold the paper's form and load as such (from_pretrained).
     state: str = STATES[0]

@@ -46,6 +46,7 @@ from transformers import PreTrainedModel
 from lesskv.core import eviction
 from lesskv.core import math as math_ops
 from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK, STATES
+from lesskv.core.distribution import attention_kl
 from lesskv.core.kernels import KernelShape, LayerKernels
 from lesskv.core.policies import Policy, Slots, keep_mask_from_steps
 from lesskv.errors import LessKVError
@@ -78,6 +79,7 @@ class TrainConfig:
     data: str = ""
     state: str = STATES[0]  # the kernels' state form: learned decay, or the paper's
     upstream: str = ""  # kernels the layers run while recording (collect_activations)
+    loss: str = "mse"  # what each layer's kernels minimise: one of LOSSES
 
 
 def parse_layers(spec: str | None, num_layers: int) -> list[int]:
@@ -513,23 +515,57 @@ def layer_loss(
     return F.mse_loss(projected[:, budget:], batch["target"][:, budget:])
 
 
+def layer_kl(
+    kernels: LayerKernels,
+    batch: dict[str, torch.Tensor],
+    budget: int,
+    kv_heads: int,
+    scale: float,
+) -> torch.Tensor:
+    """KL between each query's true attention weights and LESS's implied ones
+    (:func:`lesskv.core.distribution.attention_kl`), at positions >= budget."""
+    q = math_ops.group_queries(batch["query"], kv_heads)
+    key = batch["key"]
+    phi_q, psi_k, decay = kernels.phi(q), kernels.psi(key), kernels.decay_rate()
+    return attention_kl(q, key, batch["steps"], phi_q, psi_k, decay, scale, start=budget)
+
+
+def _mse_and_kl(kernels, o_proj, batch, budget, kv_heads, scale) -> torch.Tensor:
+    """The share of the plain policy's output error left, plus the KL: both scale-free, where
+    a layer's MSE alone spans 10^4 across layers."""
+    with torch.no_grad():
+        sparse = layer_loss(None, o_proj, batch, budget, kv_heads)
+    mse = layer_loss(kernels, o_proj, batch, budget, kv_heads)
+    return mse / sparse.clamp_min(torch.finfo(sparse.dtype).tiny) + layer_kl(
+        kernels, batch, budget, kv_heads, scale
+    )
+
+
+# What a layer's kernels can minimise, each called (kernels, o_proj, batch, budget, kv_heads,
+# scale): the output MSE (the paper's), the attention distribution's KL (Hedgehog-style), or
+# both. Checkpoints record which.
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "mse": lambda kernels, o_proj, batch, budget, kv, scale: layer_loss(
+        kernels, o_proj, batch, budget, kv
+    ),
+    "kl": lambda kernels, o_proj, batch, budget, kv, scale: layer_kl(
+        kernels, batch, budget, kv, scale
+    ),
+    "mse+kl": _mse_and_kl,
+}
+
+
 Batch = tuple[ActivationStore, list[int]]  # windows of one store (one length) read together
 
 
-def _mean_loss(
-    kernels: LayerKernels | None,
-    o_proj: nn.Module,
-    batches: list[Batch],
-    kv_heads: int,
-    sparse: str = "sparse_out",
-) -> float:
-    """Mean over windows of :func:`layer_loss`."""
+def _mean_loss(loss: Callable[..., torch.Tensor], o_proj: nn.Module, batches: list[Batch]) -> float:
+    """Mean over windows of ``loss(o_proj, batch, budget)``."""
     total, windows = 0.0, 0
     with torch.no_grad():
         for store, batch in loaded(batches, o_proj.weight.device):
-            loss = layer_loss(kernels, o_proj, batch, store.budget, kv_heads, sparse)
+            value = loss(o_proj, batch, store.budget)
             size = len(batch["steps"])
-            total, windows = total + loss.item() * size, windows + size
+            total, windows = total + value.item() * size, windows + size
     return total / windows
 
 
@@ -578,11 +614,13 @@ def train_layer(
     config: TrainConfig,
     layer: int,
     log: Callable[[str], None] = print,
+    scale: float | None = None,
 ) -> tuple[LayerKernels, dict[str, float]]:
     """Train one layer's kernels on ``o_proj``'s device from its activations at every window
     length (one store each; a batch never mixes lengths); returns the best-validation kernels
     and their losses. Every random draw comes from seeds derived from ``config.seed`` and
     ``layer`` alone, so a layer trains the same whichever process or run trains it."""
+    scale = shape.head_dim**-0.5 if scale is None else scale  # the layer's attention scale
     splits = [split_windows(len(store), config) for store in stores]
     val = _batches(stores, [v for v, _ in splits], config.batch_size)
     generator = torch.Generator().manual_seed(config.seed + layer)
@@ -591,7 +629,18 @@ def train_layer(
     optimizer = torch.optim.Adam(kernels.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_halving_epochs, gamma=0.5)
     kv = shape.kv_heads
-    baseline_plus = _mean_loss(None, o_proj, val, kv, "plus_out")
+    objective = LOSSES[config.loss]
+
+    def plus_mse(o_proj, batch, budget):
+        return layer_loss(None, o_proj, batch, budget, kv, "plus_out")
+
+    def val_objective(o_proj, batch, budget):
+        return objective(kernels, o_proj, batch, budget, kv, scale)
+
+    def val_mse(o_proj, batch, budget):
+        return layer_loss(kernels, o_proj, batch, budget, kv)
+
+    baseline_plus = _mean_loss(plus_mse, o_proj, val)
     best, best_state = math.inf, None
     for _epoch in range(config.epochs):
         kernels.train()
@@ -599,18 +648,19 @@ def train_layer(
         train = _batches(stores, shuffled, config.batch_size)
         order = [train[k] for k in torch.randperm(len(train), generator=generator).tolist()]
         for store, batch in loaded(order, o_proj.weight.device):
-            loss = layer_loss(kernels, o_proj, batch, store.budget, kv)
+            loss = objective(kernels, o_proj, batch, store.budget, kv, scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         schedule.step()
         kernels.eval()
-        val_loss = _mean_loss(kernels, o_proj, val, kv)
+        val_loss = _mean_loss(val_objective, o_proj, val)
         if val_loss < best:
             best, best_state = val_loss, snapshot(kernels)
     kernels.load_state_dict(best_state)
-    log(f"layer {layer:3d}: val MSE  LESS {best:.4g} | Baseline+ {baseline_plus:.4g}")
-    return kernels.eval(), {"val_loss": best, "baseline_plus_val_loss": baseline_plus}
+    mse = best if config.loss == "mse" else _mean_loss(val_mse, o_proj, val)
+    log(f"layer {layer:3d}: val MSE  LESS {mse:.4g} | Baseline+ {baseline_plus:.4g}")
+    return kernels.eval(), {"val_loss": mse, "baseline_plus_val_loss": baseline_plus}
 
 
 def train_kernels(
@@ -706,8 +756,9 @@ def _train_layers(
         ]
         for layer in group:
             stores = [stores[layer] for stores in by_length]
+            module = modules[layer]
             kernels, losses = train_layer(
-                stores, modules[layer].o_proj, shape, config, layer, bar.write
+                stores, module.o_proj, shape, config, layer, bar.write, attention_scale(module)
             )
             _save_layer(out, layer, kernels, losses)
             for store in stores:
@@ -735,6 +786,17 @@ def _kernel_meta(
         state=config.state,
         training_data=config.data,
         command=command,
+        training={
+            "loss": config.loss,
+            "windows": config.sequences,
+            "seq_lens": list(config.seq_lens),
+            "epochs": config.epochs,
+            "lr": config.lr,
+            "lr_halving_epochs": config.lr_halving_epochs,
+            "batch_size": config.batch_size,
+            "dropout": config.dropout,
+            "upstream": config.upstream,
+        },
     )
 
 
