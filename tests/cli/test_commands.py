@@ -107,17 +107,16 @@ def test_train_a_second_round_on_sparse_upstream_inputs(capsys, tmp_path):
 
 
 def test_an_unsupported_family_is_refused_before_any_work(capsys, tmp_path):
-    from transformers import AutoModelForCausalLM, GPT2Config
+    from transformers import AutoModelForCausalLM, GPTJConfig
 
-    AutoModelForCausalLM.from_config(
-        GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2)
-    ).save_pretrained(tmp_path / "gpt2")
-    tiny_tokenizer().save_pretrained(tmp_path / "gpt2")
-    args = ["eval", "ppl", "--model", str(tmp_path / "gpt2"), "--data", _text_file(tmp_path)]
+    config = GPTJConfig(vocab_size=97, n_embd=32, n_layer=1, n_head=2, rotary_dim=8)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gptj")
+    tiny_tokenizer().save_pretrained(tmp_path / "gptj")
+    args = ["eval", "ppl", "--model", str(tmp_path / "gptj"), "--data", _text_file(tmp_path)]
     args += ["--budget", "8", "--methods", "less", "--kernels", str(tmp_path / "nowhere")]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("lesskv: error: GPT2LMHeadModel has no attention modules")
+    assert err.startswith("lesskv: error: GPTJForCausalLM has no attention modules")
 
 
 HOSTILE_DATA = {

@@ -37,8 +37,7 @@ COMMAND_MODULES = {
 
 
 def test_help_explains_the_methods(capsys):
-    with pytest.raises(SystemExit):
-        main(["--help"])
+    assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "baseline+" in out and "low-rank" in out
 
@@ -78,6 +77,40 @@ def test_bad_input_is_one_line_and_non_zero(capsys, tmp_path, args, message):
     assert main(base + args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lesskv: error:") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["eval", "ppl", "--batch-size", "0"], "eval ppl: argument --batch-size: must be >= 1"),
+        (["eval", "ppl", "--seq-len", "abc"], "argument --seq-len: not an integer: 'abc'"),
+        (["eval", "ppl", "--windows", "-2"], "argument --windows: must be >= 1, got -2"),
+        (["train", "--out", "x", "--lr", "0"], "train: argument --lr: must be > 0"),
+        (["train", "--out", "x", "--lr", "nan"], "argument --lr: must be >= 0.0, got nan"),
+        (["generate", "--temperature", "-1"], "argument --temperature: must be >= 0.0"),
+        (["eval", "tasks", "--num-fewshot", "-1"], "argument --num-fewshot: must be >= 0"),
+        (["bench", "--memory-budget-gib", "0"], "argument --memory-budget-gib: must be > 0"),
+        (["eval", "ppl", "--budget", "8", "--bad"], "unrecognized arguments: --bad"),
+        (["train"], "train: the following arguments are required:"),
+        (["bogus"], "invalid choice: 'bogus'"),
+    ],
+)
+def test_argument_errors_are_one_line_naming_the_command(capsys, args, message):
+    """argparse's own errors read like every other: one line, exit status 2, no usage dump."""
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lesskv: error:") and message in err and "\n" not in err, err
+    assert "--help)" in err
+
+
+def test_a_binary_prompt_file_is_named_in_one_line(capsys, tmp_path):
+    (tmp_path / "blob.bin").write_bytes(bytes(range(128, 256)) * 4)
+    assert main(["generate", "--file", str(tmp_path / "blob.bin"), "--model", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == f"lesskv: error: cannot read prompt file {tmp_path / 'blob.bin'}: it is not UTF-8 text"
+    )
 
 
 def test_empty_text_and_missing_field(capsys, tmp_path):

@@ -1,5 +1,6 @@
 """The support table (README): on tiny random models of every family lesskv drives, a budget
-at least the sequence length makes both forms the plain model; the others are refused."""
+at least the sequence length makes both forms the plain model; what cannot be exact is
+refused."""
 
 import pytest
 import torch
@@ -9,9 +10,12 @@ from transformers import AutoModelForCausalLM
 from helpers import BUDGET, decode_steps, kernel_set
 from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
+from lesskv.hf.attention import LayerSetup, enable, using_setups
 from lesskv.hf.cache import LessCache
 from lesskv.hf.compat import cache_argument
 from lesskv.hf.methods import make_cache, set_method
+from lesskv.hf.modules import attention_modules, attention_scale
+from lesskv.training.per_layer import TrainConfig, train_kernels
 
 SHAPE = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
 COMMON = dict(**SHAPE, intermediate_size=128, num_key_value_heads=2, max_position_embeddings=256)
@@ -42,12 +46,26 @@ SUPPORTED = {
     "falcon-mqa": lambda: hf.FalconConfig(**SHAPE, multi_query=True),
     "falcon-mha": lambda: hf.FalconConfig(**SHAPE, multi_query=False),
     "falcon-new": lambda: hf.FalconConfig(**SHAPE, new_decoder_architecture=True, num_kv_heads=2),
+    # partial rotary (Pythia's rotary_pct 0.25: 4 of 16 dimensions rotate)
+    "gpt_neox": lambda: hf.GPTNeoXConfig(
+        **SHAPE, intermediate_size=128, max_position_embeddings=256
+    ),
+    # learned absolute positions, the query scaled before attention (the adapter moves it)
+    "opt": lambda: hf.OPTConfig(**SHAPE, ffn_dim=128, max_position_embeddings=256),
+    "gpt2": lambda: hf.GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=256),
+    # a per-layer scale (1 / (layer + 1)) on top of 1/sqrt(D), and the eager-only upcast flag
+    "gpt2-layer-scaled": lambda: hf.GPT2Config(
+        vocab_size=97,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=256,
+        scale_attn_by_inverse_layer_idx=True,
+        reorder_and_upcast_attn=True,
+    ),
 }
-REFUSED = {
-    "gpt_neox": lambda: hf.GPTNeoXConfig(**SHAPE, intermediate_size=128),
-    "opt": lambda: hf.OPTConfig(**SHAPE, ffn_dim=128),
-    "gpt2": lambda: hf.GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4),
-}
+# Families driven through an adapter (hf/adapters/), and their real KV heads per layer.
+ADAPTED_KV_HEADS = {"falcon-mqa": 1, "falcon-new": 2, "gpt_neox": 4, "opt": 4, "gpt2": 4}
 
 
 def build(config):
@@ -131,10 +149,11 @@ def test_local_layers_keep_their_window_batched_and_chunked(family):
     assert torch.allclose(last.logits[:, -1], whole, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["falcon-mqa", "falcon-new"])
+@pytest.mark.parametrize("family", sorted(ADAPTED_KV_HEADS))
 @pytest.mark.parametrize("method", ["baseline", "merge", "less"])
-def test_falcon_decodes_like_its_parallel_form_on_its_real_kv_heads(family, method):
-    """The adapter drives Falcon's own projections; the cache holds its real KV heads."""
+def test_adapted_families_decode_like_their_parallel_form_on_their_real_kv_heads(family, method):
+    """Each adapter drives the family's own projections; the cache holds its real KV heads,
+    and every method (LESS's kernels included) decodes like its teacher-forced form."""
     model = build(SUPPORTED[family]())
     kernels = kernel_set(model) if method == "less" else None
     policy = make_policy("h2o", BUDGET)
@@ -145,8 +164,7 @@ def test_falcon_decodes_like_its_parallel_form_on_its_real_kv_heads(family, meth
     set_method(model, "full")
     cache = make_cache(model, method, policy, kernels, rank=4)
     assert torch.allclose(decode_steps(model, cache, ids), parallel, atol=1e-4)
-    kv_heads = 2 if family == "falcon-new" else 1
-    assert cache.layers[0].keys.shape == (2, kv_heads, BUDGET, 16)
+    assert cache.layers[0].keys.shape == (2, ADAPTED_KV_HEADS[family], BUDGET, 16)
 
 
 def test_the_falcon_adapter_takes_the_calls_of_every_transformers_release():
@@ -172,9 +190,47 @@ def test_falcon_with_alibi_is_refused():
         LessCache(build(hf.FalconConfig(**SHAPE, alibi=True)), "h2o", 8)
 
 
-@pytest.mark.parametrize("family", sorted(REFUSED))
-def test_other_attention_styles_are_refused_by_name(family):
-    model = build(REFUSED[family]())
+def test_opt_attention_sees_the_unscaled_query_and_its_own_scale():
+    """OPT scales its query projection before attention; lesskv reads the scale off the
+    module (training, analyses), so the adapter passes it to attention instead: attention
+    sees the plain projection and the module's scale, the logits stay the plain model's."""
+    model = build(SUPPORTED["opt"]())
+    ids = torch.randint(1, 97, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    module = attention_modules(enable(model))[0]
+    projected, seen = [], []
+    module.q_proj.register_forward_hook(lambda m, args, out: projected.append(out))
+    setup = LayerSetup(observer=lambda module, query, key, value: seen.append(query))
+    with using_setups(model, {module: setup}), torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    assert torch.allclose(adapted, plain, atol=1e-5)
+    assert torch.equal(seen[0], projected[0].view(2, 20, 4, 16).transpose(1, 2))
+    assert attention_scale(module) == 16**-0.5
+
+
+def test_gpt2_with_cross_attention_is_refused():
+    config = hf.GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, add_cross_attention=True)
+    with pytest.raises(LessKVError, match="cross-attention"):
+        LessCache(build(config), "h2o", 8)
+
+
+def test_other_attention_styles_are_refused_by_name():
+    """An architecture with no attention modules lesskv knows (GPT-Neo: its own attention
+    code) is refused by the model's name, before any work."""
+    config = hf.GPTNeoConfig(
+        vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global"], 2]]
+    )
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     name = type(model).__name__
     with pytest.raises(LessKVError, match=f"{name} has no attention modules lesskv can drive"):
         LessCache(model, "h2o", 8)
+
+
+@pytest.mark.parametrize("family", ["falcon-mqa", "gpt_neox", "opt", "gpt2"])
+def test_per_layer_training_refuses_families_without_o_proj_before_any_work(family, tmp_path):
+    config = TrainConfig(model=family, policy="h2o", budget="8", seq_lens=[32], sequences=2)
+    windows = torch.randint(0, 97, (2, 32))
+    with pytest.raises(LessKVError, match="not supported yet"):
+        train_kernels(build(SUPPORTED[family]()), windows, make_policy("h2o", 8), config, tmp_path)
+    assert not (tmp_path / "activations").exists()

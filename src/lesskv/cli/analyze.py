@@ -21,6 +21,8 @@ from lesskv.cli.common import (
     add_policy_args,
     load_kernels,
     model_dtype,
+    non_negative_int,
+    positive_int,
     print_table,
 )
 from lesskv.errors import LessKVError
@@ -45,8 +47,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_dtype_arg(residual)
     add_data_args(residual)
     add_policy_args(residual, budget="0.1")
-    residual.add_argument("--seq-len", type=int, default=512, help="window length in tokens")
-    residual.add_argument("--windows", type=int, default=2, help="windows averaged")
+    residual.add_argument(
+        "--seq-len", type=positive_int, default=512, help="window length in tokens"
+    )
+    residual.add_argument("--windows", type=positive_int, default=2, help="windows averaged")
     residual.add_argument("--out", type=Path, required=True, help="output folder")
     residual.set_defaults(run=run)
     add_oracle_parser(analyses)
@@ -63,9 +67,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_data_args(attention)
     attention.add_argument("--text", default=None, help="the text (instead of --data)")
     add_policy_args(attention, budget="0.1")
-    attention.add_argument("--seq-len", type=int, default=256, help="tokens of the text used")
-    attention.add_argument("--layer", type=int, default=0)
-    attention.add_argument("--head", type=int, default=0, help="query head")
+    attention.add_argument(
+        "--seq-len", type=positive_int, default=256, help="tokens of the text used"
+    )
+    attention.add_argument("--layer", type=non_negative_int, default=0)
+    attention.add_argument("--head", type=non_negative_int, default=0, help="query head")
     add_kernels_arg(attention)
     attention.add_argument("--out", type=Path, required=True, help="output folder")
     attention.set_defaults(run=run)
@@ -86,8 +92,8 @@ def add_oracle_parser(analyses: argparse._SubParsersAction) -> None:
     add_dtype_arg(oracle)
     add_data_args(oracle)
     add_policy_args(oracle, budget="0.1")
-    oracle.add_argument("--seq-len", type=int, default=512, help="window length in tokens")
-    oracle.add_argument("--windows", type=int, default=2, help="windows scored")
+    oracle.add_argument("--seq-len", type=positive_int, default=512, help="window length in tokens")
+    oracle.add_argument("--windows", type=positive_int, default=2, help="windows scored")
     oracle.add_argument(
         "--ranks",
         default="0,1,2,4,8,16",
@@ -95,7 +101,9 @@ def add_oracle_parser(analyses: argparse._SubParsersAction) -> None:
         "attention); default 0,1,2,4,8,16",
     )
     add_kernels_arg(oracle)
-    oracle.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    oracle.add_argument(
+        "--batch-size", type=positive_int, default=1, help="windows per forward pass"
+    )
     oracle.add_argument("--out", type=Path, required=True, help="output folder")
     oracle.set_defaults(run=run)
 
@@ -116,11 +124,15 @@ def add_layers_parser(analyses: argparse._SubParsersAction) -> None:
     add_dtype_arg(layers)
     add_data_args(layers)
     add_policy_args(layers, budget="0.1")
-    layers.add_argument("--seq-len", type=int, default=1024, help="window length in tokens")
-    layers.add_argument("--windows", type=int, default=4, help="windows scored")
-    layers.add_argument("--oracle-rank", type=int, default=8, help="rank of the oracle compared")
     layers.add_argument(
-        "--layer-step", type=int, default=1, help="end-to-end rows every this many layers"
+        "--seq-len", type=positive_int, default=1024, help="window length in tokens"
+    )
+    layers.add_argument("--windows", type=positive_int, default=4, help="windows scored")
+    layers.add_argument(
+        "--oracle-rank", type=positive_int, default=8, help="rank of the oracle compared"
+    )
+    layers.add_argument(
+        "--layer-step", type=positive_int, default=1, help="end-to-end rows every this many layers"
     )
     add_kernels_arg(layers)
     layers.add_argument("--out", type=Path, required=True, help="output folder")

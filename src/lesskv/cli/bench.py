@@ -19,6 +19,8 @@ from lesskv.cli.common import (
     load_kernels,
     model_dtype,
     model_placement,
+    positive_float,
+    positive_int,
     print_table,
     step_options,
     write_json,
@@ -67,7 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("--batch-sizes", default="1,4,8", help="comma-separated batch sizes")
     bench.add_argument("--methods", default="full,baseline,less", help="full, baseline, less")
-    bench.add_argument("--new-tokens", type=int, default=64, help="decoding steps timed")
+    bench.add_argument("--new-tokens", type=positive_int, default=64, help="decoding steps timed")
     bench.add_argument(
         "--shared-prefill",
         action="store_true",
@@ -80,7 +82,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--plot", type=Path, default=None, help="write a PNG of the results")
     bench.add_argument(
         "--memory-budget-gib",
-        type=float,
+        type=positive_float,
         default=4.0,
         help="cache memory for the max-batch comparison (default 4 GiB)",
     )

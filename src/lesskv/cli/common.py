@@ -26,6 +26,36 @@ if TYPE_CHECKING:
     from lesskv.hf.methods import StepOptions
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes: an integer >= 1."""
+    return _at_least(int, text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for indices and optional counts: an integer >= 0."""
+    return _at_least(int, text, 0)
+
+
+def positive_float(text: str) -> float:
+    """argparse type for rates and sizes: a number > 0."""
+    value = _at_least(float, text, 0.0)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0, got 0")
+    return value
+
+
+def _at_least(kind: type, text: str, low: float) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not {'an integer' if kind is int else 'a number'}: {text!r}"
+        ) from None
+    if not value >= low:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+    return value
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """``--model``: every command that loads a model takes the same one."""
     p.add_argument(

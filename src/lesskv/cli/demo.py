@@ -7,7 +7,7 @@ import argparse
 import textwrap
 from typing import TYPE_CHECKING
 
-from lesskv.cli.common import load_kernels, print_table
+from lesskv.cli.common import load_kernels, positive_int, print_table
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -30,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser(
         "demo", help="full vs H2O vs Λ perplexity on the built-in model and text, explained"
     )
-    demo.add_argument("--windows", type=int, default=2, help="1024-token windows to score")
+    demo.add_argument("--windows", type=positive_int, default=2, help="1024-token windows to score")
     demo.set_defaults(run=run)
 
 

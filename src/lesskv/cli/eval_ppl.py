@@ -16,6 +16,7 @@ from lesskv.cli.common import (
     model_dtype,
     model_placement,
     parse_methods,
+    positive_int,
     print_table,
     write_json,
 )
@@ -35,8 +36,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_dtype_arg(ppl)
     add_device_arg(ppl)
     add_data_args(ppl, default=None)
-    ppl.add_argument("--seq-len", type=int, default=1024, help="window length in tokens")
-    ppl.add_argument("--windows", type=int, default=None, help="score only the first N windows")
+    ppl.add_argument("--seq-len", type=positive_int, default=1024, help="window length in tokens")
+    ppl.add_argument(
+        "--windows", type=positive_int, default=None, help="score only the first N windows"
+    )
     add_policy_args(ppl)
     ppl.add_argument(
         "--methods",
@@ -50,8 +53,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="accept --kernels trained for another policy (transfer studies; budgets always "
         "transfer)",
     )
-    ppl.add_argument("--rank", type=int, default=DEFAULT_RANK, help="LESS rank R (sizes Baseline+)")
-    ppl.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    ppl.add_argument(
+        "--rank", type=positive_int, default=DEFAULT_RANK, help="LESS rank R (sizes Baseline+)"
+    )
+    ppl.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass")
     add_json_arg(ppl)
     ppl.set_defaults(run=run)
 

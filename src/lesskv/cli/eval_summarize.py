@@ -17,6 +17,7 @@ from lesskv.cli.common import (
     model_dtype,
     model_placement,
     parse_methods,
+    positive_int,
     print_table,
     step_options,
     write_json,
@@ -49,12 +50,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="folder holding xsum_h2o/, cnn_dailymail/, longbench/ "
         "(default $LESSKV_DATA_DIR or ../shared/data)",
     )
-    summ.add_argument("--samples", type=int, default=10)
+    summ.add_argument("--samples", type=positive_int, default=10)
     add_policy_args(summ, budget="0.1")
     summ.add_argument("--methods", default="full,baseline,baseline+,less")
     add_kernels_arg(summ)
-    summ.add_argument("--rank", type=int, default=DEFAULT_RANK)
-    summ.add_argument("--max-new-tokens", type=int, default=64)
+    summ.add_argument("--rank", type=positive_int, default=DEFAULT_RANK)
+    summ.add_argument("--max-new-tokens", type=positive_int, default=64)
     add_json_arg(summ)
     summ.set_defaults(run=run)
 

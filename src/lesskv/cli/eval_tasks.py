@@ -15,7 +15,9 @@ from lesskv.cli.common import (
     load_kernels,
     model_dtype,
     model_placement,
+    non_negative_int,
     parse_methods,
+    positive_int,
     print_table,
     write_json,
 )
@@ -44,15 +46,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="offline: folder laid out like ../shared/data (piqa/, rte/, arc/, ...)",
     )
-    tasks.add_argument("--num-fewshot", type=int, default=None, help="examples per prompt")
-    tasks.add_argument("--limit", type=int, default=None, help="score only N documents per task")
+    tasks.add_argument(
+        "--num-fewshot", type=non_negative_int, default=None, help="examples per prompt"
+    )
+    tasks.add_argument(
+        "--limit", type=positive_int, default=None, help="score only N documents per task"
+    )
     add_policy_args(tasks, budget="0.1")
     tasks.add_argument("--methods", default="full,baseline,baseline+,less")
     add_kernels_arg(tasks)
     tasks.add_argument(
-        "--rank", type=int, default=DEFAULT_RANK, help="LESS rank R (sizes Baseline+)"
+        "--rank", type=positive_int, default=DEFAULT_RANK, help="LESS rank R (sizes Baseline+)"
     )
-    tasks.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
+    tasks.add_argument(
+        "--batch-size", type=positive_int, default=8, help="requests per forward pass"
+    )
     add_json_arg(tasks)
     tasks.set_defaults(run=run)
 

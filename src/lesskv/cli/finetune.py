@@ -18,6 +18,8 @@ from lesskv.cli.common import (
     load_kernels,
     model_dtype,
     model_placement,
+    positive_float,
+    positive_int,
     window_lengths,
 )
 from lesskv.errors import LessKVError
@@ -40,9 +42,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_kernels_arg(finetune)
     add_policy_args(finetune, budget="0.1")
     add_data_args(finetune, default=None)
-    finetune.add_argument("--sequences", type=int, default=32, help="training windows")
+    finetune.add_argument("--sequences", type=positive_int, default=32, help="training windows")
     finetune.add_argument(
-        "--val-sequences", type=int, default=4, help="validation windows (after the training ones)"
+        "--val-sequences",
+        type=positive_int,
+        default=4,
+        help="validation windows (after the training ones)",
     )
     finetune.add_argument(
         "--seq-len",
@@ -51,12 +56,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="window length in tokens, or several (1024,2048): the shortest gets --sequences "
         "windows (and --val-sequences), every other length as many tokens; one length per step",
     )
-    finetune.add_argument("--epochs", type=int, default=1)
+    finetune.add_argument("--epochs", type=positive_int, default=1)
     finetune.add_argument(
-        "--lr", type=float, default=1e-3, help="starting learning rate (cosine decay to 0)"
+        "--lr", type=positive_float, default=1e-3, help="starting learning rate (cosine decay to 0)"
     )
     finetune.add_argument(
-        "--val-every", type=int, default=16, help="steps between validations (and at the end)"
+        "--val-every",
+        type=positive_int,
+        default=16,
+        help="steps between validations (and at the end)",
     )
     finetune.add_argument(
         "--checkpointing",

@@ -16,6 +16,8 @@ from lesskv.cli.common import (
     load_kernels,
     model_dtype,
     model_placement,
+    positive_float,
+    positive_int,
     step_options,
 )
 from lesskv.core.budget import METHODS
@@ -43,12 +45,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text")
     source.add_argument("--file", type=Path, help="read the prompt from this file")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=64)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=0.7)
+    gen.add_argument("--temperature", type=positive_float, default=0.7)
     gen.add_argument(
         "--prefill-chunk",
-        type=int,
+        type=positive_int,
         default=None,
         help="process the prompt in chunks of N tokens (bounded memory for long prompts)",
     )
@@ -100,6 +102,8 @@ def _read_prompt(args: argparse.Namespace) -> str:
     if args.file is None:
         return args.prompt
     try:
-        return args.file.read_text()
+        return args.file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LessKVError(f"cannot read prompt file {args.file}: it is not UTF-8 text") from None
     except OSError as err:
         raise LessKVError(f"cannot read prompt file {args.file}: {err.strerror}") from None

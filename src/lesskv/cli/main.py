@@ -11,6 +11,7 @@ import shlex
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import NoReturn
 
 from lesskv.cli import analyze, bench, demo, evaluate, finetune, generate, train
 from lesskv.errors import LessKVError
@@ -44,9 +45,20 @@ Examples:
 COMMANDS = (demo, evaluate, analyze, generate, bench, train, finetune)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like every other error of ``lesskv`` (the
+    command's usage is one ``--help`` away); subcommands inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("lesskv").strip()
+        where = f"{command}: " if command else ""
+        hint = f" (see: {self.prog} --help)"
+        self.exit(2, f"lesskv: error: {where}{message}{hint}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser; every command module registers its own subcommand(s)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lesskv", description=DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -56,10 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; a LessKVError is one line on stderr and exit status 2."""
+    """Run one command and return its exit status; a bad argument or a LessKVError is one
+    line on stderr and status 2."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0), or an argument error already printed (2)
+        return int(exit_.code or 0)
     args.command_line = shlex.join(["lesskv", *argv])  # recorded in the checkpoints written
     try:
         with warnings.catch_warnings(record=True) as caught:

@@ -19,6 +19,8 @@ from lesskv.cli.common import (
     check_training_args,
     model_dtype,
     model_placement,
+    positive_float,
+    positive_int,
     window_lengths,
 )
 from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK, STATES
@@ -46,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_data_args(train, default=None)
     train.add_argument(
         "--sequences",
-        type=int,
+        type=positive_int,
         default=64,
         help="training windows of the shortest --seq-len (each longer length gets as many "
         "tokens in fewer windows)",
@@ -58,19 +60,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="window length in tokens, or several comma-separated (e.g. 1024,2048,4096): "
         "a mix of lengths teaches the state to stay calibrated at any length",
     )
-    train.add_argument("--epochs", type=int, default=20)
-    train.add_argument("--batch-size", type=int, default=2)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--rank", type=int, default=DEFAULT_RANK, help="LESS rank R")
-    train.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN, help="kernel MLP hidden size")
-    train.add_argument(
-        "--kernel",
-        choices=STATES,
-        default=STATES[0],
-        help="the state's form: 'decay' (default) learns how fast each head's evicted pairs "
-        "fade with distance, which keeps LESS calibrated far beyond the training length; "
-        "'paper' is the paper's state, every evicted pair weighing the same forever",
-    )
+    train.add_argument("--epochs", type=positive_int, default=20)
+    train.add_argument("--batch-size", type=positive_int, default=2)
+    train.add_argument("--lr", type=positive_float, default=1e-3)
+    add_kernel_options(train)
     train.add_argument(
         "--upstream",
         type=Path,
@@ -90,14 +83,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "count (default: half the free space where --out is): layers are collected in groups "
         "that fit, one more forward pass per group; any budget trains the same kernels",
     )
-    train.add_argument(
-        "--loss",
-        choices=("mse", "kl", "mse+kl"),
-        default="mse",
-        help="what each layer's kernels minimise: the output MSE (the paper's), the KL between "
-        "the true attention weights and LESS's implied ones, or both (the share of the plain "
-        "policy's output error left, plus the KL)",
-    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", type=Path, required=True, help="output kernel folder")
     train.add_argument(
@@ -110,6 +95,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "than one); --out must be shared by all of them",
     )
     train.set_defaults(run=run)
+
+
+def add_kernel_options(train: argparse.ArgumentParser) -> None:
+    """What the kernels are and what they learn: rank, width, state form and loss."""
+    train.add_argument("--rank", type=positive_int, default=DEFAULT_RANK, help="LESS rank R")
+    train.add_argument(
+        "--hidden", type=positive_int, default=DEFAULT_HIDDEN, help="kernel MLP hidden size"
+    )
+    train.add_argument(
+        "--kernel",
+        choices=STATES,
+        default=STATES[0],
+        help="the state's form: 'decay' (default) learns how fast each head's evicted pairs "
+        "fade with distance, which keeps LESS calibrated far beyond the training length; "
+        "'paper' is the paper's state, every evicted pair weighing the same forever",
+    )
+    train.add_argument(
+        "--loss",
+        choices=("mse", "kl", "mse+kl"),
+        default="mse",
+        help="what each layer's kernels minimise: the output MSE (the paper's), the KL between "
+        "the true attention weights and LESS's implied ones, or both (the share of the plain "
+        "policy's output error left, plus the KL)",
+    )
 
 
 UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}

@@ -22,7 +22,8 @@ def attention_modules(model: PreTrainedModel) -> list[nn.Module]:
     if not found:
         raise LessKVError(
             f"{type(model).__name__} has no attention modules lesskv can drive "
-            "(it needs transformers' standard attention interface, or an adapter: Falcon)"
+            "(it needs transformers' standard attention interface, or an adapter: Falcon, "
+            "GPT-NeoX, OPT, GPT-2)"
         )
     return sorted(found, key=lambda m: m.layer_idx)
 

@@ -691,6 +691,12 @@ def train_kernels(
     out = Path(out_dir)
     windows = [windows] if isinstance(windows, torch.Tensor) else list(windows)
     modules = attention_modules(attention.enable(model))
+    if not hasattr(modules[0], "o_proj"):  # the targets and the loss are o_proj's outputs
+        raise LessKVError(
+            f"per-layer training reads each attention layer's o_proj, which "
+            f"{type(modules[0]).__name__} does not have (Falcon, GPT-NeoX, OPT and GPT-2 name "
+            "theirs otherwise): training for this family is not supported yet"
+        )
     requested = range(len(modules)) if layers is None else layers
     processes = 1 if worker is None else worker.world_size
     budget = (default_store_budget(out) if store_budget is None else store_budget) // processes
