@@ -12,7 +12,8 @@ largest tensors of a layer, plus ~T small ops. Here queries are taken a block of
    enters and, once the budget is full, the lowest-scoring eligible pair leaves (its step is
    ``i``); row ``i``'s softmax over the kept pairs (and its log-sum-exp) is written, and the
    policy's scores take those probabilities. Position-only policies (Λ) know their steps in
-   closed form and need no loop: a block's softmax is one masked pass;
+   closed form: off the CPU a block's softmax is then one masked pass (on the CPU numba's loop
+   measured 2-3x faster than that pass, so it serves them too);
 3. the output, probabilities @ values: one matmul per KV head.
 
 So memory and matmuls are ``O(T x (budget + rows))`` and the loop ``O(T x budget)``, on any
@@ -44,7 +45,7 @@ except ImportError:  # pragma: no cover - numba is a dependency; a platform may 
 BLOCK_ROWS = 128
 BLOCK_ELEMENTS = 2**22
 # How each policy's scores take a row's probabilities in the compiled loop (its update_scores):
-# 1 accumulate (H2O), 2 the latest row's (TOVA). Position-only policies give their steps.
+# 1 accumulate (H2O), 2 the latest row's (TOVA); position-only policies (0) give their steps.
 RULES: dict[type[Policy], int] = {H2O: 1, TOVA: 2}
 
 
@@ -96,13 +97,14 @@ def _simulate(
     rule = RULES.get(type(policy), 0)
     if rule:
         steps = torch.full((n, t), t, dtype=torch.long, device=device)
-        if _numba_serves(device):
-            loop = _NumbaLoop(policy, n, slots)
-        else:
-            loop = _TorchLoop(policy, b, hkv, t, slots, device)
-    else:  # position-only: the closed form, and each block's keep-mask from it
+    else:  # position-only: the closed form
         steps = policy.eviction_steps(None, slots, t, device=device)
         steps = steps.expand(b, hkv, t).reshape(n, t).clone()
+    if _numba_serves(device):  # one compiled loop for every policy (measured fastest here)
+        loop = _NumbaLoop(policy, n, slots)
+    elif rule:
+        loop = _TorchLoop(policy, b, hkv, t, slots, device)
+    else:  # each block's keep-mask from the steps: one masked pass, no loop
         loop = _GivenSteps(steps, slots.total)
     lse = torch.empty(n, g, t, dtype=torch.float32, device=device)
     out = torch.empty(n, g, t, d, dtype=torch.float32, device=device)
@@ -162,7 +164,7 @@ class _NumbaLoop:
     token)``."""
 
     def __init__(self, policy: Policy, n: int, slots: Slots) -> None:
-        self.rule, self.total = RULES[type(policy)], slots.total
+        self.rule, self.total = RULES.get(type(policy), 0), slots.total
         self.first, self.recent = policy.eligible(0, slots)[0], slots.recent
         self.positions = torch.empty(n, slots.total + 1, dtype=torch.long)
         self.scores = torch.empty(n, slots.total + 1, dtype=torch.float32)
@@ -354,8 +356,8 @@ def _evict_and_weigh(
     ``count`` positions the cache held at the block's start (``held[:, :count]``, oldest
     first), then the block's own tokens. ``steps: (N, T)``; ``held``, ``held_scores``,
     ``held_cols: (N, total + 1)``: the cache's positions, their scores and their columns;
-    ``lse: (N, G, T)``. ``rule``: 1 H2O (scores accumulate every row's probabilities), 2 TOVA
-    (scores are the latest row's).
+    ``lse: (N, G, T)``. ``rule``: 0 the steps are given (position-only policies), 1 H2O
+    (scores accumulate every row's probabilities), 2 TOVA (scores are the latest row's).
     Writes each row's probabilities at its held keys' columns of ``probs`` (the rest stays 0)
     and its log-sum-exp."""
     n_heads, groups, rows, _ = logits.shape
@@ -368,7 +370,15 @@ def _evict_and_weigh(
             i = start + r
             held[n, size], held_scores[n, size], held_cols[n, size] = i, 0.0, count + r
             size += 1  # token i entered
-            if size > total:  # a full cache: the lowest score in the eligible range leaves
+            if rule == 0:  # drop what the given steps evict now
+                kept = 0
+                for a in range(size):
+                    if steps[n, held[n, a]] > i:
+                        held[n, kept], held_scores[n, kept] = held[n, a], held_scores[n, a]
+                        held_cols[n, kept] = held_cols[n, a]
+                        kept += 1
+                size = kept
+            elif size > total:  # a full cache: the lowest score in the eligible range leaves
                 last, victim, lowest = i - recent, -1, np.inf
                 for a in range(size):
                     j = held[n, a]
