@@ -9,6 +9,7 @@ import torch
 from helpers import BUDGET, decode_steps, kernel_set, make_tiny_model, prompt
 from lesskv.core.policies import POLICIES, make_policy
 from lesskv.errors import LessKVError
+from lesskv.evaluation.generation import prefill_in_chunks
 from lesskv.hf import attention
 from lesskv.hf.cache import LessCache
 from lesskv.hf.compat import cache_argument
@@ -332,3 +333,24 @@ def test_decoding_replayed_as_cuda_graphs_equals_the_plain_steps(policy, method)
     want, got = decode_steps(model, plain, ids), decode_steps(model, graphed, ids)
     assert all(layer.captured.graph is not None for layer in graphed.layers)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 39])
+def test_a_fractional_budget_is_the_same_fraction_of_a_prompt_fed_in_chunks(chunk):
+    """0.25 of a 40-token prompt is 10 pairs per head whether the prompt arrives at once or
+    in chunks (a chunk alone would have fixed 0.25 of itself)."""
+    model, ids = make_tiny_model("llama-gqa"), prompt(40)
+    at_once = LessCache(model, "h2o", 0.25)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, **cache_argument(model, at_once))
+    chunked = LessCache(model, "h2o", 0.25)
+    with torch.no_grad():
+        prefill_in_chunks(model, ids, chunked, chunk)
+    assert [layer.budget for layer in chunked.layers] == [10] * len(chunked.layers)
+    assert [layer.budget for layer in at_once.layers] == [10] * len(at_once.layers)
+    with pytest.raises(LessKVError, match="before the cache's first call"):
+        chunked.resolve_budget(80)
+    chunked.reset()  # a new generation resolves anew, from its own first call
+    with torch.no_grad():
+        model(input_ids=ids[:, :20], use_cache=True, **cache_argument(model, chunked))
+    assert chunked.layers[0].budget == 5

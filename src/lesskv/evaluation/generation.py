@@ -24,6 +24,7 @@ def prefill_in_chunks(
     """
     if chunk < 1:
         raise LessKVError(f"--prefill-chunk must be >= 1, got {chunk}")
+    cache.resolve_budget(input_ids.shape[1])  # a fraction of the whole prompt, not a chunk
     for start in range(0, input_ids.shape[1] - 1, chunk):
         piece = input_ids[:, start : min(start + chunk, input_ids.shape[1] - 1)]
         model(input_ids=piece, use_cache=True, **cache_argument(model, cache))

@@ -84,11 +84,13 @@ class LessLayer(CacheLayerMixin):
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.seen = 0  # tokens seen, padding included: what positions and masks count
         self.budget = 0  # slots per KV head, fixed at the first call (fractions need a length)
+        # The whole prompt's length when it arrives in chunks (LessCache.resolve_budget)
+        self.prompt_tokens: int | None = None
 
     # -- transformers' layer interface -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, hkv, q, d = key_states.shape
-        self.budget = self.policy.slots(q, self.extra).total
+        self.budget = self.policy.slots(self.prompt_tokens or q, self.extra).total
         dev, dt = key_states.device, key_states.dtype
         self.keys = key_states.new_zeros(b, hkv, self.budget, d)
         self.values = value_states.new_zeros(b, hkv, self.budget, d)
@@ -288,7 +290,8 @@ class LessCache(Cache):
     ``LessCache(model, policy="h2o", budget=64)`` is the sparse baseline with real eviction;
     pass ``kernels=`` (or use :meth:`from_pretrained`) for LESS, ``extra_tokens=`` for
     Baseline+, ``merge_slots=`` for the training-free merge of evicted pairs. A fractional
-    budget is relative to the prompt (the first call). ``compile`` (default: on, unless the
+    budget is relative to the prompt: the first call, or the length given to
+    :meth:`resolve_budget` before a prompt fed in chunks. ``compile`` (default: on, unless the
     environment sets ``LESSKV_COMPILE=0``) runs each layer's decoding step (the softmax over
     the slots, the policy's scores, LESS's state) as one graph compiled by ``torch.compile``
     on the first decoding step; it falls back to eager, with one warning, where compiling
@@ -416,6 +419,16 @@ class LessCache(Cache):
         """Empty every layer; the cache may then serve another thread."""
         super().reset()
         self._owner, self._foreign = None, False
+        self.resolve_budget(None)
+
+    def resolve_budget(self, prompt_tokens: int | None) -> None:
+        """Fix a fractional budget against a prompt of ``prompt_tokens`` that will arrive in
+        chunks (otherwise the first call, the whole prompt, fixes it): the same fraction of
+        the same prompt keeps the same number of pairs however it is fed."""
+        if any(layer.is_initialized for layer in self.layers) and prompt_tokens is not None:
+            raise LessKVError("resolve_budget must come before the cache's first call")
+        for layer in self.layers:
+            layer.prompt_tokens = prompt_tokens
 
     @classmethod
     def from_pretrained(
