@@ -25,7 +25,7 @@ from lesskv.core.policies import POLICIES, make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf.checkpoint import KernelMeta, LessKernels
 from lesskv.hf.compat import cache_argument
-from lesskv.hf.methods import extra_tokens, make_cache, set_method
+from lesskv.hf.methods import get_method, make_cache, set_method
 
 PROFILE = settings(
     max_examples=40, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck)
@@ -89,7 +89,9 @@ def test_decoding_equals_teacher_forcing_within_the_budget(case):
     policy = make_policy(case["policy"], case["budget"])
     ids = torch.randint(1, 97, (case["batch"], case["length"]))
     try:
-        slots = policy.slots(case["length"], extra_tokens(case["method"], 4, case["head_dim"]))
+        slots = policy.slots(
+            case["length"], get_method(case["method"]).extra_tokens(4, case["head_dim"])
+        )
     except LessKVError:  # a Λ budget that leaves no room beside the sinks: refused, clearly
         return
     layers = None if kernels is None else list(kernels.layers)
@@ -170,7 +172,9 @@ def test_chunked_prefill_stays_within_the_budget_and_exact_when_it_holds_everyth
     ids = torch.randint(1, 97, (case["batch"], case["length"]))
     policy = make_policy(case["policy"], case["budget"])
     try:  # a fractional budget resolves against the first call: the first chunk
-        policy.slots(min(case["chunk"], case["length"]), extra_tokens(case["method"], 4, 8))
+        policy.slots(
+            min(case["chunk"], case["length"]), get_method(case["method"]).extra_tokens(4, 8)
+        )
     except LessKVError:  # a Λ budget that leaves no room beside the sinks: refused, clearly
         event("refused: a Λ budget with no room beside the sinks")
         return

@@ -33,7 +33,7 @@ from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError
 from lesskv.evaluation.perplexity import mean_nll
 from lesskv.hf.attention import LayerSetup, layer_output, using_setups
-from lesskv.hf.methods import extra_tokens, layer_setups, observing
+from lesskv.hf.methods import get_method, layer_setups, observing
 from lesskv.hf.modules import attention_modules, attention_scale
 
 COMPARED = ("baseline+", "less", "oracle")
@@ -124,11 +124,8 @@ def sparse_error_shares(
     def observe(module: nn.Module, query, key, value) -> None:
         i = index[id(module)]
         setups = {
-            "baseline": LayerSetup(policy=policy),
-            "baseline+": LayerSetup(
-                policy=policy, extra_tokens=extra_tokens("baseline+", rank, module.head_dim)
-            ),
-            "less": LayerSetup(policy=policy, kernels=kernels[i]),
+            name: get_method(name).layer_setup(policy, kernels[i], rank, module.head_dim)
+            for name in ("baseline", "baseline+", "less")
         }
         for name, error in _squared_errors(module, query, key, value, setups, oracle_rank).items():
             totals[i][name] += error

@@ -179,11 +179,11 @@ def _ratios(rows: list) -> list[dict[str, object]]:
 
     by = {(r.method, r.context, r.batch): r for r in rows}
     table = []
-    for method, context, batch in by:
+    for name, context, batch in by:
         for numerator, denominator in PAIRS:
-            if method == numerator and (denominator, context, batch) in by:
+            if name == numerator and (denominator, context, batch) in by:
                 median, low, high = paired_ratio(
-                    by[method, context, batch], by[denominator, context, batch]
+                    by[name, context, batch], by[denominator, context, batch]
                 )
                 table.append(
                     {

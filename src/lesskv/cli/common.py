@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lesskv.core.budget import DEFAULT_MODEL, METHODS, POLICY_NAMES
+from lesskv.core.budget import DEFAULT_MODEL, POLICY_NAMES
 from lesskv.errors import LessKVError
 
 if TYPE_CHECKING:
@@ -239,6 +239,8 @@ def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
 
 def parse_methods(text: str) -> list[str]:
     """The comma-separated ``--methods``, refused as a whole before anything is loaded."""
+    from lesskv.hf.methods import METHODS
+
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown:

@@ -20,7 +20,7 @@ from lesskv.cli.common import (
     print_table,
     write_json,
 )
-from lesskv.core.budget import DEFAULT_RANK, METHODS
+from lesskv.core.budget import DEFAULT_RANK
 from lesskv.errors import LessKVError
 
 
@@ -44,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ppl.add_argument(
         "--methods",
         default="full,baseline,baseline+",
-        help="comma-separated: " + ", ".join(METHODS),
+        help="comma-separated method names (lesskv --help lists them)",
     )
     add_kernels_arg(ppl)
     ppl.add_argument(

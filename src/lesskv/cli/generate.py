@@ -20,7 +20,6 @@ from lesskv.cli.common import (
     positive_int,
     step_options,
 )
-from lesskv.core.budget import METHODS
 from lesskv.errors import LessKVError
 
 
@@ -39,7 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_dtype_arg(gen)
     add_device_arg(gen)
     add_compile_arg(gen)
-    gen.add_argument("--method", choices=METHODS, default="less")
+    gen.add_argument(
+        "--method", default="less", help="one method (lesskv --help lists them); default less"
+    )
     add_policy_args(gen, budget="0.1")
     add_kernels_arg(gen)
     source = gen.add_mutually_exclusive_group(required=True)
@@ -62,8 +63,9 @@ def run(args: argparse.Namespace) -> None:
     from lesskv.core.policies import make_policy
     from lesskv.evaluation.generation import generate_text
     from lesskv.hf.loading import load_model
-    from lesskv.hf.methods import make_cache
+    from lesskv.hf.methods import get_method, make_cache
 
+    method = get_method(args.method.strip())
     prompt = _read_prompt(args)
     if args.max_new_tokens < 1:
         raise LessKVError("--max-new-tokens must be >= 1")
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> None:
     policy = make_policy(args.policy, args.budget)
     model, tokenizer = load_model(args.model, dtype=model_dtype(args), **placement)
     kernels = (
-        load_kernels(args.kernels, args.model, model, policy) if args.method == "less" else None
+        load_kernels(args.kernels, args.model, model, policy) if method.needs_kernels else None
     )
     cache = make_cache(model, args.method, policy, kernels, step=step)
     options = {"do_sample": args.sample}

@@ -10,10 +10,6 @@ from lesskv.errors import LessKVError
 DEFAULT_RANK = 8  # R: the paper's rank; one head's state then weighs ~4 KV pairs (D = 64)
 DEFAULT_HIDDEN = 128  # hidden width of the φ/ψ MLPs (ablation in RESULTS.md)
 DEFAULT_MODEL = "smollm2-135m"  # the built-in model, loaded offline from PyPI
-# What every comparison runs: the model's own attention, the sparse policy, and three ways to
-# spend the memory of LESS's state on top of it: more pairs (baseline+), training-free merge
-# slots for the evicted pairs (merge), and LESS's learned low-rank state.
-METHODS = ("full", "baseline", "baseline+", "merge", "less")
 # The forms of LESS's state (lesskv.core.kernels): a learned decay with distance (the default),
 # or the paper's, where every evicted pair weighs the same forever.
 STATES = ("decay", "paper")

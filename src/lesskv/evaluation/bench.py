@@ -34,7 +34,7 @@ from lesskv.hf import attention
 from lesskv.hf.cache import LessCache
 from lesskv.hf.checkpoint import LessKernels
 from lesskv.hf.compat import cache_argument
-from lesskv.hf.methods import PLAIN_STEPS, StepOptions, make_cache
+from lesskv.hf.methods import PLAIN_STEPS, StepOptions, get_method, make_cache
 from lesskv.hf.modules import attention_modules, check_fits, kv_heads
 
 BENCH_METHODS = ("full", "baseline", "less")
@@ -168,7 +168,7 @@ def _make_cache(
 ) -> DynamicCache | LessCache:
     """A fresh cache; ``full`` also puts the model back on its stock attention, so it is timed
     exactly as transformers runs it (a LessCache switches the model to lesskv's attention)."""
-    if method == "full":
+    if not get_method(method).sparse:
         if model.config._attn_implementation != stock_attention:
             model.set_attn_implementation(stock_attention)
         return DynamicCache(config=model.config)
@@ -218,7 +218,7 @@ def _prefill(
 def _step(model: PreTrainedModel, run: _Decoding, stock_attention: str) -> None:
     """One greedy step of ``run``, timed alone (the attention switch happens before, and
     compilation is counted apart)."""
-    wanted = stock_attention if run.method == "full" else attention.ATTN_NAME
+    wanted = attention.ATTN_NAME if get_method(run.method).sparse else stock_attention
     if model.config._attn_implementation != wanted:
         model.set_attn_implementation(wanted)
     device = run.token.device
@@ -267,7 +267,7 @@ def _row(
     device: torch.device,
 ) -> BenchRow:
     memory = cache_memory(run.cache)
-    full = run.method == "full"
+    full = not get_method(run.method).sparse
     return BenchRow(
         method=run.method,
         policy="" if full or policy is None else f"{policy.name}-{policy.budget}",
@@ -430,17 +430,16 @@ def max_batch_for_memory(
     heads = kv_heads(model)
     dtype_bytes = next(model.parameters()).element_size()
     per_token = layers * 2 * heads * head_dim * dtype_bytes
-    state = 0
-    if method == "full":
+    chosen, state = get_method(method), 0
+    if not chosen.sparse:
         tokens = context + new_tokens
     else:
         if policy is None:
             raise LessKVError(f"method {method!r} needs a policy and a budget")
-        tokens = policy.slots(context).total
-        if method == "less":
-            if rank is None:
-                raise LessKVError("method 'less' needs the kernels' rank")
-            state = layers * heads * rank * (head_dim + 1) * 4
+        tokens = chosen.kept_tokens(policy, context, head_dim, rank or 0)
+        if chosen.needs_kernels and rank is None:
+            raise LessKVError(f"method {method!r} needs the kernels' rank")
+        state = layers * heads * chosen.state_bytes(rank or 0, head_dim)
     per_sequence = tokens * per_token + state
     return {
         "method": method,

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 
 from lesskv.core.budget import DEFAULT_RANK
 from lesskv.core.policies import Policy
-from lesskv.hf.methods import extra_tokens, set_method, state_bytes
+from lesskv.hf.methods import get_method, set_method
 from lesskv.hf.modules import attention_modules
 
 
@@ -40,10 +40,9 @@ class PerplexityResult:
 
 def kept_tokens(method: str, policy: Policy | None, seq_len: int, head_dim: int, rank: int) -> int:
     """KV pairs per head a method keeps for one window (Baseline+ adds the state's worth)."""
-    if method == "full" or policy is None:
+    if policy is None:
         return seq_len
-    extra = extra_tokens(method, rank, head_dim)
-    return min(seq_len, policy.slots(seq_len, extra).total)
+    return get_method(method).kept_tokens(policy, seq_len, head_dim, rank)
 
 
 @torch.no_grad()
@@ -91,13 +90,13 @@ def evaluate_perplexity(
             tokens = n * (seq_len - 1)
             kept = kept_tokens(method, policy, seq_len, head_dim, rank)
             pair_bytes = 2 * head_dim * model.dtype.itemsize
+            chosen = get_method(method)
             results.append(
                 PerplexityResult(
                     method=method,
-                    policy=policy.name if policy is not None and method != "full" else "none",
-                    budget=str(policy.budget) if policy is not None and method != "full" else "",
+                    **chosen.labels(policy),
                     budget_tokens=kept,
-                    head_bytes=kept * pair_bytes + state_bytes(method, rank, head_dim),
+                    head_bytes=kept * pair_bytes + chosen.state_bytes(rank, head_dim),
                     ppl=math.exp(nll),
                     nll=nll,
                     tokens=tokens,

@@ -23,7 +23,7 @@ from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError
 from lesskv.hf.checkpoint import LessKernels
 from lesskv.hf.compat import cache_argument
-from lesskv.hf.methods import PLAIN_STEPS, StepOptions, make_cache
+from lesskv.hf.methods import PLAIN_STEPS, StepOptions, get_method, make_cache
 from lesskv.hf.modules import max_context
 
 # Named datasets: file under the data folder, and how to turn a record into (prompt, summary).
@@ -165,8 +165,7 @@ def evaluate_summarization(
         results.append(
             SummaryResult(
                 method=method,
-                policy=policy.name if method != "full" else "none",
-                budget=str(policy.budget) if method != "full" else "",
+                **get_method(method).labels(policy),
                 samples=n,
                 mean_prompt_tokens=sum(p.shape[1] for p in prompts) / n,
                 **{k: 100 * v / n for k, v in totals.items()},

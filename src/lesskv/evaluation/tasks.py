@@ -36,7 +36,7 @@ from lesskv.core.budget import DEFAULT_RANK, Budget
 from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError
 from lesskv.evaluation.perplexity import kept_tokens
-from lesskv.hf.methods import set_method
+from lesskv.hf.methods import get_method, set_method
 from lesskv.hf.modules import attention_modules, max_context
 
 TASK_CONFIGS = Path(__file__).parent / "task_configs"
@@ -163,7 +163,7 @@ class LessLM(TemplateLM):
 
     def _budget(self, seq_len: int) -> int:
         """Pairs the policy's budget allows a ``seq_len``-token request (0: full attention)."""
-        return 0 if self.method == "full" else self.policy.budget.tokens(seq_len)
+        return self.policy.budget.tokens(seq_len) if get_method(self.method).sparse else 0
 
     def _resolved(self, tokens: int, seq_len: int) -> Policy | None:
         """The policy with its budget fixed at ``tokens`` pairs (None: full attention), checked
@@ -352,8 +352,7 @@ def evaluate_tasks(
                 TaskResult(
                     task=name,
                     method=method,
-                    policy=policy.name if policy is not None and method != "full" else "none",
-                    budget=str(policy.budget) if policy is not None and method != "full" else "",
+                    **get_method(method).labels(policy),
                     num_fewshot=int(out["n-shot"].get(name, 0)),
                     acc=float(metrics["acc,none"]),
                     acc_stderr=_number(metrics.get("acc_stderr,none")),

@@ -52,7 +52,7 @@ from lesskv.core.policies import Policy, Slots, keep_mask_from_steps
 from lesskv.errors import LessKVError
 from lesskv.hf import attention
 from lesskv.hf.checkpoint import KernelMeta, LessKernels, atomic_write
-from lesskv.hf.methods import extra_tokens, layer_setups, observing
+from lesskv.hf.methods import get_method, layer_setups, observing
 from lesskv.hf.modules import attention_modules, attention_scale, kv_heads
 from lesskv.training.distributed import Worker, decided_by_rank0, shard
 from lesskv.training.run import claim_output_dir, freeze, snapshot
@@ -285,7 +285,7 @@ def collect_activations(
         for i in layers:
             hook = functools.partial(lambda i, module, args, out: record_target(i, out), i)
             handles.append(modules[i].o_proj.register_forward_hook(hook))
-    extra = extra_tokens("baseline+", rank, modules[0].head_dim)
+    extra = get_method("baseline+").extra_tokens(rank, modules[0].head_dim)
     start = min(store.complete for store in stores.values())  # windows already collected
     bar = tqdm(
         range(start, n),

@@ -1,11 +1,11 @@
-"""Method name → what the model runs: one factory for the parallel form (per-layer setups) and
-one for the recurrent form (a LessCache, or None for transformers' own full cache).
+"""Methods by name (:data:`REGISTRY`) → what the model runs: per-layer setups for the parallel
+form, a cache (or None, transformers' own) for the recurrent form.
 
-The methods compared everywhere: ``full`` (the model's own attention), ``baseline`` (the
-sparse policy), ``baseline+`` (the policy with extra pairs weighing as much as LESS's state:
-the equal-memory comparison), ``merge`` (the policy plus as many training-free merge slots for
-the evicted pairs as that memory holds) and ``less`` (the policy plus the learned low-rank
-state).
+A method is a :class:`~lesskv.hf.methods.base.Method`, one file each: ``full`` (the model's
+own attention), ``baseline`` (the sparse policy), ``baseline+`` (the policy with extra pairs
+weighing as much as LESS's state: the equal-memory comparison), ``merge`` (the policy plus as
+many training-free merge slots for the evicted pairs as that memory holds) and ``less`` (the
+policy plus the learned low-rank state). Adding one is a new file and a line here.
 """
 
 from __future__ import annotations
@@ -17,17 +17,18 @@ from dataclasses import asdict, dataclass
 from torch import nn
 from transformers import PreTrainedModel
 
-from lesskv.core.budget import (
-    DEFAULT_RANK,
-    METHODS,
-    merge_slots_in_state,
-    state_size_in_tokens,
-)
+from lesskv.core.budget import DEFAULT_RANK
 from lesskv.core.policies import POLICIES, Policy
 from lesskv.errors import LessKVError
 from lesskv.hf.attention import LayerSetup, Observer, enable, set_setups, using_setups
 from lesskv.hf.cache import LessCache
 from lesskv.hf.checkpoint import LessKernels
+from lesskv.hf.methods.base import Method
+from lesskv.hf.methods.baseline import Baseline
+from lesskv.hf.methods.baseline_plus import BaselinePlus
+from lesskv.hf.methods.full import Full
+from lesskv.hf.methods.less import Less
+from lesskv.hf.methods.merge import Merge
 from lesskv.hf.modules import (
     attention_modules,
     keeps_native_windows,
@@ -35,23 +36,18 @@ from lesskv.hf.modules import (
     sliding_windows,
 )
 
-
-def extra_tokens(method: str, rank: int, head_dim: int) -> int:
-    """Pairs Baseline+ gets on top of the budget: as much memory as LESS's state."""
-    return state_size_in_tokens(rank, head_dim) if method == "baseline+" else 0
-
-
-def merge_slots(method: str, rank: int, head_dim: int) -> int:
-    """Merge slots per head for ``method``: as many as LESS's state weighs (``merge`` only)."""
-    return merge_slots_in_state(rank, head_dim) if method == "merge" else 0
+# The registry: every method by name, in the order tables list them.
+REGISTRY: dict[str, Method] = {
+    m.name: m for m in (Full(), Baseline(), BaselinePlus(), Merge(), Less())
+}
+METHODS = tuple(REGISTRY)
 
 
-def state_bytes(method: str, rank: int, head_dim: int) -> int:
-    """fp32 bytes per KV head that summarise the evicted pairs: LESS's state (H and z) or
-    the merge slots (key sum, value sum, count); what the caches' tensors hold."""
-    if method == "less":
-        return rank * (head_dim + 1) * 4
-    return merge_slots(method, rank, head_dim) * (2 * head_dim + 1) * 4
+def get_method(name: str) -> Method:
+    """The method called ``name``, with one readable error for an unknown name."""
+    if name not in REGISTRY:
+        raise LessKVError(f"unknown method {name!r}: choose from {', '.join(METHODS)}")
+    return REGISTRY[name]
 
 
 def set_method(
@@ -61,9 +57,9 @@ def set_method(
     kernels: Sequence[nn.Module] | None = None,
     rank: int = DEFAULT_RANK,
 ) -> None:
-    """Switch every layer to ``full``, ``baseline``, ``baseline+`` (policy + pairs as large
-    as a rank-``rank`` state), ``merge`` (policy + merge slots as large as that state) or
-    ``less`` (policy + one kernel module per layer).
+    """Switch every layer to ``method`` (a name of :data:`METHODS`): ``full``, ``baseline``,
+    ``baseline+`` (policy + pairs as large as a rank-``rank`` state), ``merge`` (policy +
+    merge slots as large as that state) or ``less`` (policy + one kernel module per layer).
 
     The choice holds for the calling thread (or asyncio task) only; other threads using the
     same model keep theirs. :func:`using_method` limits it to a block.
@@ -100,20 +96,20 @@ def layer_setups(
     rank: int = DEFAULT_RANK,
 ) -> dict[nn.Module, LayerSetup]:
     """Each attention module's setup for ``method`` (none for ``full``)."""
-    check_method(method, policy, kernels)
+    chosen = check_method(method, policy, kernels)
     modules = attention_modules(enable(model))
-    if method == "less" and len(kernels) != len(modules):
+    if chosen.needs_kernels and len(kernels) != len(modules):
         raise LessKVError(f"kernels cover {len(kernels)} layers but the model has {len(modules)}")
-    if method == "full":
+    if not chosen.sparse:
         return {}
     windows = sliding_windows(model)
     native = keeps_native_windows(windows)
     return {  # local layers of a mixed model keep their own window: full attention within it
-        module: LayerSetup(
-            policy=policy,
-            extra_tokens=extra_tokens(method, rank, module.head_dim),
-            merge_slots=merge_slots(method, rank, module.head_dim),
-            kernels=on_layer_device(kernels[i], module) if method == "less" else None,
+        module: chosen.layer_setup(
+            policy,
+            on_layer_device(kernels[i], module) if chosen.needs_kernels else None,
+            rank,
+            module.head_dim,
         )
         for i, module in enumerate(modules)
         if windows[i] is None or not native
@@ -142,27 +138,16 @@ def make_cache(
 ) -> LessCache | None:
     """The cache ``method`` generates with; ``None`` for ``full`` (transformers' own cache),
     its decoding steps run as ``step`` says."""
-    check_method(method, policy, kernels)
-    if method == "full":
-        return None
-    if method == "less":
-        return LessCache(model, policy, kernels=kernels, **asdict(step))
-    head_dim = attention_modules(model)[0].head_dim
-    return LessCache(
-        model,
-        policy,
-        rank=rank,
-        extra_tokens=extra_tokens(method, rank, head_dim),
-        merge_slots=merge_slots(method, rank, head_dim),
-        **asdict(step),
-    )
+    chosen = check_method(method, policy, kernels)
+    return chosen.cache(model, policy, kernels, rank, asdict(step))
 
 
-def check_method(method: str, policy: Policy | None, kernels: object | None) -> None:
-    """One readable error for a method name or a missing policy/kernels."""
-    if method not in METHODS:
-        raise LessKVError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
-    if method != "full" and policy is None:
+def check_method(method: str, policy: Policy | None, kernels: object | None) -> Method:
+    """The method called ``method``, once it has what it needs: one readable error for an
+    unknown name or a missing policy/kernels."""
+    chosen = get_method(method)
+    if chosen.sparse and policy is None:
         raise LessKVError(f"method {method!r} needs a policy ({', '.join(POLICIES)}) and a budget")
-    if method == "less" and kernels is None:
-        raise LessKVError("method 'less' needs trained kernels (--kernels DIR)")
+    if chosen.needs_kernels and kernels is None:
+        raise LessKVError(f"method {method!r} needs trained kernels (--kernels DIR)")
+    return chosen
