@@ -124,7 +124,7 @@ def sparse_error_shares(
     def observe(module: nn.Module, query, key, value) -> None:
         i = index[id(module)]
         setups = {
-            name: get_method(name).layer_setup(policy, kernels[i], rank, module.head_dim)
+            name: get_method(name).layer_setup(policy, module, kernels[i], rank)
             for name in ("baseline", "baseline+", "less")
         }
         for name, error in _squared_errors(module, query, key, value, setups, oracle_rank).items():

@@ -29,6 +29,7 @@ from lesskv.hf.methods.baseline_plus import BaselinePlus
 from lesskv.hf.methods.full import Full
 from lesskv.hf.methods.less import Less
 from lesskv.hf.methods.merge import Merge
+from lesskv.hf.methods.performer import Performer
 from lesskv.hf.modules import (
     attention_modules,
     keeps_native_windows,
@@ -38,7 +39,7 @@ from lesskv.hf.modules import (
 
 # The registry: every method by name, in the order tables list them.
 REGISTRY: dict[str, Method] = {
-    m.name: m for m in (Full(), Baseline(), BaselinePlus(), Merge(), Less())
+    m.name: m for m in (Full(), Baseline(), BaselinePlus(), Merge(), Less(), Performer())
 }
 METHODS = tuple(REGISTRY)
 
@@ -107,9 +108,9 @@ def layer_setups(
     return {  # local layers of a mixed model keep their own window: full attention within it
         module: chosen.layer_setup(
             policy,
+            module,
             on_layer_device(kernels[i], module) if chosen.needs_kernels else None,
             rank,
-            module.head_dim,
         )
         for i, module in enumerate(modules)
         if windows[i] is None or not native

@@ -48,13 +48,14 @@ class Method:
         return min(seq_len, policy.slots(seq_len, self.extra_tokens(rank, head_dim)).total)
 
     def layer_setup(
-        self, policy: Policy, kernels: nn.Module | None, rank: int, head_dim: int
-    ) -> LayerSetup:
-        """One attention layer's setup in the parallel form (``kernels``: that layer's)."""
+        self, policy: Policy, module: nn.Module, kernels: nn.Module | None, rank: int
+    ) -> LayerSetup | None:
+        """The setup of attention layer ``module`` in the parallel form (``kernels``: that
+        layer's; None: full attention)."""
         return LayerSetup(
             policy=policy,
-            extra_tokens=self.extra_tokens(rank, head_dim),
-            merge_slots=self.merge_slots(rank, head_dim),
+            extra_tokens=self.extra_tokens(rank, module.head_dim),
+            merge_slots=self.merge_slots(rank, module.head_dim),
         )
 
     def cache(

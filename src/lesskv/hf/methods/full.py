@@ -15,7 +15,7 @@ class Full(Method):
     def kept_tokens(self, policy, seq_len: int, head_dim: int, rank: int) -> int:
         return seq_len
 
-    def layer_setup(self, policy, kernels, rank: int, head_dim: int):
+    def layer_setup(self, policy, module, kernels, rank: int):
         return None  # no setup: full attention
 
     def cache(self, model, policy, kernels, rank: int, options: dict):

@@ -17,7 +17,7 @@ class Less(Method):
     def state_bytes(self, rank: int, head_dim: int) -> int:
         return rank * (head_dim + 1) * PAIR_SUMMARY_BYTES  # H (R x D) and z (R)
 
-    def layer_setup(self, policy, kernels, rank: int, head_dim: int) -> LayerSetup:
+    def layer_setup(self, policy, module, kernels, rank: int) -> LayerSetup:
         return LayerSetup(policy=policy, kernels=kernels)
 
     def cache(self, model, policy, kernels, rank: int, options: dict):
