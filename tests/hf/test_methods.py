@@ -9,13 +9,14 @@ from helpers import BUDGET, decode_steps, kernel_set, make_tiny_model, prompt
 from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf.methods import METHODS, REGISTRY, get_method, make_cache, using_method
+from lesskv.hf.methods.performer import RandomFeatures
 from lesskv.hf.modules import attention_modules, kv_heads
 
 RANK = 4  # the tiny kernel set's
 
 
 def test_every_method_is_registered_under_its_own_name():
-    assert METHODS == ("full", "baseline", "baseline+", "merge", "less")
+    assert METHODS == ("full", "baseline", "baseline+", "merge", "less", "performer")
     assert all(REGISTRY[name].name == name for name in METHODS)
     with pytest.raises(LessKVError, match="unknown method 'magic': choose from full, baseline"):
         get_method("magic")
@@ -67,3 +68,14 @@ def test_result_rows_are_labelled_by_the_method(name):
     )
     assert labels == expected
     assert get_method(name).labels(None) == {"policy": "none", "budget": ""}
+
+
+def test_random_features_estimate_the_attention_weight_without_bias():
+    """Performer's φ(q)·ψ(k) averages to exp(q·k·scale): with many features, within a few %."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 1, 16) * 0.5, torch.randn(1, 1, 1, 16) * 0.5
+    features = RandomFeatures(kv_heads=1, head_dim=16, rank=20000, scale=0.25, seed=0)
+    estimate = (features.phi(q)[0, 0, 0, 0] * features.psi(k)[0, 0, 0]).sum()
+    exact = torch.exp((q[0, 0, 0, 0] * k[0, 0, 0]).sum() * 0.25)
+    assert estimate.item() == pytest.approx(exact.item(), rel=0.05)
+    assert (features.phi(q) > 0).all() and (features.decay_rate() == 0).all()
