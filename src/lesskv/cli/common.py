@@ -250,6 +250,13 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
+def needs_kernels(methods: Sequence[str]) -> bool:
+    """Whether any of ``methods`` runs trained kernels (so they must be found and loaded)."""
+    from lesskv.hf.methods import get_method
+
+    return any(get_method(m).needs_kernels for m in methods)
+
+
 def check_training_args(args: argparse.Namespace, *counts: str) -> None:
     """Training needs data, and each of ``counts`` (argument names) must be at least 1."""
     if args.data is None:

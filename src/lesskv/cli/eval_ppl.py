@@ -15,6 +15,7 @@ from lesskv.cli.common import (
     load_kernels,
     model_dtype,
     model_placement,
+    needs_kernels,
     parse_methods,
     positive_int,
     print_table,
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model, dtype=model_dtype(args), **placement)
     check_fits(model, args.seq_len, "--seq-len windows")
     kernels = None
-    if "less" in methods:
+    if needs_kernels(methods):
         less = load_kernels(
             args.kernels, args.model, model, policy, args.seq_len, transfer=args.transfer
         )

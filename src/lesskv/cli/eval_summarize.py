@@ -16,6 +16,7 @@ from lesskv.cli.common import (
     load_kernels,
     model_dtype,
     model_placement,
+    needs_kernels,
     parse_methods,
     positive_int,
     print_table,
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> None:
     examples = load_examples(args.data, args.samples, args.data_dir)
     model, tokenizer = load_model(args.model, dtype=model_dtype(args), **placement)
     kernels = None
-    if "less" in methods:
+    if needs_kernels(methods):
         kernels = load_kernels(args.kernels, args.model, model, policy)
     results, generations = evaluate_summarization(
         model,

@@ -15,6 +15,7 @@ from lesskv.cli.common import (
     load_kernels,
     model_dtype,
     model_placement,
+    needs_kernels,
     non_negative_int,
     parse_methods,
     positive_int,
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> None:
     quiet_lm_eval()
     model, tokenizer = load_model(args.model, dtype=model_dtype(args), **placement)
     kernels = None
-    if "less" in methods:
+    if needs_kernels(methods):
         kernels = list(load_kernels(args.kernels, args.model, model, policy).layers)
     results = evaluate_tasks(
         model,
