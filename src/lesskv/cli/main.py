@@ -28,6 +28,7 @@ Methods compared everywhere:
   baseline+  the policy with extra pairs weighing as much as LESS's state (fair comparison)
   merge      the policy plus training-free merge slots for the evicted pairs (same memory)
   less       the policy plus the learned low-rank state (needs kernels)
+  performer  the policy plus LESS's state with random features, untrained (paper's baseline)
 
 Examples:
   lesskv demo
