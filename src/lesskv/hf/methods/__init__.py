@@ -4,8 +4,9 @@ form, a cache (or None, transformers' own) for the recurrent form.
 A method is a :class:`~lesskv.hf.methods.base.Method`, one file each: ``full`` (the model's
 own attention), ``baseline`` (the sparse policy), ``baseline+`` (the policy with extra pairs
 weighing as much as LESS's state: the equal-memory comparison), ``merge`` (the policy plus as
-many training-free merge slots for the evicted pairs as that memory holds) and ``less`` (the
-policy plus the learned low-rank state). Adding one is a new file and a line here.
+many training-free merge slots for the evicted pairs as that memory holds), ``less`` (the
+policy plus the learned low-rank state) and ``performer`` (that state with random features,
+untrained: the paper's H2O+Performer). Adding one is a new file and a line here.
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ def set_method(
     kernels: Sequence[nn.Module] | None = None,
     rank: int = DEFAULT_RANK,
 ) -> None:
-    """Switch every layer to ``method`` (a name of :data:`METHODS`): ``full``, ``baseline``,
-    ``baseline+`` (policy + pairs as large as a rank-``rank`` state), ``merge`` (policy +
-    merge slots as large as that state) or ``less`` (policy + one kernel module per layer).
+    """Switch every layer to ``method`` (a name of :data:`METHODS`), e.g. ``baseline+``
+    (policy + pairs as large as a rank-``rank`` state) or ``less`` (policy + one kernel
+    module per layer, ``kernels``).
 
     The choice holds for the calling thread (or asyncio task) only; other threads using the
     same model keep theirs. :func:`using_method` limits it to a block.
