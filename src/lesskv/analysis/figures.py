@@ -15,7 +15,6 @@ path (:mod:`lesskv.core.math`), so what is plotted is what the model computes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from lesskv.analysis.plots import plt, save_figure
+from lesskv.analysis.plots import plt, save_figure, save_json
 from lesskv.core import math
 from lesskv.core.budget import DEFAULT_RANK
 from lesskv.core.policies import Policy, keep_mask_from_steps
@@ -96,10 +95,9 @@ class ResidualReport:
         return rows
 
     def save(self, out_dir: str | Path) -> Path:
-        path = Path(out_dir) / "residual.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**asdict(self), "layers": self.layer_rows()}, indent=1))
-        return path
+        return save_json(
+            {**asdict(self), "layers": self.layer_rows()}, Path(out_dir) / "residual.json"
+        )
 
 
 @torch.no_grad()
@@ -212,12 +210,9 @@ class AttentionMaps:
         ]
 
     def save(self, out_dir: str | Path) -> Path:
-        path = Path(out_dir) / "attention.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {k: v for k, v in asdict(self).items() if k not in ("maps", "evicted")}
         meta["summary"] = self.summary_rows()
-        path.write_text(json.dumps(meta, indent=1))
-        return path
+        return save_json(meta, Path(out_dir) / "attention.json")
 
 
 @torch.no_grad()

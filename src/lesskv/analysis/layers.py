@@ -14,7 +14,6 @@ from one layer on) does to the model's perplexity.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -26,11 +25,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from lesskv.analysis.plots import plt, save_figure
+from lesskv.analysis.plots import evicting_budget, plt, save_figure, save_json
 from lesskv.core import math as attention_math
 from lesskv.core.budget import DEFAULT_RANK
 from lesskv.core.policies import Policy
-from lesskv.errors import LessKVError
 from lesskv.evaluation.perplexity import mean_nll
 from lesskv.hf.attention import LayerSetup, layer_output, using_setups
 from lesskv.hf.methods import get_method, layer_setups, observing
@@ -74,10 +72,7 @@ class LayerDiagnosis:
         return rows
 
     def save(self, out_dir: str | Path) -> Path:
-        path = Path(out_dir) / "layers.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**asdict(self), "rows": self.rows()}, indent=1))
-        return path
+        return save_json({**asdict(self), "rows": self.rows()}, Path(out_dir) / "layers.json")
 
 
 def _squared_errors(
@@ -185,12 +180,7 @@ def diagnose_layers(
     full, baseline, Baseline+ and LESS on the same windows; end-to-end rows every
     ``layer_step`` layers."""
     n, t = windows.shape
-    budget_tokens = policy.slots(t).total
-    if budget_tokens >= t:
-        raise LessKVError(
-            f"a budget of {budget_tokens} tokens keeps all of a {t}-token window: nothing is "
-            "evicted, so there is nothing to diagnose"
-        )
+    budget_tokens = evicting_budget(policy, t)
     sparse, removed = sparse_error_shares(
         model, windows, policy, kernels, rank, oracle_rank, progress
     )

@@ -12,7 +12,6 @@ log-perplexity (mean NLL) that a row closes: 1 is full attention, 0 Baseline+.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -24,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from lesskv.analysis.plots import plt, save_figure
+from lesskv.analysis.plots import evicting_budget, plt, save_figure, save_json
 from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError
 from lesskv.evaluation.perplexity import evaluate_perplexity, mean_nll
@@ -72,10 +71,7 @@ class OracleReport:
         ]
 
     def save(self, out_dir: str | Path) -> Path:
-        path = Path(out_dir) / "oracle.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**asdict(self), "rows": self.rows()}, indent=1))
-        return path
+        return save_json({**asdict(self), "rows": self.rows()}, Path(out_dir) / "oracle.json")
 
 
 def check_ranks(ranks: Sequence[int], model: PreTrainedModel) -> None:
@@ -105,12 +101,7 @@ def oracle_perplexity(
     each of ``ranks``."""
     check_ranks(ranks, model)
     n, t = windows.shape
-    budget_tokens = policy.slots(t).total
-    if budget_tokens >= t:
-        raise LessKVError(
-            f"a budget of {budget_tokens} tokens keeps all of a {t}-token window: "
-            "nothing is evicted, so there is no residual"
-        )
+    budget_tokens = evicting_budget(policy, t)
     methods = [m for m in REFERENCES if m != "less" or kernels is not None]
     results = evaluate_perplexity(
         model, windows, methods, policy, kernels, batch_size=batch_size, progress=progress

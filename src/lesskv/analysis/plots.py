@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lesskv.core.policies import Policy  # noqa: E402
+from lesskv.errors import LessKVError  # noqa: E402
 from lesskv.evaluation.bench import BENCH_METHODS, BenchRow  # noqa: E402
 from lesskv.hf.checkpoint import KernelMeta  # noqa: E402
 
@@ -21,6 +24,26 @@ def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def save_json(data: object, path: str | Path) -> Path:
+    """Write the data a figure was drawn from as indented JSON (creating the folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def evicting_budget(policy: Policy, seq_len: int) -> int:
+    """The policy's budget for ``seq_len``-token windows, refused when it keeps them whole:
+    an analysis of what eviction loses needs something evicted."""
+    tokens = policy.slots(seq_len).total
+    if tokens >= seq_len:
+        raise LessKVError(
+            f"a budget of {tokens} tokens keeps all of a {seq_len}-token window: nothing is "
+            "evicted, so there is nothing to analyse"
+        )
+    return tokens
 
 
 def plot_layer_losses(meta: KernelMeta, path: str | Path) -> Path:
