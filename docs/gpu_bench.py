@@ -442,7 +442,7 @@ def sparse_point(bench: Bench, row: DecodeRow, prefilled: dict, copied: bool) ->
     enable(bench.model)
     if row.batch > 1:
         cache.batch_repeat_interleave(row.batch)
-    row.kept_tokens = cache.layers[0].budget
+    row.kept_tokens = cache.layers[0].capacity
     token = prefilled["token"].repeat_interleave(row.batch, 0)
     timed_row(bench, row, bench.model.forward, cache, token)
 

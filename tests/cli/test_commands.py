@@ -9,6 +9,8 @@ import torch
 from helpers import WORDS, kernel_set, make_tiny_model, save_tiny, tiny_tokenizer
 from lesskv.cli import main
 from lesskv.cli.demo import _show_generation
+from lesskv.core.budget import Budget
+from lesskv.hf.cache import LessCache
 
 
 def _text_file(tmp_path):
@@ -280,3 +282,27 @@ def test_train_collects_layers_in_groups_within_the_store_budget(capsys, tmp_pat
     assert not (tmp_path / "kernels").exists()
     assert main([*args, "--store-budget", str(one_layer)]) == 0
     assert (tmp_path / "kernels" / "lesskv_kernels.json").exists()
+
+
+def test_a_budget_is_parsed_once_from_the_command_line_to_the_cache(capsys, tmp_path, monkeypatch):
+    """``--budget 25%`` is text only where it enters: argparse parses it, and the policy, the
+    cache and each of its layers receive that Budget; the cache resolves it once, against the
+    prompt."""
+    save_tiny(tmp_path / "model")
+    parse, texts, caches = Budget.parse.__func__, [], []
+    monkeypatch.setattr(
+        Budget, "parse", classmethod(lambda cls, v: texts.append(v) or parse(cls, v))
+    )
+    init = LessCache.__init__
+    monkeypatch.setattr(
+        LessCache, "__init__", lambda self, *a, **k: caches.append(self) or init(self, *a, **k)
+    )
+    args = ["generate", "--model", str(tmp_path / "model"), "--method", "baseline"]
+    prompt = " ".join(WORDS[2:] * 5)  # 40 words
+    assert main([*args, "--budget", "25%", "--prompt", prompt, "--max-new-tokens", "3"]) == 0
+    assert [t for t in texts if not isinstance(t, Budget)] == ["25%"]
+    (cache,) = caches
+    assert cache.policy.budget == Budget(0.25)
+    prompt_tokens = len(tiny_tokenizer()(prompt).input_ids)
+    assert cache.layers[0].capacity == round(0.25 * prompt_tokens)
+    capsys.readouterr()

@@ -64,7 +64,9 @@ def test_every_command_is_a_module_with_add_parser_and_run():
     ("args", "message"),
     [
         (["--policy", "nope", "--budget", "8"], "unknown policy"),
-        (["--budget", "0"], "budget must be > 0"),
+        (["--budget", "0"], "argument --budget: budget must be > 0"),
+        (["--budget", "ten"], "argument --budget: budget 'ten' is not a number"),
+        (["--policy", "lru", "--budget", "8"], "argument --policy: unknown policy 'lru'"),
         (["--budget", "1.5"], "ambiguous"),
         (["--policy", "lambda", "--budget", "4"], "sinks"),
         (["--budget", "8", "--methods", "full,magic"], "unknown method"),

@@ -30,3 +30,14 @@ def test_state_weighs_about_half_rank_pairs():
     assert state_size_in_tokens(8, 64) == 4
     assert state_size_in_tokens(8, 128) == 4
     assert state_size_in_tokens(16, 64) == 8
+
+
+def test_a_policy_takes_a_budget_or_a_number_never_text():
+    """Text is parsed once, at the edge (``make_policy``, the CLI's argparse type); a policy
+    built directly checks a number and refuses text rather than parsing it a second time."""
+    from lesskv.core.policies import H2O, make_policy
+
+    assert H2O(0.1).budget == Budget(0.1) == make_policy("h2o", "10%").budget
+    assert H2O(Budget(64)).budget == Budget(64)
+    with pytest.raises(LessKVError, match="must be a number"):
+        H2O("0.1")

@@ -10,7 +10,7 @@ from helpers import BUDGET, decode_steps, kernel_set, make_tiny_model, prompt
 from lesskv.core.policies import POLICIES, make_policy
 from lesskv.errors import LessKVError
 from lesskv.evaluation.generation import prefill_in_chunks
-from lesskv.hf import attention
+from lesskv.hf import attention, recurrent
 from lesskv.hf.cache import LessCache
 from lesskv.hf.compat import cache_argument
 from lesskv.hf.methods import make_cache, set_method, using_method
@@ -55,10 +55,10 @@ def test_a_plain_prompt_takes_the_prompt_path_to_the_same_cache(policy, monkeypa
     ids = prompt(60, batch=2)
     kernels = kernel_set(model, policy)
     caches, taken = {}, []
-    real = attention._prompt_attention
+    real = recurrent._prompt_attention
     for fast in (True, False):
         fake = (lambda *a: taken.append(1) or real(*a)) if fast else (lambda *a: None)
-        monkeypatch.setattr(attention, "_prompt_attention", fake)
+        monkeypatch.setattr(recurrent, "_prompt_attention", fake)
         cache = LessCache(model, make_policy(policy, BUDGET), kernels=kernels)
         with torch.no_grad():
             logits = model(input_ids=ids, use_cache=True, **cache_argument(model, cache)).logits
@@ -346,11 +346,11 @@ def test_a_fractional_budget_is_the_same_fraction_of_a_prompt_fed_in_chunks(chun
     chunked = LessCache(model, "h2o", 0.25)
     with torch.no_grad():
         prefill_in_chunks(model, ids, chunked, chunk)
-    assert [layer.budget for layer in chunked.layers] == [10] * len(chunked.layers)
-    assert [layer.budget for layer in at_once.layers] == [10] * len(at_once.layers)
+    assert [layer.capacity for layer in chunked.layers] == [10] * len(chunked.layers)
+    assert [layer.capacity for layer in at_once.layers] == [10] * len(at_once.layers)
     with pytest.raises(LessKVError, match="before the cache's first call"):
         chunked.resolve_budget(80)
     chunked.reset()  # a new generation resolves anew, from its own first call
     with torch.no_grad():
         model(input_ids=ids[:, :20], use_cache=True, **cache_argument(model, chunked))
-    assert chunked.layers[0].budget == 5
+    assert chunked.layers[0].capacity == 5

@@ -139,7 +139,7 @@ def test_local_layers_keep_their_window_batched_and_chunked(family):
     assert torch.equal(together[1], generate(b)[0][0])
     plain = model.generate(input_ids=a, max_new_tokens=10, do_sample=False)[:, 40:]
     assert torch.equal(generate(a)[0], plain)  # budget 64 > 50: only the window evicts
-    windows = [layer.budget for layer in cache.layers if layer.window is not None]
+    windows = [layer.capacity for layer in cache.layers if layer.window is not None]
     assert windows and set(windows) == {16}
     chunked = LessCache(model, "h2o", 64)
     with torch.no_grad():

@@ -2,17 +2,26 @@
 spends per KV head is what its cache holds; its parallel form and its cache agree; names are
 checked in one place."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from helpers import BUDGET, decode_steps, kernel_set, make_tiny_model, prompt
 from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
+from lesskv.hf import methods
 from lesskv.hf.methods import METHODS, REGISTRY, get_method, make_cache, using_method
 from lesskv.hf.methods.performer import RandomFeatures
 from lesskv.hf.modules import attention_modules, kv_heads
 
 RANK = 4  # the tiny kernel set's
+
+
+def test_a_method_is_a_file_the_registry_finds():
+    """Adding a method is adding a file to hf/methods: each file defines one, found by name."""
+    files = {p.stem for p in Path(methods.__file__).parent.glob("*.py")} - {"__init__", "base"}
+    assert {type(m).__module__.rsplit(".", 1)[1] for m in REGISTRY.values()} == files
 
 
 def test_every_method_is_registered_under_its_own_name():
@@ -47,9 +56,13 @@ def test_decoding_with_the_methods_cache_is_its_parallel_form(name):
     method, policy = get_method(name), make_policy("h2o", BUDGET)
     kernels = kernel_set(model) if method.needs_kernels else None
     ids = prompt(30)
-    layers = list(kernels.layers) if kernels is not None else None
-    with using_method(model, name, policy=policy, kernels=layers, rank=RANK), torch.no_grad():
+    # the same LessKernels as make_cache takes below (one kernel module per layer works too)
+    with using_method(model, name, policy=policy, kernels=kernels, rank=RANK), torch.no_grad():
         parallel = model(input_ids=ids).logits
+    if kernels is not None:
+        layers = list(kernels.layers)
+        with using_method(model, name, policy=policy, kernels=layers, rank=RANK):
+            assert torch.equal(model(input_ids=ids).logits, parallel)
     cache = make_cache(model, name, policy, kernels, rank=RANK)
     if cache is None:
         with torch.no_grad():

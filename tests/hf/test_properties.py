@@ -192,7 +192,7 @@ def test_chunked_prefill_stays_within_the_budget_and_exact_when_it_holds_everyth
             out = model(input_ids=chunk, use_cache=True, **cache_argument(model, cache))
             logits.append(out.logits.float())
             for layer in cache.layers:  # never more than the budget, fully used
-                assert int(layer.valid.sum(-1).max()) == min(layer.seen, layer.budget)
+                assert int(layer.valid.sum(-1).max()) == min(layer.seen, layer.capacity)
             if state is None:
                 state = cache.memory_bytes()
             assert cache.memory_bytes() == state  # fixed at the first chunk

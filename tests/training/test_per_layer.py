@@ -204,7 +204,7 @@ def test_fused_collection_records_what_the_reference_does(name):
 
 def test_a_bf16_models_activations_keep_their_range_and_dtype(tmp_path):
     """fp16 would turn 70000 into inf; a store is never read back as another dtype."""
-    shape = dict(n=1, hq=1, hkv=1, t=3, d=1, budget=1)
+    shape = dict(n=1, hq=1, hkv=1, t=3, d=1, kept=1)
     store = ActivationStore(tmp_path, 0, **shape, dtype=torch.bfloat16)
     query = torch.tensor([70000.0, -3.5, 1e-3]).view(1, 3, 1).bfloat16()
     store.write(0, query=query, steps=torch.tensor([[3, 3, 3]]))
@@ -218,7 +218,7 @@ def test_a_bf16_models_activations_keep_their_range_and_dtype(tmp_path):
 def test_a_stores_size_is_known_before_it_exists(tmp_path):
     dims = dict(n=3, hq=6, hkv=2, t=10, d=4)
     for dtype in (torch.float32, torch.bfloat16):
-        store = ActivationStore(tmp_path / str(dtype), 0, **dims, budget=2, dtype=dtype)
+        store = ActivationStore(tmp_path / str(dtype), 0, **dims, kept=2, dtype=dtype)
         on_disk = sum(p.stat().st_size for p in store.dir.iterdir())
         assert on_disk == ActivationStore.nbytes(**dims)
 
@@ -313,7 +313,7 @@ def test_an_interrupted_collection_runs_only_the_missing_windows(tmp_path):
 
 
 def _store_with_windows(tmp_path, n=5):
-    store = ActivationStore(tmp_path, 0, n=n, hq=2, hkv=1, t=4, d=3, budget=1)
+    store = ActivationStore(tmp_path, 0, n=n, hq=2, hkv=1, t=4, d=3, kept=1)
     generator = torch.Generator().manual_seed(0)
     for i in range(n):
         store.write(

@@ -19,6 +19,7 @@ from lesskv.cli.common import (
     add_kernels_arg,
     add_model_args,
     add_policy_args,
+    command_policy,
     load_kernels,
     model_dtype,
     non_negative_int,
@@ -154,12 +155,11 @@ def run(args: argparse.Namespace) -> None:
 def run_residual(args: argparse.Namespace) -> None:
     """Average the energy spectra over the windows; print a row per layer, write the figure."""
     from lesskv.analysis.figures import plot_residual_energy, residual_energy
-    from lesskv.core.policies import make_policy
     from lesskv.data import load_texts, token_windows
     from lesskv.hf.loading import load_model
     from lesskv.hf.modules import check_fits
 
-    policy = make_policy(args.policy, args.budget)
+    policy = command_policy(args)
     policy.slots(args.seq_len)
     if args.windows < 1:
         raise LessKVError(f"--windows must be >= 1, got {args.windows}")
@@ -189,13 +189,12 @@ def run_oracle(args: argparse.Namespace) -> None:
     """Score the references and every rank; without usable kernels the LESS line is left out,
     not fatal (unless --kernels was asked for explicitly)."""
     from lesskv.analysis.oracle import check_ranks, oracle_perplexity, plot_oracle
-    from lesskv.core.policies import make_policy
     from lesskv.data import load_texts, token_windows
     from lesskv.hf.loading import load_model
     from lesskv.hf.modules import check_fits
 
     ranks = parse_ranks(args.ranks)
-    policy = make_policy(args.policy, args.budget)
+    policy = command_policy(args)
     policy.slots(args.seq_len)
     if args.windows < 1 or args.batch_size < 1:
         raise LessKVError("--windows and --batch-size must be >= 1")
@@ -223,13 +222,12 @@ def run_layers(args: argparse.Namespace) -> None:
     """Score the reference methods, then diagnose every layer against them."""
     from lesskv.analysis.layers import diagnose_layers, plot_layers
     from lesskv.analysis.oracle import check_ranks
-    from lesskv.core.policies import make_policy
     from lesskv.data import load_texts, token_windows
     from lesskv.evaluation.perplexity import evaluate_perplexity
     from lesskv.hf.loading import load_model
     from lesskv.hf.modules import check_fits
 
-    policy = make_policy(args.policy, args.budget)
+    policy = command_policy(args)
     policy.slots(args.seq_len)
     if min(args.windows, args.oracle_rank, args.layer_step) < 1:
         raise LessKVError("--windows, --oracle-rank and --layer-step must be >= 1")
@@ -261,12 +259,11 @@ def run_attention(args: argparse.Namespace) -> None:
     """Draw the maps of one head; without usable kernels the LESS map is left out, not fatal
     (unless --kernels was asked for explicitly)."""
     from lesskv.analysis.figures import attention_maps, plot_attention_maps
-    from lesskv.core.policies import make_policy
     from lesskv.data import load_texts, token_windows
     from lesskv.hf.loading import load_model
     from lesskv.hf.modules import check_fits
 
-    policy = make_policy(args.policy, args.budget)
+    policy = command_policy(args)
     model, tokenizer = load_model(args.model, dtype=model_dtype(args))
     check_fits(model, args.seq_len, "the --seq-len tokens of the text")
     if args.text is not None:

@@ -16,6 +16,7 @@ from lesskv.cli.common import (
     add_kernels_arg,
     add_model_args,
     add_policy_args,
+    command_policy,
     load_kernels,
     model_dtype,
     model_placement,
@@ -91,7 +92,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Check the grid, load once, time every grid point, then report the memory fit."""
-    from lesskv.core.policies import make_policy
     from lesskv.data import load_texts
     from lesskv.evaluation.bench import check_contexts, parse_int_list, run_benchmark
     from lesskv.hf.loading import load_model
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> None:
     methods = _check_args(args)
     placement = model_placement(args)
     step = step_options(args, placement)
-    policy = make_policy(args.policy, args.budget)
+    policy = command_policy(args)
     for context in contexts:
         policy.slots(context)  # validates the budget before any loading
     texts = load_texts(args.data, field=args.field)

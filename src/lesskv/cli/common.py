@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from lesskv.core.budget import DEFAULT_MODEL, POLICY_NAMES
+from lesskv.core.budget import DEFAULT_MODEL, POLICY_NAMES, Budget, policy_name
 from lesskv.errors import LessKVError
 
 if TYPE_CHECKING:
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from lesskv.core.policies import Policy
     from lesskv.hf.checkpoint import LessKernels
     from lesskv.hf.methods import StepOptions
+
+T = TypeVar("T")
 
 
 def positive_int(text: str) -> int:
@@ -179,16 +181,39 @@ def add_policy_args(p: argparse.ArgumentParser, budget: str | None = None) -> No
     """``--policy`` and ``--budget``; ``budget=None`` makes the budget required."""
     p.add_argument(
         "--policy",
+        type=_argparse_type(policy_name),
         default="h2o",
         help="sparse policy: " + ", ".join(POLICY_NAMES) + " (h2o default)",
     )
     p.add_argument(
         "--budget",
+        type=_argparse_type(Budget.parse),
         default=budget,
         required=budget is None,
         help="KV pairs kept per head: a token count (>= 1) or a fraction of the sequence "
         "(0.1 or 10%%)",
     )
+
+
+def _argparse_type(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """``parse`` as an argparse type: the value is parsed once, where it enters, and a bad one
+    is argparse's one-line error naming the flag."""
+
+    def parsed(text: str) -> T:
+        try:
+            return parse(text)
+        except LessKVError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parsed.__name__ = parse.__name__  # what argparse names in its message
+    return parsed
+
+
+def command_policy(args: argparse.Namespace) -> Policy:
+    """The policy ``--policy`` and ``--budget`` name (both already parsed by argparse)."""
+    from lesskv.core.policies import make_policy
+
+    return make_policy(args.policy, args.budget)
 
 
 def add_data_args(p: argparse.ArgumentParser, default: str | None = "builtin") -> None:
@@ -271,13 +296,13 @@ def kernels_folder(path: Path | None, model_name: str, policy: Policy) -> Path:
     at another budget than the one asked for, and the user should know what LESS runs with."""
     if path is not None:
         return path
-    from lesskv.hf.checkpoint import shipped_kernels
+    from lesskv.hf.checkpoint import kernel_meta, shipped_kernels
 
     folder = shipped_kernels(model_name, policy)
-    trained = folder.name.removeprefix(f"{DEFAULT_MODEL}-{policy.name}-")
+    trained = kernel_meta(folder)
     print(
-        f"lesskv: using the shipped kernels {folder.name} (trained for {policy.name} at "
-        f"budget {trained}) for budget {policy.budget}",
+        f"lesskv: using the shipped kernels {folder.name} (trained for {trained.policy} at "
+        f"budget {trained.budget}) for budget {policy.budget}",
         file=sys.stderr,
     )
     return folder

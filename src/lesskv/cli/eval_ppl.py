@@ -12,6 +12,7 @@ from lesskv.cli.common import (
     add_kernels_arg,
     add_model_args,
     add_policy_args,
+    command_policy,
     load_kernels,
     model_dtype,
     model_placement,
@@ -64,7 +65,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Check every argument before loading the model, then score and print one row per method."""
-    from lesskv.core.policies import make_policy
     from lesskv.data import load_texts, token_windows
     from lesskv.evaluation.perplexity import evaluate_perplexity
     from lesskv.hf.loading import load_model
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> None:
     if args.data is None:
         raise LessKVError("--data is required (builtin, a file path, or hf:NAME)")
     methods = parse_methods(args.methods)
-    policy = make_policy(args.policy, args.budget)
+    policy = command_policy(args)
     policy.slots(args.seq_len)  # validates the budget against the window before any loading
     if args.windows is not None and args.windows < 1:
         raise LessKVError(f"--windows must be >= 1, got {args.windows}")

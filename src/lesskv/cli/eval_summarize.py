@@ -13,6 +13,7 @@ from lesskv.cli.common import (
     add_kernels_arg,
     add_model_args,
     add_policy_args,
+    command_policy,
     load_kernels,
     model_dtype,
     model_placement,
@@ -63,12 +64,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Summarize with every method, print the ROUGE table; the JSON keeps the generations."""
-    from lesskv.core.policies import make_policy
     from lesskv.evaluation.summarization import as_rows, evaluate_summarization, load_examples
     from lesskv.hf.loading import load_model
 
     methods = parse_methods(args.methods)
-    policy = make_policy(args.policy, args.budget)
+    policy = command_policy(args)
     if args.samples < 1:
         raise LessKVError("--samples must be >= 1")
     placement = model_placement(args)

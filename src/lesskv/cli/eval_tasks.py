@@ -12,6 +12,7 @@ from lesskv.cli.common import (
     add_kernels_arg,
     add_model_args,
     add_policy_args,
+    command_policy,
     load_kernels,
     model_dtype,
     model_placement,
@@ -68,7 +69,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Score every task with every method and print one row per (task, method)."""
-    from lesskv.core.policies import make_policy
 
     require("lm_eval", "tasks", "lesskv eval tasks")
     from lesskv.evaluation.tasks import evaluate_tasks, quiet_lm_eval
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> None:
 
     methods = parse_methods(args.methods)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    policy = make_policy(args.policy, args.budget)
+    policy = command_policy(args)
     placement = model_placement(args)
     quiet_lm_eval()
     model, tokenizer = load_model(args.model, dtype=model_dtype(args), **placement)

@@ -14,6 +14,7 @@ from lesskv.cli.common import (
     add_policy_args,
     check_evicts,
     check_training_args,
+    command_policy,
     kernels_folder,
     load_kernels,
     model_dtype,
@@ -85,7 +86,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     """Tune the starting kernels (whatever policy they were trained for: the policy only picks
     the shipped set) and report the validation KL before and after."""
-    from lesskv.core.policies import make_policy
     from lesskv.data import length_mix, load_texts
     from lesskv.hf.loading import load_model
     from lesskv.hf.modules import check_fits
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> None:
     placement = model_placement(args)
     model, tokenizer = load_model(args.model, dtype=model_dtype(args), **placement)
     check_fits(model, max(args.seq_len), "--seq-len windows")
-    policy = make_policy(args.policy, args.budget)
+    policy = command_policy(args)
     check_evicts(policy, args.seq_len)
     base = kernels_folder(args.kernels, args.model, policy)
     kernels = load_kernels(base, args.model, model, policy, transfer=True)

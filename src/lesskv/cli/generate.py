@@ -13,6 +13,7 @@ from lesskv.cli.common import (
     add_kernels_arg,
     add_model_args,
     add_policy_args,
+    command_policy,
     load_kernels,
     model_dtype,
     model_placement,
@@ -60,7 +61,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Stream the text to stdout; the cache's size goes to stderr so stdout stays the text."""
-    from lesskv.core.policies import make_policy
     from lesskv.evaluation.generation import generate_text
     from lesskv.hf.loading import load_model
     from lesskv.hf.methods import get_method, make_cache
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> None:
         raise LessKVError("--max-new-tokens must be >= 1")
     placement = model_placement(args)
     step = step_options(args, placement)
-    policy = make_policy(args.policy, args.budget)
+    policy = command_policy(args)
     model, tokenizer = load_model(args.model, dtype=model_dtype(args), **placement)
     kernels = (
         load_kernels(args.kernels, args.model, model, policy) if method.needs_kernels else None

@@ -17,6 +17,7 @@ from lesskv.cli.common import (
     add_policy_args,
     check_evicts,
     check_training_args,
+    command_policy,
     model_dtype,
     model_placement,
     positive_float,
@@ -141,7 +142,6 @@ def byte_size(text: str) -> int:
 
 def run(args: argparse.Namespace) -> None:
     """Check the arguments and read the data before any process group or model exists."""
-    from lesskv.core.policies import make_policy
     from lesskv.data import load_texts
     from lesskv.training import distributed
 
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> None:
         raise LessKVError(
             "--device-map cannot be used under torchrun: each process takes its own GPU"
         )
-    policy = make_policy(args.policy, args.budget)
+    policy = command_policy(args)
     check_evicts(policy, args.seq_len)
     texts = load_texts(args.data, field=args.field)
     if launched:

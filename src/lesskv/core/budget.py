@@ -17,6 +17,14 @@ STATES = ("decay", "paper")
 POLICY_NAMES = ("h2o", "lambda", "tova")
 
 
+def policy_name(name: str) -> str:
+    """A policy's canonical name (``"Λ"`` and any case accepted), or one clear error."""
+    key = name.strip().lower().replace("λ", "lambda")
+    if key not in POLICY_NAMES:
+        raise LessKVError(f"unknown policy {name!r}: choose one of {', '.join(POLICY_NAMES)}")
+    return key
+
+
 @dataclass(frozen=True)
 class Budget:
     """How many KV pairs a policy may keep per KV head.

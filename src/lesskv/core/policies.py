@@ -23,7 +23,7 @@ from typing import ClassVar, TypeVar
 
 import torch
 
-from lesskv.core.budget import Budget
+from lesskv.core.budget import Budget, policy_name
 from lesskv.errors import LessKVError
 
 T = TypeVar("T", int, torch.Tensor)
@@ -45,7 +45,8 @@ class Policy(ABC):
     uses_attention: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "budget", Budget.parse(self.budget))
+        if not isinstance(self.budget, Budget):  # a plain number, checked; text is parsed
+            object.__setattr__(self, "budget", Budget(self.budget))  # once, by make_policy
 
     def split(self, total: int) -> Slots:
         """How a budget of ``total`` pairs divides into protected sinks and recent tokens."""
@@ -232,9 +233,6 @@ POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (H2O, LambdaShape,
 
 
 def make_policy(name: str, budget: Budget | str | float, **options) -> Policy:
-    """Build a policy by name (``h2o``, ``lambda``, ``tova``), with a clear error for unknown
-    names."""
-    key = name.strip().lower().replace("λ", "lambda")
-    if key not in POLICIES:
-        raise LessKVError(f"unknown policy {name!r}: choose one of {', '.join(POLICIES)}")
-    return POLICIES[key](Budget.parse(budget), **options)
+    """Build a policy by name (``h2o``, ``lambda``, ``tova``): the API's edge, where a budget
+    given as text (``"10%"``) is parsed; the CLI's argparse hands over a parsed Budget."""
+    return POLICIES[policy_name(name)](Budget.parse(budget), **options)

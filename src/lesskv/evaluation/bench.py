@@ -273,7 +273,7 @@ def _row(
         policy="" if full or policy is None else f"{policy.name}-{policy.budget}",
         context=context,
         batch=batch,
-        budget_tokens=context if full else run.cache.layers[0].budget,
+        budget_tokens=context if full else run.cache.layers[0].capacity,
         new_tokens=len(run.steps),
         prefill_s=run.prefill_s,
         decode_ms_per_token=float(np.median(run.steps)) * 1e3,

@@ -161,7 +161,7 @@ class LessLM(TemplateLM):
             "for generation with real eviction use 'lesskv eval summarize'"
         )
 
-    def _budget(self, seq_len: int) -> int:
+    def _allowed(self, seq_len: int) -> int:
         """Pairs the policy's budget allows a ``seq_len``-token request (0: full attention)."""
         return self.policy.budget.tokens(seq_len) if get_method(self.method).sparse else 0
 
@@ -189,17 +189,17 @@ class LessLM(TemplateLM):
         for _, context, continuation in requests:
             whole = (context + continuation)[-(self.max_length + 1) :]
             inputs.append((whole[:-1], whole[-len(continuation) :]))
-        budgets = [self._budget(len(ids)) for ids, _ in inputs]
+        allowed = [self._allowed(len(ids)) for ids, _ in inputs]
         policies: dict[int, Policy | None] = {}
-        for budget, (ids, _) in zip(budgets, inputs, strict=True):
-            if budget not in policies:  # every budget is checked before any forward pass
-                policies[budget] = self._resolved(budget, len(ids))
+        for tokens, (ids, _) in zip(allowed, inputs, strict=True):
+            if tokens not in policies:  # every budget is checked before any forward pass
+                policies[tokens] = self._resolved(tokens, len(ids))
         method, head_dim, rank = self.method, self.head_dim, self.state_rank
         self._last_sizes = [
-            (len(ids), kept_tokens(method, policies[budget], len(ids), head_dim, rank))
-            for budget, (ids, _) in zip(budgets, inputs, strict=True)
+            (len(ids), kept_tokens(method, policies[tokens], len(ids), head_dim, rank))
+            for tokens, (ids, _) in zip(allowed, inputs, strict=True)
         ]
-        order = sorted(range(len(inputs)), key=lambda i: (budgets[i], -len(inputs[i][0])))
+        order = sorted(range(len(inputs)), key=lambda i: (allowed[i], -len(inputs[i][0])))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(inputs)
         bar = tqdm(
             total=len(inputs),
@@ -208,10 +208,10 @@ class LessLM(TemplateLM):
             disable=disable_tqdm or not self.progress,
         )
         try:
-            for budget, members in groupby(order, key=budgets.__getitem__):
+            for tokens, members in groupby(order, key=allowed.__getitem__):
                 members = list(members)
                 set_method(
-                    self.model, method, policy=policies[budget], kernels=self.kernels, rank=rank
+                    self.model, method, policy=policies[tokens], kernels=self.kernels, rank=rank
                 )
                 for start in range(0, len(members), self.batch_size):
                     batch = members[start : start + self.batch_size]

@@ -5,7 +5,8 @@ lesskv ever makes to a model. Everything a call needs travels with that call, so
 serve many threads or asyncio tasks at once:
 
 * the recurrent form (decoding with real eviction): a :class:`~lesskv.hf.cache.LessCache`
-  holds its policy, kernels and state. Its own ``update``, which every attention layer calls
+  holds its policy, kernels and state, and :mod:`lesskv.hf.recurrent` runs the step on the
+  layer. The cache's own ``update``, which every attention layer calls
   with its ``layer_idx`` just before attention, hands the layer over to the attention function
   through a context variable (:func:`hand_over`). No keyword argument of model code is
   involved, and a hand-over that attention never claims raises instead of decoding from a
@@ -35,9 +36,8 @@ from lesskv.core import eviction, math
 from lesskv.core.memory import release_freed_memory
 from lesskv.core.merge import merge_parallel
 from lesskv.core.policies import Policy, Slots, keep_mask_from_steps, state_steps
-from lesskv.core.state import fading
 from lesskv.errors import LessKVError
-from lesskv.hf import adapters
+from lesskv.hf import adapters, recurrent
 from lesskv.hf.compat import check_versions
 from lesskv.hf.modules import attention_modules, attention_scale
 
@@ -173,7 +173,9 @@ def less_attention(
         )
     layer = _claim(module)
     if layer is not None:
-        return _heads_last(recurrent_attention(layer, query, key, value, attention_mask, scale))
+        return _heads_last(
+            recurrent.recurrent_attention(layer, query, key, value, attention_mask, scale)
+        )
     setup = _setup_of(module)
     if setup.observer is not None:
         setup.observer(module, query, key, value)
@@ -270,137 +272,6 @@ def _masked_parallel(
         return math.sparse_output(q, key, value, keep, scale), None, steps
     out, lse = math.sparse_attention(q, key, value, keep, scale)
     return out, lse, steps
-
-
-# Prompt queries are attended a block at a time: the block's logits (batch x query heads x
-# rows x keys) stay near this many elements, which bounds prefill memory and keeps each
-# elementwise pass in cache (1M elements ran 5x faster than whole 1024-row blocks on CPU).
-BLOCK_ELEMENTS = 2**20
-# A plain prompt scored by its policy is attended in blocks four times that size: larger
-# blocks keep its two matmuls efficient. One layer of SmolLM2 (9 query heads, one thread):
-# 2.13 s at 8000 tokens against 2.36 s at 2**21, 2.53 s at 2**20 and 2.18 s at 2**23;
-# 0.62 s at 4096 tokens, as at 2**21 (0.69 s at 2**20, 0.76 s at 2**23).
-PROBABILITY_BLOCK_ELEMENTS = 2**22
-
-
-def recurrent_attention(
-    layer: LessLayer,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
-    """The recurrent LESS attention for one call; returns ``(B, Hkv, G, q, D)``.
-
-    Decoding (one token, already inserted by ``update``): exact softmax over the valid slots
-    plus φ(q)·(H, z), one compiled step (:meth:`LessLayer.attend_one`). A chunk: slots are
-    fully visible, the chunk is causal (and padded as transformers' mask says); afterwards
-    the layer compresses back to its budget.
-    """
-    q = math.group_queries(query, key.shape[1])
-    if key.shape[2] == layer.budget:  # decoding
-        out, lse = layer.attend_one(q, scale)
-        if layer.merge is not None:
-            slots = layer.merge.attend(q, scale)
-            out = math.join_attention(out.float(), lse.float(), *slots).to(out.dtype)
-        return out
-    if layer.seen == 0 and attention_mask is None:
-        prompt = _prompt_attention(layer, q, key, value, scale)
-        if prompt is not None:
-            return prompt
-    visible = _chunk_visibility(layer, attention_mask, q.shape[3])
-    # The chunk's real (non-padding) tokens; its queries see the state aged to their own
-    # positions, counted in real tokens.
-    new_valid = visible[:, 0, 0, -1, layer.budget :].expand(q.shape[0], -1)
-    ages = new_valid.long().cumsum(1)
-    scores = layer.scores
-    scores = torch.cat([scores, scores.new_zeros(*scores.shape[:2], q.shape[3])], -1)
-    outputs = []
-    rows_per_block = max(1, BLOCK_ELEMENTS // query.shape[:2].numel() // key.shape[2])
-    for start in range(0, q.shape[3], rows_per_block):
-        end = min(start + rows_per_block, q.shape[3])
-        rows = slice(start, end)
-        # Causality: chunk tokens after the block's last query are invisible to the block.
-        cols = slice(0, key.shape[2] - q.shape[3] + end)
-        block_visible = visible[..., rows, cols]
-        block_q, block_k, block_v = q[..., rows, :], key[:, :, cols], value[:, :, cols]
-        # fused attention for the output; probabilities only for a policy that scores
-        out, lse = math.sparse_attention(block_q, block_k, block_v, block_visible, scale)
-        if layer.kernels is not None:  # a chunk reads the state before folding its evictions
-            phi = layer.kernels.phi(block_q)
-            phi = phi * fading(layer.kernels, ages[:, None, None, rows, None].float())
-            out = math.less_recurrent(out, lse, phi, layer.state_h, layer.state_z)
-        elif layer.merge is not None:
-            slots = layer.merge.attend(block_q, scale)
-            out = math.join_attention(out.float(), lse.float(), *slots).to(out.dtype)
-        outputs.append(out)
-        if layer.policy.uses_attention:
-            probs = math.probabilities(block_q, block_k, lse, scale, block_visible)
-            scores[..., cols] = layer.policy.update_scores(scores[..., cols], probs.float())
-    layer.compress(key, value, scores, new_valid)
-    return torch.cat(outputs, 3)
-
-
-def _prompt_attention(
-    layer: LessLayer, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
-) -> torch.Tensor | None:
-    """The first call without padding (a plain prompt): the slots are still empty and so is
-    any state, so this is causal attention over the chunk alone, and no mask is built.
-
-    A policy that scores needs every probability, so the attention is computed from them,
-    one row block at a time over the keys up to the block's last row: the logits, a softmax,
-    the output and the policy's column sums; computing the probabilities next to a fused
-    kernel would compute every logit twice. A policy that does not score is one fused causal
-    call. ``None`` where that call does not apply (the general path takes over)."""
-    budget, t = layer.budget, q.shape[3]
-    chunk_k, chunk_v = key[:, :, budget:], value[:, :, budget:]
-    scores = layer.scores.new_zeros(*key.shape[:2], budget + t)
-    if layer.policy.uses_attention:
-        outputs = []
-        rows_per_block = max(1, PROBABILITY_BLOCK_ELEMENTS // q.shape[:3].numel() // t)
-        for start in range(0, t, rows_per_block):
-            end = min(start + rows_per_block, t)
-            logits = math.attention_logits(q[..., start:end, :], chunk_k[:, :, :end], scale)
-            rows = end - start  # the block's own keys: causal, a triangle
-            future = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu(1)
-            logits[..., start:end].masked_fill_(future, math.NEG_INF)
-            probs = logits.softmax(-1, dtype=torch.float32)  # fp32 for 16-bit models too
-            block_v = chunk_v[:, :, :end].float()
-            outputs.append(torch.einsum("bhgqk,bhkd->bhgqd", probs, block_v).to(q.dtype))
-            cols = slice(budget, budget + end)
-            scores[..., cols] = layer.policy.update_scores(scores[..., cols], probs)
-        out = torch.cat(outputs, 3)
-    else:
-        fused = math.causal_attention(q, chunk_k, chunk_v, scale)
-        if fused is None:
-            return None
-        out = fused[0]
-    new_valid = torch.ones(q.shape[0], t, dtype=torch.bool, device=q.device)
-    layer.compress(key, value, scores, new_valid)
-    return out
-
-
-def _chunk_visibility(
-    layer: LessLayer, attention_mask: torch.Tensor | None, q_len: int
-) -> torch.Tensor:
-    """``(B, Hkv, 1, q, budget + q)``: valid slots for every query, then the chunk itself."""
-    slots = layer.valid[:, :, None, None, :].expand(-1, -1, 1, q_len, -1)
-    if layer.window is not None and layer.seen > 0:  # a later chunk: slots out of each query's
-        # window are invisible to it (only the first call may be padded, so positions count on)
-        newest = layer.real_seen.view(-1, 1, 1, 1, 1) + torch.arange(q_len, device=slots.device)
-        in_window = (
-            layer.positions[:, :, None, None, :] > newest.view(-1, 1, 1, q_len, 1) - layer.window
-        )
-        slots = slots & in_window
-    if attention_mask is None:
-        own = torch.ones(q_len, q_len, dtype=torch.bool, device=slots.device).tril()
-        own = own.expand(*slots.shape[:3], q_len, q_len)
-    else:
-        if attention_mask.dtype != torch.bool:
-            attention_mask = attention_mask == 0
-        own = attention_mask[..., -q_len:].unsqueeze(2).expand(-1, slots.shape[1], -1, -1, -1)
-    return torch.cat([slots, own], -1)
 
 
 def _oracle(

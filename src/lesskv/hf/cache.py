@@ -24,18 +24,11 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from lesskv.core.budget import DEFAULT_RANK, Budget
-from lesskv.core.decoding import (
-    SlotBuffers,
-    compile_by_default,
-    compiled_layer_step,
-    priority,
-    unexpired,
-)
+from lesskv.core.decoding import compile_by_default
 from lesskv.core.graphs import CapturedStep, require_cuda
 from lesskv.core.kernels import LayerKernels
 from lesskv.core.merge import MergeSlots
 from lesskv.core.policies import LambdaShape, Policy, make_policy
-from lesskv.core.state import age, fold
 from lesskv.errors import LessKVError
 from lesskv.hf import adapters, attention
 from lesskv.hf.checkpoint import LessKernels
@@ -50,8 +43,8 @@ from lesskv.hf.modules import (
 
 
 class LessLayer(CacheLayerMixin):
-    """One layer's slots and state; lesskv's attention function drives it
-    (:func:`lesskv.hf.attention.recurrent_attention`)."""
+    """One layer's slots and state. It only stores: what a call does to them (insert, attend,
+    evict, fold, compress) is :mod:`lesskv.hf.recurrent`'s, which lesskv's attention runs."""
 
     is_compileable = False
     is_sliding = False
@@ -83,20 +76,20 @@ class LessLayer(CacheLayerMixin):
         # (:meth:`attend_one`), in the same compiled step.
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.seen = 0  # tokens seen, padding included: what positions and masks count
-        self.budget = 0  # slots per KV head, fixed at the first call (fractions need a length)
+        self.capacity = 0  # slots per KV head, fixed at the first call (fractions need a length)
         # The whole prompt's length when it arrives in chunks (LessCache.resolve_budget)
         self.prompt_tokens: int | None = None
 
     # -- transformers' layer interface -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, hkv, q, d = key_states.shape
-        self.budget = self.policy.slots(self.prompt_tokens or q, self.extra).total
+        self.capacity = self.policy.slots(self.prompt_tokens or q, self.extra).total
         dev, dt = key_states.device, key_states.dtype
-        self.keys = key_states.new_zeros(b, hkv, self.budget, d)
-        self.values = value_states.new_zeros(b, hkv, self.budget, d)
-        self.positions = torch.full((b, hkv, self.budget), -1, dtype=torch.long, device=dev)
-        self.scores = torch.zeros(b, hkv, self.budget, dtype=torch.float32, device=dev)
-        self.valid = torch.zeros(b, hkv, self.budget, dtype=torch.bool, device=dev)
+        self.keys = key_states.new_zeros(b, hkv, self.capacity, d)
+        self.values = value_states.new_zeros(b, hkv, self.capacity, d)
+        self.positions = torch.full((b, hkv, self.capacity), -1, dtype=torch.long, device=dev)
+        self.scores = torch.zeros(b, hkv, self.capacity, dtype=torch.float32, device=dev)
+        self.valid = torch.zeros(b, hkv, self.capacity, dtype=torch.bool, device=dev)
         self.real_seen = torch.zeros(b, dtype=torch.long, device=dev)  # non-padding tokens
         self.state_h = torch.zeros(b, hkv, self.rank, d, dtype=torch.float32, device=dev)
         self.state_z = torch.zeros(b, hkv, self.rank, dtype=torch.float32, device=dev)
@@ -166,111 +159,6 @@ class LessLayer(CacheLayerMixin):
         if self.is_initialized:
             rows = torch.arange(self.keys.shape[0], device=self.device)
             self.batch_select_indices(rows.repeat_interleave(repeats))
-
-    # -- eviction ----------------------------------------------------------------------------
-    def buffers(self) -> SlotBuffers:
-        """The storage a decoding step updates in place."""
-        return SlotBuffers(
-            self.keys, self.values, self.positions, self.scores, self.valid, self.real_seen
-        )
-
-    def attend_one(self, query: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """A decoding step: insert the token ``update`` received, attend over the slots, and
-        fold and read LESS's state if the layer has one; one compiled graph unless ``compile``
-        is off (:func:`lesskv.core.decoding.layer_step`). The output and the slots'
-        log-sum-exp; the merge slots take the evicted pair afterwards."""
-        key, value = self.pending
-        self.pending = None
-        less = None if self.kernels is None else (self.kernels, self.state_h, self.state_z)
-        split = self.policy.split(self.budget)
-        args = self.policy, split, self.window, query, key, value, self.buffers(), scale, less
-        step = compiled_layer_step if self.captured is None else self.captured
-        out, lse, evicted = step(*args, enabled=self.compile)
-        if self.merge is not None:
-            keys, values, positions, weight = evicted
-            self._merge(keys, values, positions, weight)
-        return out, lse
-
-    def _evict(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        positions: torch.Tensor,
-        weight: torch.Tensor,
-    ) -> None:
-        """Pairs ``(B, Hkv, N, D)`` at ``positions`` ``(B, Hkv, N)`` leave the slots: into the
-        LESS state or the merge slots, if the layer has one (``weight`` 0 skips a pair)."""
-        if self.kernels is not None:
-            self._fold(keys, values, positions, weight)
-        if self.merge is not None:
-            self._merge(keys, values, positions, weight)
-
-    def _fold(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        positions: torch.Tensor,
-        weight: torch.Tensor,
-    ) -> None:
-        """Add ``ψ(k)ᵀ v`` to the state, faded by the distance to the newest token."""
-        distance = (self.real_seen - 1).view(-1, 1, 1) - positions
-        fold(self.kernels, self.state_h, self.state_z, keys, values, weight, distance)
-
-    def _merge(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        positions: torch.Tensor,
-        weight: torch.Tensor,
-    ) -> None:
-        """Merge the pairs one by one, oldest first: the order teacher-forced decoding would
-        have evicted them in, had the pairs left one per step."""
-        real = weight > 0
-        order = positions.masked_fill(~real, positions.max() + 1).argsort(dim=-1, stable=True)
-        for i in range(int(real.sum(-1).max())):
-            index = order[..., i : i + 1]
-            pair = index.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
-            self.merge.absorb(
-                keys.gather(2, pair)[:, :, 0],
-                values.gather(2, pair)[:, :, 0],
-                weight.gather(-1, index)[..., 0],
-            )
-
-    def compress(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        scores: torch.Tensor,
-        new_valid: torch.Tensor,
-    ) -> None:
-        """After a chunk: keep ``budget`` of slots + chunk tokens, fold the others.
-
-        ``keys/values``: slots then chunk, ``(B, Hkv, budget + q, D)``; ``scores`` the same
-        layout; ``new_valid`` ``(B, q)`` marks the chunk's real (non-padding) tokens.
-        """
-        b, hkv, _, d = keys.shape
-        q = new_valid.shape[1]
-        new_positions = self.real_seen.unsqueeze(1) + new_valid.long().cumsum(1) - 1
-        positions = torch.cat([self.positions, new_positions[:, None].expand(b, hkv, q)], -1)
-        valid = torch.cat([self.valid, new_valid[:, None].expand(b, hkv, q)], -1)
-        self.real_seen.add_(new_valid.long().sum(1))
-        newest = self.real_seen - 1
-        valid = unexpired(valid, positions, newest, self.window)
-        if self.kernels is not None:
-            age(self.kernels, self.state_h, self.state_z, new_valid.long().sum(1))
-        split = self.policy.split(self.budget)
-        order = priority(self.policy, split, scores, positions, valid, newest)
-        kept = order.topk(self.budget, dim=-1, sorted=False).indices.sort(-1).values
-        dropped = torch.ones_like(valid).scatter_(-1, kept, False) & valid
-        self._evict(keys, values, positions, dropped.float())
-        index = kept.unsqueeze(-1).expand(-1, -1, -1, d)
-        # written into the same storage: a decoding step (or a captured graph) finds it there
-        self.keys.copy_(keys.gather(2, index))
-        self.values.copy_(values.gather(2, index))
-        self.positions.copy_(positions.gather(-1, kept))
-        self.valid.copy_(valid.gather(-1, kept))
-        self.scores.copy_(scores.gather(-1, kept))
-        self.seen += q
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held: kept K/V and the summary of the evicted pairs (the LESS state, counted

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_MODEL, DEFAULT_RANK, STATES
+from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_MODEL, DEFAULT_RANK, STATES, Budget
 from lesskv.core.kernels import KernelShape, LayerKernels
 from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError
@@ -223,15 +223,20 @@ def shipped_kernels(model_name: str, policy: Policy) -> Path:
     there is one, else the policy's other set (kernels transfer across budgets, RESULTS.md §6)."""
     if model_name.lower() not in DEFAULT_MODEL_ALIASES:
         raise LessKVError(f"no kernels ship for {model_name}: pass --kernels DIR (lesskv train)")
-    prefix = f"{DEFAULT_MODEL}-{policy.name}-"
-    sets = [name for name in available() if name.startswith(prefix)]
+    trained = {name: kernel_meta(PRETRAINED / name) for name in available()}
+    sets = [name for name, meta in trained.items() if meta.policy == policy.name]
     if not sets:
         raise LessKVError(
             f"no shipped kernels for policy {policy.name} "
             f"(shipped: {', '.join(available()) or 'none'}); pass --kernels DIR"
         )
-    exact = f"{prefix}{policy.budget}"
-    return PRETRAINED / (exact if exact in sets else sets[0])
+    exact = [name for name in sets if Budget.parse(trained[name].budget) == policy.budget]
+    return PRETRAINED / (exact or sets)[0]
+
+
+def kernel_meta(directory: str | Path) -> KernelMeta:
+    """What the kernels in ``directory`` were trained for (the config alone, checked)."""
+    return _read_meta(Path(directory) / CONFIG_FILE)
 
 
 def resolve_kernels(

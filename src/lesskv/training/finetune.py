@@ -79,7 +79,7 @@ def next_token_kl(
     # pass would find its own keys already cached.
     with torch.no_grad(), using_method(model, "full"):
         teacher = model(input_ids=ids, use_cache=False).logits[:, start:].float().log_softmax(-1)
-    with using_method(model, "less", policy=policy, kernels=list(kernels.layers)):
+    with using_method(model, "less", policy=policy, kernels=kernels):
         student = model(input_ids=ids, use_cache=False).logits[:, start:].float().log_softmax(-1)
     return F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean()
 

@@ -121,11 +121,11 @@ class ActivationStore:
         hkv: int,
         t: int,
         d: int,
-        budget: int,
+        kept: int,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.dir = root / f"len_{t}" / f"layer_{layer:03d}"
-        self.budget = budget  # the loss counts positions from here on: something is evicted
+        self.kept = kept  # pairs the policy keeps: the loss counts positions from here on
         self.dir.mkdir(parents=True, exist_ok=True)
         self.suffix, self.numpy_dtype, self.torch_dtype = STORED.get(dtype, DEFAULT_STORED)
         other = [p.name for p in self.dir.glob("query.*") if p.suffix != f".{self.suffix}"]
@@ -318,9 +318,9 @@ def collect_activations(
 def _store(
     model: PreTrainedModel, layer: int, root: Path, n: int, t: int, policy: Policy
 ) -> ActivationStore:
-    budget = policy.slots(t).total
+    kept = policy.slots(t).total
     return ActivationStore(
-        root, layer, **_dimensions(model, layer, n, t), budget=budget, dtype=model.dtype
+        root, layer, **_dimensions(model, layer, n, t), kept=kept, dtype=model.dtype
     )
 
 
@@ -563,7 +563,7 @@ def _mean_loss(loss: Callable[..., torch.Tensor], o_proj: nn.Module, batches: li
     total, windows = 0.0, 0
     with torch.no_grad():
         for store, batch in loaded(batches, o_proj.weight.device):
-            value = loss(o_proj, batch, store.budget)
+            value = loss(o_proj, batch, store.kept)
             size = len(batch["steps"])
             total, windows = total + value.item() * size, windows + size
     return total / windows
@@ -648,7 +648,7 @@ def train_layer(
         train = _batches(stores, shuffled, config.batch_size)
         order = [train[k] for k in torch.randperm(len(train), generator=generator).tolist()]
         for store, batch in loaded(order, o_proj.weight.device):
-            loss = objective(kernels, o_proj, batch, store.budget, kv, scale)
+            loss = objective(kernels, o_proj, batch, store.kept, kv, scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -6,11 +6,14 @@ own attention), ``baseline`` (the sparse policy), ``baseline+`` (the policy with
 weighing as much as LESS's state: the equal-memory comparison), ``merge`` (the policy plus as
 many training-free merge slots for the evicted pairs as that memory holds), ``less`` (the
 policy plus the learned low-rank state) and ``performer`` (that state with random features,
-untrained: the paper's H2O+Performer). Adding one is a new file and a line here.
+untrained: the paper's H2O+Performer). Adding one is adding a file: the registry is every
+:class:`Method` subclass the package's files define.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -25,12 +28,6 @@ from lesskv.hf.attention import LayerSetup, Observer, enable, set_setups, using_
 from lesskv.hf.cache import LessCache
 from lesskv.hf.checkpoint import LessKernels
 from lesskv.hf.methods.base import Method
-from lesskv.hf.methods.baseline import Baseline
-from lesskv.hf.methods.baseline_plus import BaselinePlus
-from lesskv.hf.methods.full import Full
-from lesskv.hf.methods.less import Less
-from lesskv.hf.methods.merge import Merge
-from lesskv.hf.methods.performer import Performer
 from lesskv.hf.modules import (
     attention_modules,
     keeps_native_windows,
@@ -38,10 +35,22 @@ from lesskv.hf.modules import (
     sliding_windows,
 )
 
+
+def _discover() -> dict[str, Method]:
+    """Every method the package's files define, by name, in the order tables list them."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    found, pending = [], [Method]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if "name" in vars(cls) and cls.__module__.startswith(f"{__name__}."):
+            found.append(cls)
+    return {cls.name: cls() for cls in sorted(found, key=lambda cls: cls.order)}
+
+
 # The registry: every method by name, in the order tables list them.
-REGISTRY: dict[str, Method] = {
-    m.name: m for m in (Full(), Baseline(), BaselinePlus(), Merge(), Less(), Performer())
-}
+REGISTRY: dict[str, Method] = _discover()
 METHODS = tuple(REGISTRY)
 
 
@@ -56,12 +65,13 @@ def set_method(
     model: PreTrainedModel,
     method: str,
     policy: Policy | None = None,
-    kernels: Sequence[nn.Module] | None = None,
+    kernels: LessKernels | Sequence[nn.Module] | None = None,
     rank: int = DEFAULT_RANK,
 ) -> None:
     """Switch every layer to ``method`` (a name of :data:`METHODS`), e.g. ``baseline+``
-    (policy + pairs as large as a rank-``rank`` state) or ``less`` (policy + one kernel
-    module per layer, ``kernels``).
+    (policy + pairs as large as a rank-``rank`` state) or ``less`` (policy + ``kernels``: a
+    :class:`LessKernels`, as :func:`make_cache` takes, or one kernel module per layer, as
+    training holds them).
 
     The choice holds for the calling thread (or asyncio task) only; other threads using the
     same model keep theirs. :func:`using_method` limits it to a block.
@@ -94,11 +104,13 @@ def layer_setups(
     model: PreTrainedModel,
     method: str,
     policy: Policy | None = None,
-    kernels: Sequence[nn.Module] | None = None,
+    kernels: LessKernels | Sequence[nn.Module] | None = None,
     rank: int = DEFAULT_RANK,
 ) -> dict[nn.Module, LayerSetup]:
     """Each attention module's setup for ``method`` (none for ``full``)."""
     chosen = check_method(method, policy, kernels)
+    if isinstance(kernels, LessKernels):
+        kernels = kernels.layers
     modules = attention_modules(enable(model))
     if chosen.needs_kernels and len(kernels) != len(modules):
         raise LessKVError(f"kernels cover {len(kernels)} layers but the model has {len(modules)}")

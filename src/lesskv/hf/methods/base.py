@@ -1,6 +1,7 @@
 """What a method is: how one layer runs it in the parallel form, which cache decodes with it,
 and what memory it spends per KV head. One subclass per method, one file each; the registry
-(:mod:`lesskv.hf.methods`) maps names to instances, so nothing else branches on a name."""
+(:mod:`lesskv.hf.methods`) finds them and maps names to instances, so nothing else branches on
+a name."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class Method:
     pairs. Subclasses say what they add."""
 
     name: ClassVar[str]
+    order: ClassVar[int]  # where help texts and tables list it: the reference first
     summary: ClassVar[str]  # one line, for help texts and tables
     sparse: ClassVar[bool] = True  # False: the model's own attention, no policy
     needs_kernels: ClassVar[bool] = False

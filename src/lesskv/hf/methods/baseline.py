@@ -9,4 +9,5 @@ from lesskv.hf.methods.base import Method
 
 class Baseline(Method):
     name: ClassVar[str] = "baseline"
+    order: ClassVar[int] = 1
     summary: ClassVar[str] = "the sparse policy alone, keeping BUDGET pairs per KV head"

@@ -11,6 +11,7 @@ from lesskv.hf.methods.base import Method
 
 class BaselinePlus(Method):
     name: ClassVar[str] = "baseline+"
+    order: ClassVar[int] = 2
     summary: ClassVar[str] = "the policy with extra pairs weighing as much as LESS's state"
 
     def extra_tokens(self, rank: int, head_dim: int) -> int:

@@ -9,6 +9,7 @@ from lesskv.hf.methods.base import Method
 
 class Full(Method):
     name: ClassVar[str] = "full"
+    order: ClassVar[int] = 0
     summary: ClassVar[str] = "the model's own attention over every past token"
     sparse: ClassVar[bool] = False
 

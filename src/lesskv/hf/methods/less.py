@@ -11,6 +11,7 @@ from lesskv.hf.methods.base import PAIR_SUMMARY_BYTES, Method
 
 class Less(Method):
     name: ClassVar[str] = "less"
+    order: ClassVar[int] = 4
     summary: ClassVar[str] = "the policy plus the learned low-rank state (needs kernels)"
     needs_kernels: ClassVar[bool] = True
 

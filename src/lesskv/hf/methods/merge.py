@@ -11,6 +11,7 @@ from lesskv.hf.methods.base import Method
 
 class Merge(Method):
     name: ClassVar[str] = "merge"
+    order: ClassVar[int] = 3
     summary: ClassVar[str] = "the policy plus training-free merge slots (same memory as LESS)"
 
     def merge_slots(self, rank: int, head_dim: int) -> int:

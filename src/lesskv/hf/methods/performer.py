@@ -56,6 +56,7 @@ def random_features(module: nn.Module, rank: int) -> RandomFeatures:
 
 class Performer(Method):
     name: ClassVar[str] = "performer"
+    order: ClassVar[int] = 5
     summary: ClassVar[str] = "the policy plus LESS's state with random features (no training)"
 
     def state_bytes(self, rank: int, head_dim: int) -> int:
