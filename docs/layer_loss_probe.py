@@ -9,6 +9,7 @@ the KL between the true attention weights and LESS's implied ones.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,9 +28,12 @@ from lesskv.hf.modules import attention_scale
 
 
 def trained_layer(run: Path, layer: int, like: LayerKernels) -> LayerKernels:
-    """The layer's kernels from a `lesskv train --layers` folder (its per-layer checkpoint)."""
-    kernels = LayerKernels(like.shape).eval()
-    kernels.load_state_dict(load_file(run / "layers" / f"layer_{layer:03d}.safetensors"))
+    """The layer's kernels from a `lesskv train --layers` folder (its per-layer checkpoint), at
+    the hidden width and rank they were trained with."""
+    state = load_file(run / "layers" / f"layer_{layer:03d}.safetensors")
+    _, hidden, rank = state["phi_mlp.w2"].shape
+    kernels = LayerKernels(replace(like.shape, hidden=hidden, rank=rank)).eval()
+    kernels.load_state_dict(state)
     return kernels
 
 
