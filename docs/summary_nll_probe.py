@@ -15,6 +15,8 @@ method: mean NLL per summary token, and LESS minus Baseline+ paired per sample w
 standard error.
 
     OMP_NUM_THREADS=1 python docs/summary_nll_probe.py --samples 30 --json runs/summary_nll.json
+
+With ``--json`` the scores are saved after every sample, and a rerun resumes after the last.
 """
 
 from __future__ import annotations
@@ -101,8 +103,11 @@ def main() -> None:
     examples = load_examples(args.data, args.samples, args.data_dir)
     scores: dict[str, list[float]] = {"full": []}
     scores |= {f"{m}/{f}": [] for m in METHODS for f in FORMS}
-    prompt_tokens = []
-    for example in tqdm(examples, desc="samples"):
+    prompt_tokens: list[int] = []
+    if args.json and args.json.is_file():  # resume: the samples already scored are kept
+        saved = json.loads(args.json.read_text())
+        prompt_tokens, scores = saved.pop("prompt_tokens"), saved
+    for example in tqdm(examples[len(prompt_tokens) :], desc="samples"):
         prompt = fit_prompt(tokenizer, example.prompt, room)
         summary = tokenizer(" " + example.reference.strip(), return_tensors="pt").input_ids
         summary = summary[:, : args.summary_tokens]
@@ -119,6 +124,9 @@ def main() -> None:
                 scores[f"{method}/{form}"].append(
                     through_cache(model, method, policy, kernel_arg, prompt, summary, chunk)
                 )
+        if args.json:  # after every sample: an interrupted run resumes from here
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"prompt_tokens": prompt_tokens, **scores}, indent=2))
     n = len(examples)
     print(f"{n} samples, mean prompt {sum(prompt_tokens) / n:.0f} tokens, {args.policy} {budget}")
     print(f"full: {statistics.mean(scores['full']):.4f}")
@@ -128,9 +136,6 @@ def main() -> None:
         means = [statistics.mean(scores[f"{m}/{form}"]) for m in METHODS]
         diff = paired(scores[f"less/{form}"], scores[f"baseline+/{form}"])
         print(f"| {form} | " + " | ".join(f"{v:.4f}" for v in means) + f" | {diff} |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"prompt_tokens": prompt_tokens, **scores}, indent=2))
 
 
 if __name__ == "__main__":
