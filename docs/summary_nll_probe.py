@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--data", default="xsum", help="xsum, cnn, multinews or a jsonl path")
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--start", type=int, default=0, help="skip this many (split a run)")
     parser.add_argument("--policy", default="h2o")
     parser.add_argument("--budget", default="0.1")
     parser.add_argument("--kernels", default=None, help="default: the shipped set")
@@ -100,7 +101,7 @@ def main() -> None:
     )
     budget = Budget.parse(args.budget)
     room = max_context(model) - args.summary_tokens
-    examples = load_examples(args.data, args.samples, args.data_dir)
+    examples = load_examples(args.data, args.start + args.samples, args.data_dir)[args.start :]
     scores: dict[str, list[float]] = {"full": []}
     scores |= {f"{m}/{f}": [] for m in METHODS for f in FORMS}
     prompt_tokens: list[int] = []

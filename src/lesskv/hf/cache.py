@@ -73,7 +73,7 @@ class LessLayer(CacheLayerMixin):
         self.captured = CapturedStep() if cuda_graphs else None
         self.merge: MergeSlots | None = None
         # The token a decoding ``update`` received, inserted by the attention call that follows
-        # (:meth:`attend_one`), in the same compiled step.
+        # (:func:`lesskv.hf.recurrent.attend_one`), in the same compiled step.
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.seen = 0  # tokens seen, padding included: what positions and masks count
         self.capacity = 0  # slots per KV head, fixed at the first call (fractions need a length)

@@ -105,9 +105,9 @@ def _prompt_attention(
     the output and the policy's column sums; computing the probabilities next to a fused
     kernel would compute every logit twice. A policy that does not score is one fused causal
     call. ``None`` where that call does not apply (the general path takes over)."""
-    budget, t = layer.capacity, q.shape[3]
-    chunk_k, chunk_v = key[:, :, budget:], value[:, :, budget:]
-    scores = layer.scores.new_zeros(*key.shape[:2], budget + t)
+    capacity, t = layer.capacity, q.shape[3]
+    chunk_k, chunk_v = key[:, :, capacity:], value[:, :, capacity:]
+    scores = layer.scores.new_zeros(*key.shape[:2], capacity + t)
     if layer.policy.uses_attention:
         outputs = []
         rows_per_block = max(1, PROBABILITY_BLOCK_ELEMENTS // q.shape[:3].numel() // t)
@@ -120,7 +120,7 @@ def _prompt_attention(
             probs = logits.softmax(-1, dtype=torch.float32)  # fp32 for 16-bit models too
             block_v = chunk_v[:, :, :end].float()
             outputs.append(torch.einsum("bhgqk,bhkd->bhgqd", probs, block_v).to(q.dtype))
-            cols = slice(budget, budget + end)
+            cols = slice(capacity, capacity + end)
             scores[..., cols] = layer.policy.update_scores(scores[..., cols], probs)
         out = torch.cat(outputs, 3)
     else:
@@ -136,7 +136,7 @@ def _prompt_attention(
 def _chunk_visibility(
     layer: LessLayer, attention_mask: torch.Tensor | None, q_len: int
 ) -> torch.Tensor:
-    """``(B, Hkv, 1, q, budget + q)``: valid slots for every query, then the chunk itself."""
+    """``(B, Hkv, 1, q, capacity + q)``: valid slots for every query, then the chunk itself."""
     slots = layer.valid[:, :, None, None, :].expand(-1, -1, 1, q_len, -1)
     if layer.window is not None and layer.seen > 0:  # a later chunk: slots out of each query's
         # window are invisible to it (only the first call may be padded, so positions count on)
@@ -237,9 +237,9 @@ def compress(
     scores: torch.Tensor,
     new_valid: torch.Tensor,
 ) -> None:
-    """After a chunk: keep ``budget`` of slots + chunk tokens, fold the others.
+    """After a chunk: keep the layer's ``capacity`` of slots + chunk tokens, fold the others.
 
-    ``keys/values``: slots then chunk, ``(B, Hkv, budget + q, D)``; ``scores`` the same
+    ``keys/values``: slots then chunk, ``(B, Hkv, capacity + q, D)``; ``scores`` the same
     layout; ``new_valid`` ``(B, q)`` marks the chunk's real (non-padding) tokens.
     """
     b, hkv, _, d = keys.shape
