@@ -190,23 +190,13 @@ def _evict(
     weight: torch.Tensor,
 ) -> None:
     """Pairs ``(B, Hkv, N, D)`` at ``positions`` ``(B, Hkv, N)`` leave the slots: into the
-    LESS state or the merge slots, if the layer has one (``weight`` 0 skips a pair)."""
+    LESS state (``ψ(k)ᵀ v``, faded by the distance to the newest token) or the merge slots, if
+    the layer has one (``weight`` 0 skips a pair)."""
     if layer.kernels is not None:
-        _fold(layer, keys, values, positions, weight)
+        distance = (layer.real_seen - 1).view(-1, 1, 1) - positions
+        fold(layer.kernels, layer.state_h, layer.state_z, keys, values, weight, distance)
     if layer.merge is not None:
         _merge(layer, keys, values, positions, weight)
-
-
-def _fold(
-    layer: LessLayer,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    positions: torch.Tensor,
-    weight: torch.Tensor,
-) -> None:
-    """Add ``ψ(k)ᵀ v`` to the state, faded by the distance to the newest token."""
-    distance = (layer.real_seen - 1).view(-1, 1, 1) - positions
-    fold(layer.kernels, layer.state_h, layer.state_z, keys, values, weight, distance)
 
 
 def _merge(
