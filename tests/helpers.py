@@ -1,14 +1,15 @@
 """What the tests share: tiny random-weight decoders built in code (one per attention layout
-lesskv supports), tiny kernels, prompts and a tiny tokenizer."""
+lesskv supports), tiny kernels, prompts and tiny tokenizers (with and without BOS)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     PreTrainedTokenizerFast,
@@ -36,7 +37,29 @@ TINY_CONFIGS = {
     "mistral": lambda: MistralConfig(
         num_attention_heads=4, num_key_value_heads=1, sliding_window=None, **COMMON
     ),
+    # o_proj maps heads x head_dim to a hidden size that differs from it: a wider one (64 ->
+    # 96, as Gemma 3 1B's 1024 -> 1152) and a narrower one (128 -> 96, as Qwen3-0.6B's 2048 ->
+    # 1024 and Gemma 3 270M's 1024 -> 640)
+    "llama-wide": lambda: LlamaConfig(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, **COMMON
+    ),
+    "llama-narrow": lambda: LlamaConfig(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, **COMMON
+    ),
+    # Gemma 3 270M in small: local (sliding) layers around a global one, 4 query heads on ONE
+    # KV head of dimension 256 (4 x 256 = 1024 -> hidden 96)
+    "gemma3": lambda: Gemma3TextConfig(
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        **{**COMMON, "num_hidden_layers": 3},
+    ),
 }
+# Layouts whose o_proj output (the hidden size) is not heads x head_dim, and the mixed
+# local/global one: what per-layer training, fine-tuning and the analyses must handle.
+SHAPES = ["llama-gqa", "llama-wide", "llama-narrow", "gemma3"]
 
 
 def make_tiny_model(kind: str = "llama-gqa", seed: int = 0, attn: str = "sdpa", **overrides):
@@ -90,21 +113,35 @@ def prompt(length, batch=1, seed=0):
     return torch.randint(1, 97, (batch, length))
 
 
-WORDS = ["<unk>", "<eos>", "the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
+WORDS = ["<unk>", "<eos>", "the", "cat", "sat", "on", "a", "mat", "dog", "ran", "<bos>"]
+BOS = WORDS.index("<bos>")
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
+def tiny_tokenizer(adds_bos: bool = False) -> PreTrainedTokenizerFast:
     """A whitespace word tokenizer whose ids fit the tiny models' 97-token vocabulary; it has
-    an eos token but no pad token, like many real tokenizers."""
+    an eos token but no pad token, like many real tokenizers. ``adds_bos``: it starts every
+    text with ``<bos>``, as Llama's, Gemma's and Mistral's tokenizers do (through the
+    post-processor, which leaves ``add_bos_token`` False)."""
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+    if adds_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", BOS)]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        eos_token="<eos>",
+        bos_token="<bos>" if adds_bos else None,
+    )
 
 
-def save_tiny(directory: Path, kind: str = "llama-gqa") -> torch.nn.Module:
+def save_tiny(
+    directory: Path, kind: str = "llama-gqa", adds_bos: bool = False
+) -> torch.nn.Module:
     model = make_tiny_model(kind)
     model.save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
+    tiny_tokenizer(adds_bos).save_pretrained(directory)
     return model
 
 

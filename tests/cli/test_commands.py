@@ -275,7 +275,7 @@ def test_train_collects_layers_in_groups_within_the_store_budget(capsys, tmp_pat
     args = ["train", "--model", str(tmp_path / "model"), "--data", _text_file(tmp_path)]
     args += ["--budget", "8", "--seq-len", "48", "--sequences", "4", "--epochs", "1"]
     args += ["--rank", "4", "--hidden", "16", "--out", str(tmp_path / "kernels")]
-    one_layer = ActivationStore.nbytes(n=4, hq=6, hkv=2, t=48, d=16)
+    one_layer = ActivationStore.nbytes(n=4, hq=6, hkv=2, t=48, d=16, hidden=96)
     assert main([*args, "--store-budget", str(one_layer - 1)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading bar
     assert err.startswith(f"lesskv: error: one layer's activations need {one_layer} bytes")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_tiny_model, tiny_kernels
+from helpers import SHAPES, make_tiny_model, tiny_kernels
 from lesskv.core import math
 from lesskv.core.distribution import attention_kl
 from lesskv.core.policies import POLICIES, make_policy
@@ -31,8 +31,8 @@ from lesskv.training.per_layer import (
 T = 64
 
 
-def setup(epochs=12, policy="h2o", **overrides):
-    model = make_tiny_model("llama-gqa")
+def setup(epochs=12, policy="h2o", kind="llama-gqa", **overrides):
+    model = make_tiny_model(kind)
     torch.manual_seed(0)
     windows = torch.randint(0, 97, (24, T))
     config = TrainConfig(
@@ -61,6 +61,48 @@ def test_training_beats_baseline_plus_on_validation(tmp_path, name):
     loaded = LessKernels.from_pretrained(tmp_path, model, policy=name)
     assert loaded.meta.val_loss == kernels.meta.val_loss
     assert not (tmp_path / "activations").exists()
+
+
+@pytest.mark.parametrize("kind", SHAPES)
+def test_the_target_is_o_projs_output_at_the_models_hidden_size(tmp_path, kind):
+    """o_proj maps the heads back to the hidden size, which need not be heads x head_dim
+    (Gemma 3, Qwen3): the stored target is what o_proj outputs in the model's own forward,
+    and o_proj of full attention over the stored Q/K/V."""
+    model, windows, policy, _ = setup(kind=kind)
+    module = attention_modules(model)[1]  # a global layer in every layout
+    seen = []
+    handle = module.o_proj.register_forward_hook(lambda m, args, out: seen.append(out))
+    with torch.no_grad():
+        for window in windows[:2]:
+            model(input_ids=window[None])
+    handle.remove()
+    stores = collect_activations(model, windows[:2], [1], policy, tmp_path, 4, progress=False)
+    batch = stores[1].read([0, 1])
+    assert batch["target"].shape == (2, T, model.config.hidden_size)
+    assert torch.allclose(batch["target"], torch.cat(seen), rtol=1e-3, atol=1e-3)
+    hq, d = batch["query"].shape[1], module.head_dim
+    q = batch["query"].view(2, batch["key"].shape[1], -1, T, d)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    out = math.sparse_output(q, batch["key"], batch["value"], causal, module.scaling)
+    expected = module.o_proj(out.reshape(2, hq, T, d).transpose(1, 2).flatten(2))
+    assert torch.allclose(expected, batch["target"], rtol=1e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("kind", SHAPES)
+def test_every_layout_trains_kernels_that_load_and_run(tmp_path, kind):
+    model, windows, policy, config = setup(epochs=2, kind=kind, sequences=8)
+    kernels = train_kernels(model, windows[:8], policy, config, tmp_path, progress=False)
+    losses = [*kernels.meta.val_loss.values(), *kernels.meta.baseline_plus_val_loss.values()]
+    assert losses and all(np.isfinite(losses))
+    loaded = LessKernels.from_pretrained(tmp_path, model, policy="h2o")
+    ids = windows[8:10]
+    with torch.no_grad():
+        set_method(model, "baseline", policy=policy)
+        baseline = model(input_ids=ids).logits
+        set_method(model, "less", policy=policy, kernels=loaded)
+        less = model(input_ids=ids).logits
+    set_method(model, "full")
+    assert torch.isfinite(less).all() and not torch.allclose(less, baseline, atol=1e-4)
 
 
 @pytest.mark.parametrize("loss", ["kl", "mse+kl"])
@@ -204,7 +246,7 @@ def test_fused_collection_records_what_the_reference_does(name):
 
 def test_a_bf16_models_activations_keep_their_range_and_dtype(tmp_path):
     """fp16 would turn 70000 into inf; a store is never read back as another dtype."""
-    shape = dict(n=1, hq=1, hkv=1, t=3, d=1, kept=1)
+    shape = dict(n=1, hq=1, hkv=1, t=3, d=1, hidden=1, kept=1)
     store = ActivationStore(tmp_path, 0, **shape, dtype=torch.bfloat16)
     query = torch.tensor([70000.0, -3.5, 1e-3]).view(1, 3, 1).bfloat16()
     store.write(0, query=query, steps=torch.tensor([[3, 3, 3]]))
@@ -216,7 +258,7 @@ def test_a_bf16_models_activations_keep_their_range_and_dtype(tmp_path):
 
 
 def test_a_stores_size_is_known_before_it_exists(tmp_path):
-    dims = dict(n=3, hq=6, hkv=2, t=10, d=4)
+    dims = dict(n=3, hq=6, hkv=2, t=10, d=4, hidden=20)
     for dtype in (torch.float32, torch.bfloat16):
         store = ActivationStore(tmp_path / str(dtype), 0, **dims, kept=2, dtype=dtype)
         on_disk = sum(p.stat().st_size for p in store.dir.iterdir())
@@ -313,7 +355,7 @@ def test_an_interrupted_collection_runs_only_the_missing_windows(tmp_path):
 
 
 def _store_with_windows(tmp_path, n=5):
-    store = ActivationStore(tmp_path, 0, n=n, hq=2, hkv=1, t=4, d=3, kept=1)
+    store = ActivationStore(tmp_path, 0, n=n, hq=2, hkv=1, t=4, d=3, hidden=6, kept=1)
     generator = torch.Generator().manual_seed(0)
     for i in range(n):
         store.write(

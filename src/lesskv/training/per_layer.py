@@ -121,6 +121,7 @@ class ActivationStore:
         hkv: int,
         t: int,
         d: int,
+        hidden: int,
         kept: int,
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -134,7 +135,7 @@ class ActivationStore:
                 f"{self.dir} holds activations stored as {other[0].split('.')[1]} (another "
                 f"model dtype); this run stores {self.suffix}: use another --out or --overwrite"
             )
-        shapes = self.shapes(n, hq, hkv, t, d)
+        shapes = self.shapes(n, hq, hkv, t, d, hidden)
         self.steps = self._memmap(self.dir / "steps.i32", np.int32, shapes.pop("steps"))
         self.arrays = {
             name: self._memmap(self.dir / f"{name}.{self.suffix}", self.numpy_dtype, shape)
@@ -144,13 +145,17 @@ class ActivationStore:
         self.complete = int(marker.read_text()) if marker.exists() else 0
 
     @staticmethod
-    def shapes(n: int, hq: int, hkv: int, t: int, d: int) -> dict[str, tuple[int, ...]]:
-        """Each array's shape for ``n`` windows (``steps`` int32, the others 2-byte values)."""
+    def shapes(
+        n: int, hq: int, hkv: int, t: int, d: int, hidden: int
+    ) -> dict[str, tuple[int, ...]]:
+        """Each array's shape for ``n`` windows (``steps`` int32, the others 2-byte values);
+        the target is ``o_proj``'s output, of the model's ``hidden`` size, which need not be
+        ``hq * d`` (Gemma 3, Qwen3)."""
         return {
             "query": (n, hq, t, d),
             "key": (n, hkv, t, d),
             "value": (n, hkv, t, d),
-            "target": (n, t, hq * d),
+            "target": (n, t, hidden),
             "sparse_out": (n, hq, t, d),
             "lse": (n, hq, t),
             "plus_out": (n, hq, t, d),
@@ -158,9 +163,10 @@ class ActivationStore:
         }
 
     @classmethod
-    def nbytes(cls, n: int, hq: int, hkv: int, t: int, d: int) -> int:
+    def nbytes(cls, n: int, hq: int, hkv: int, t: int, d: int, hidden: int) -> int:
         """Bytes on disk of a store of these dimensions: what it costs before it exists."""
-        sizes = {name: math.prod(shape) for name, shape in cls.shapes(n, hq, hkv, t, d).items()}
+        shapes = cls.shapes(n, hq, hkv, t, d, hidden)
+        sizes = {name: math.prod(shape) for name, shape in shapes.items()}
         steps = sizes.pop("steps") * np.dtype(np.int32).itemsize
         return steps + sum(sizes.values()) * np.dtype(DEFAULT_STORED[1]).itemsize
 
@@ -328,7 +334,8 @@ def _dimensions(model: PreTrainedModel, layer: int, n: int, t: int) -> dict[str,
     """The store dimensions of ``layer`` for ``n`` windows of ``t`` tokens."""
     module, hkv = attention_modules(model)[layer], kv_heads(model)
     hq = hkv * module.num_key_value_groups
-    return {"n": n, "hq": hq, "hkv": hkv, "t": t, "d": module.head_dim}
+    hidden = module.o_proj.out_features
+    return {"n": n, "hq": hq, "hkv": hkv, "t": t, "d": module.head_dim, "hidden": hidden}
 
 
 def layer_store_bytes(model: PreTrainedModel, layer: int, windows: Sequence[torch.Tensor]) -> int:
