@@ -15,7 +15,18 @@ CUDA_RUNTIME := cuda-bindings cuda-pathfinder cuda-toolkit nvidia-cublas nvidia-
     nvidia-curand nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-nccl-cu13 \
     nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx triton
 
-.PHONY: demo test lint lock test-compat clean
+# The lowest end of the declared transformers range, tested on every change: the pinned releases
+# of tools/lowest-end.txt (transformers at its declared lower bound and the few dependencies that
+# release needs older than the lock's) are installed into a folder put ahead of the lock's on
+# PYTHONPATH, so it costs a few wheels, not a second environment. Its model cache is rebuilt
+# every run, so the default model's first load is tested on that release too.
+LOWEST_END := $(VENV)/lowest-end
+LOWEST_END_TESTS := tests/core/test_decoding.py tests/hf/test_cache.py tests/hf/test_families.py \
+    tests/hf/test_loading.py tests/hf/test_pretrained.py tests/hf/test_compat.py \
+    tests/cli/test_commands.py
+ON_LOWEST_END := PYTHONPATH=$(LOWEST_END) LESSKV_CACHE=$(LOWEST_END)/cache
+
+.PHONY: demo test test-suite test-lowest-end lint lock test-compat clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,8 +39,22 @@ $(STAMP): pyproject.toml requirements.lock
 demo: $(STAMP)
 	$(VENV)/bin/lesskv demo
 
-test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+test: test-suite test-lowest-end
+
+test-suite: $(STAMP)
+	$(PY) -m pytest -q
+
+$(LOWEST_END)/.installed: tools/lowest-end.txt $(STAMP)
+	rm -rf $(LOWEST_END)
+	$(PY) -m pip install -q --no-deps --target $(LOWEST_END) -r tools/lowest-end.txt
+	touch $@
+
+test-lowest-end: $(LOWEST_END)/.installed
+	rm -rf $(LOWEST_END)/cache
+	test "$$($(ON_LOWEST_END) $(PY) -c 'import transformers; print(transformers.__version__)')" \
+	    = "$$(sed -n 's/^transformers==//p' tools/lowest-end.txt)"
+	$(ON_LOWEST_END) $(PY) -m pytest -q -p no:cacheprovider $(LOWEST_END_TESTS)
+	$(ON_LOWEST_END) $(VENV)/bin/lesskv demo --windows 1 > /dev/null
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

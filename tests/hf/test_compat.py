@@ -2,6 +2,7 @@
 
 import warnings
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
@@ -121,3 +122,32 @@ def test_the_command_line_names_the_range_in_one_line(installed, capsys):
     warning, error = capsys.readouterr().err.strip().splitlines()
     assert warning.startswith("lesskv: warning:") and "5.30.0" in warning
     assert error.startswith("lesskv: error:") and "budget" in error
+
+
+class KeywordCache:
+    """A cache as transformers >= 5.24 declares one: update takes the layer's keywords."""
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        return ("keywords", kwargs)
+
+
+class PlainCache:
+    """A cache as earlier releases declare one: update refuses unknown keywords."""
+
+    def update(self, key, value, layer_idx, cache_kwargs=None):
+        return ("plain", cache_kwargs)
+
+
+def test_update_cache_passes_keywords_only_to_caches_that_take_them():
+    passed = {"position_ids": 3}
+    assert compat.update_cache(KeywordCache(), 0, 0, 1, passed) == ("keywords", {"kwargs": passed})
+    assert compat.update_cache(PlainCache(), 0, 0, 1, passed) == ("plain", None)
+
+
+def test_ci_tests_the_declared_lowest_transformers():
+    """`make test` also runs on tools/lowest-end.txt's transformers: it must be the range's
+    lower bound, so that raising or lowering the bound moves what CI tests."""
+    pins = Path(__file__).resolve().parents[2] / "tools" / "lowest-end.txt"
+    pinned = dict(line.split("==") for line in pins.read_text().split())
+    lowest = compat._lowest(compat.declared_ranges()["transformers"])
+    assert Version(pinned["transformers"]) == lowest

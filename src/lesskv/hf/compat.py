@@ -3,7 +3,9 @@
 transformers 5.24 renamed the model/generate argument that carries the cache from
 ``past_key_values=`` to ``cache=`` (the old name is deprecated until 5.40). Callers in lesskv
 never spell either name: they pass ``**cache_argument(model, cache)``, which reads the name
-from the model's own ``forward`` signature rather than from a version number.
+from the model's own ``forward`` signature rather than from a version number. The same release
+began passing the attention layer's keyword arguments on to ``Cache.update(..., kwargs=)``,
+which earlier caches refuse: :func:`update_cache` reads that off the cache's own signature too.
 
 :func:`check_versions` compares the installed torch and transformers with the range this
 package declares (its own metadata, i.e. ``pyproject.toml``) and with :data:`NEWEST_TESTED`, the
@@ -17,11 +19,16 @@ import functools
 import inspect
 import warnings
 from importlib import metadata
+from typing import TYPE_CHECKING
 
 from packaging.requirements import Requirement
 from packaging.version import Version
 
 from lesskv.errors import LessKVError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import Cache
 
 CHECKED = ("torch", "transformers")
 # The newest minor releases the last passing `make test-compat` ran on (its "newest" environment);
@@ -39,6 +46,21 @@ def cache_argument(model: object, cache: object) -> dict[str, object]:
     """``{"cache": cache}`` for models whose forward takes ``cache=`` (transformers >= 5.24),
     ``{"past_key_values": cache}`` before; ``generate`` takes the same name."""
     return {_cache_parameter(type(model)): cache}
+
+
+@functools.cache
+def _takes_keywords(cache_type: type) -> bool:
+    parameters = inspect.signature(cache_type.update).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def update_cache(
+    cache: Cache, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cache.update`` as the installed release's own attention layers call it (for adapters
+    that replace a layer's forward): with ``kwargs=`` where the cache takes it (>= 5.24)."""
+    extra = {"kwargs": kwargs} if _takes_keywords(type(cache)) else {}
+    return cache.update(key, value, layer_idx, **extra)
 
 
 def declared_ranges() -> dict[str, Requirement]:

@@ -168,9 +168,18 @@ def _check_placement(model: PreTrainedModel, device_map: str | dict[str, str]) -
 def _load_pretrained(
     source: str | Path, dtype: torch.dtype, device_map: str | dict[str, str] | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, device_map=device_map, **_LOAD_OPTIONS
-    )
+    """Load with sdpa attention; a family without it (GPT-J on transformers 5.2) loads
+    with its own default instead, so that :func:`attention_modules` names what lesskv lacks
+    rather than the loader's complaint about sdpa."""
+    options = {"dtype": dtype, "device_map": device_map, **_LOAD_OPTIONS}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **options)
+    except ValueError as exc:
+        del options["attn_implementation"]
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, **options)
+        except Exception:
+            raise exc from None
     return model.eval(), AutoTokenizer.from_pretrained(source)
 
 
@@ -248,7 +257,8 @@ def _convert_gguf(out_dir: Path) -> None:
     ).eval()
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
     config = copy.deepcopy(gguf_model.config)
-    del config.quantization_config
+    if hasattr(config, "quantization_config"):  # older transformers records none for GGUF
+        del config.quantization_config
     plain = AutoModelForCausalLM.from_config(
         config, dtype=torch.float32, attn_implementation="sdpa"
     )

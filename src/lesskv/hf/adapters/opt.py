@@ -16,6 +16,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.opt.modeling_opt import OPTAttention, eager_attention_forward
 
 from lesskv.hf.adapters.base import Adapter
+from lesskv.hf.compat import update_cache
 
 
 def _forward(
@@ -35,7 +36,7 @@ def _forward(
     key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
     value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
     if cache is not None:
-        key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+        key, value = update_cache(cache, key, value, self.layer_idx, kwargs)
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, eager_attention_forward
     )
