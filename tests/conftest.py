@@ -8,9 +8,9 @@ import pytest
 # SmolLM2 test): compiling every tiny layout would cost the suite minutes.
 os.environ.setdefault("LESSKV_COMPILE", "0")
 
-from helpers import TINY_CONFIGS, make_tiny_model
+from helpers import UNIFORM, make_tiny_model
 
 
-@pytest.fixture(params=sorted(TINY_CONFIGS))
+@pytest.fixture(params=UNIFORM)
 def tiny_model(request):
     return make_tiny_model(request.param)

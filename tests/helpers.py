@@ -57,6 +57,9 @@ TINY_CONFIGS = {
         **{**COMMON, "num_hidden_layers": 3},
     ),
 }
+# Layouts in which every layer runs the policy (the ``tiny_model`` fixture's); "gemma3" mixes in
+# local layers that keep their own window.
+UNIFORM = sorted(kind for kind in TINY_CONFIGS if kind != "gemma3")
 # Layouts whose o_proj output (the hidden size) is not heads x head_dim, and the mixed
 # local/global one: what per-layer training, fine-tuning and the analyses must handle.
 SHAPES = ["llama-gqa", "llama-wide", "llama-narrow", "gemma3"]
@@ -136,9 +139,7 @@ def tiny_tokenizer(adds_bos: bool = False) -> PreTrainedTokenizerFast:
     )
 
 
-def save_tiny(
-    directory: Path, kind: str = "llama-gqa", adds_bos: bool = False
-) -> torch.nn.Module:
+def save_tiny(directory: Path, kind: str = "llama-gqa", adds_bos: bool = False) -> torch.nn.Module:
     model = make_tiny_model(kind)
     model.save_pretrained(directory)
     tiny_tokenizer(adds_bos).save_pretrained(directory)

@@ -165,6 +165,14 @@ HOSTILE = {
         "of the shape its config names",
     ),
     "weights that are a symlink loop": (_symlink_loop, "is missing"),
+    "config naming a layer the model lacks": (
+        _edit_config(lambda c: c.update(kernel_layers=[0, 5])),
+        r"kernel_layers \[0, 5\] are not .* of a 2-layer model",
+    ),
+    "config naming layers by text": (
+        _edit_config(lambda c: c.update(kernel_layers=["0"])),
+        "kernel_layers",
+    ),
 }
 
 
@@ -176,3 +184,23 @@ def test_hostile_kernel_folders_are_one_line_errors_naming_the_file(tmp_path, ca
     with pytest.raises(LessKVError, match=message) as error:
         LessKernels.from_pretrained(tmp_path)
     assert str(tmp_path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_config_written_before_kernel_layers_existed_has_kernels_for_every_layer(tmp_path):
+    model = make_tiny_model("llama-gqa")
+    kernels = kernels_for(model)
+    kernels.save_pretrained(tmp_path)
+    _edit_config(lambda c: c.pop("kernel_layers"))(tmp_path)
+    loaded = LessKernels.from_pretrained(tmp_path, model)
+    assert loaded.meta.kernel_layers == [0, 1]
+    for a, b in zip(kernels.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_kernels_missing_a_layer_where_the_policy_runs_are_refused(tmp_path):
+    """Kernels for a model whose layer 0 was local (a sliding window) cannot serve one where
+    the policy runs in layer 0 too: the fingerprint alone would not tell them apart."""
+    model = make_tiny_model("llama-gqa")
+    kernels_for(model, kernel_layers=[1]).save_pretrained(tmp_path)
+    with pytest.raises(LessKVError, match=r"none for layers \[0\]"):
+        LessKernels.from_pretrained(tmp_path, model)

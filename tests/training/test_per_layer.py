@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SHAPES, make_tiny_model, tiny_kernels
+from helpers import SHAPES, decode_steps, make_tiny_model, tiny_kernels
 from lesskv.core import math
 from lesskv.core.distribution import attention_kl
 from lesskv.core.policies import POLICIES, make_policy
 from lesskv.errors import LessKVError
-from lesskv.hf.checkpoint import LessKernels
-from lesskv.hf.methods import set_method
+from lesskv.hf.checkpoint import LessKernels, NoKernels
+from lesskv.hf.methods import make_cache, set_method
 from lesskv.hf.modules import attention_modules
 from lesskv.training import per_layer
 from lesskv.training.per_layer import (
@@ -103,6 +103,38 @@ def test_every_layout_trains_kernels_that_load_and_run(tmp_path, kind):
         less = model(input_ids=ids).logits
     set_method(model, "full")
     assert torch.isfinite(less).all() and not torch.allclose(less, baseline, atol=1e-4)
+
+
+def test_a_mixed_model_trains_kernels_for_its_global_layers_only(tmp_path, capsys):
+    """Gemma 3's local layers (0 and 2 here) keep their own window and run no policy: they get
+    no kernels, the checkpoint records which layers have them, and LESS decodes with the
+    loaded kernels exactly as its teacher-forced form runs."""
+    model, windows, policy, config = setup(epochs=1, kind="gemma3", sequences=8)
+    train_kernels(model, windows[:8], policy, config, tmp_path, layers=[0, 1], progress=False)
+    assert "skipping local (sliding-window) layers [0]" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "layers").iterdir()) == ["layer_001.safetensors"]
+    assert json.loads((tmp_path / "lesskv_kernels.json").read_text())["kernel_layers"] == [1]
+    kernels = LessKernels.from_pretrained(tmp_path, model, policy="h2o")
+    assert [type(layer) for layer in kernels.layers] == [
+        NoKernels,
+        type(kernels.layers[1]),
+        NoKernels,
+    ]
+    assert {name.split(".")[1] for name in kernels.state_dict()} == {"1"}
+    ids = windows[8:9, :40]
+    set_method(model, "less", policy=policy, kernels=kernels)
+    with torch.no_grad():
+        parallel = model(input_ids=ids).logits
+    set_method(model, "full")
+    cache = make_cache(model, "less", policy, kernels)
+    assert torch.allclose(decode_steps(model, cache, ids), parallel, atol=1e-4)
+
+
+def test_choosing_only_local_layers_is_refused_before_any_work(tmp_path):
+    model, windows, policy, config = setup(kind="gemma3")
+    with pytest.raises(LessKVError, match=r"layers \[0, 2\] are all local.*among layers \[1\]"):
+        train_kernels(model, windows, policy, config, tmp_path, layers=[0, 2], progress=False)
+    assert not tmp_path.joinpath("run.json").exists()
 
 
 @pytest.mark.parametrize("loss", ["kl", "mse+kl"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import get_origin, get_type_hints
@@ -21,7 +21,7 @@ from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_MODEL, DEFAULT_RANK, STAT
 from lesskv.core.kernels import KernelShape, LayerKernels
 from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError
-from lesskv.hf.modules import attention_modules, kv_heads, model_fingerprint
+from lesskv.hf.modules import attention_modules, kv_heads, model_fingerprint, policy_layers
 
 CONFIG_FILE = "lesskv_kernels.json"
 WEIGHTS_FILE = "kernels.safetensors"
@@ -52,6 +52,21 @@ class KernelMeta:
     # The state's form (lesskv.core.kernels.STATES). Configs saved before the field existed
     # hold the paper's form and load as such (from_pretrained).
     state: str = STATES[0]
+    # The layers that have kernels: those where the policy runs (hf.modules.policy_layers),
+    # not the local layers of a model mixing local and global ones. Empty (configs saved
+    # before the field existed): every layer.
+    kernel_layers: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        layers = self.kernel_layers or list(range(self.num_layers))
+        if layers != sorted(set(layers)) or not all(
+            isinstance(i, int) and 0 <= i < self.num_layers for i in layers
+        ):
+            raise LessKVError(
+                f"kernel_layers {layers} are not distinct, ordered layers of a "
+                f"{self.num_layers}-layer model"
+            )
+        self.kernel_layers = layers
 
     @property
     def layer_shape(self) -> KernelShape:
@@ -70,20 +85,32 @@ class KernelMeta:
             query_heads=heads * module.num_key_value_groups,
             kv_heads=heads,
             head_dim=module.head_dim,
-            **fields,
+            **{"kernel_layers": policy_layers(model), **fields},
         )
+
+
+class NoKernels(nn.Module):
+    """The place of a layer without kernels in :attr:`LessKernels.layers` (a local layer of a
+    model mixing local and global layers: the policy never runs there), so kernels stay
+    indexed by layer; it holds no tensors, so it is neither saved nor loaded."""
 
 
 class LessKernels(nn.Module):
     """All layers' kernels plus their metadata, saved like a Hugging Face checkpoint."""
 
-    def __init__(self, meta: KernelMeta, layers: list[LayerKernels] | None = None) -> None:
+    def __init__(self, meta: KernelMeta, layers: Sequence[nn.Module | None] | None = None) -> None:
+        """``layers``: one module per attention layer (default: new kernels of ``meta``'s
+        shape); a layer without kernels (not in ``meta.kernel_layers``) holds
+        :class:`NoKernels` whatever it is given, so exactly the kernel layers are saved."""
         super().__init__()
+        if layers is not None and len(layers) != meta.num_layers:
+            raise LessKVError(f"{len(layers)} layers given for {meta.num_layers} attention layers")
         self.meta = meta
         self.layers = nn.ModuleList(
-            layers
-            if layers is not None
-            else [LayerKernels(meta.layer_shape) for _ in range(meta.num_layers)]
+            (LayerKernels(meta.layer_shape) if layers is None else layers[i])
+            if i in meta.kernel_layers
+            else NoKernels()
+            for i in range(meta.num_layers)
         )
 
     def check_compatible(self, model: PreTrainedModel, policy: str | None = None) -> None:
@@ -96,6 +123,12 @@ class LessKernels(nn.Module):
                     f"kernels were trained for {self.meta.model} ({name}={mine}) but this model "
                     f"has {name}={theirs}: train kernels for this model with `lesskv train`"
                 )
+        missing = sorted(set(other.kernel_layers) - set(self.meta.kernel_layers))
+        if missing:
+            raise LessKVError(
+                f"kernels for {self.meta.model} have none for layers {missing}, where this model "
+                "runs the policy: train kernels for this model with `lesskv train`"
+            )
         if policy is not None and policy != self.meta.policy:
             raise LessKVError(
                 f"kernels were trained for policy {self.meta.policy!r}, not {policy!r}: "
@@ -194,7 +227,7 @@ def _read_meta(path: Path) -> KernelMeta:
             )
     try:
         return KernelMeta(**{"state": "paper", **raw})
-    except TypeError as err:  # a required field is missing
+    except (TypeError, LessKVError) as err:  # a required field is missing, or a bad layer
         raise LessKVError(f"{path} is corrupt ({err})") from None
 
 

@@ -47,6 +47,14 @@ def keeps_native_windows(windows: list[int | None]) -> bool:
     return None in windows and any(w is not None for w in windows)
 
 
+def policy_layers(model: PreTrainedModel) -> list[int]:
+    """The attention layers where lesskv's policy (and LESS's state) runs: every layer but the
+    local ones of a model that mixes local and global layers (:func:`keeps_native_windows`)."""
+    windows = sliding_windows(model)
+    native = keeps_native_windows(windows)
+    return [i for i, window in enumerate(windows) if window is None or not native]
+
+
 def kv_heads(model: PreTrainedModel) -> int:
     """KV heads per layer, from the attention modules (configs name them differently)."""
     return model.config.num_attention_heads // attention_modules(model)[0].num_key_value_groups

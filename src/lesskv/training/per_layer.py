@@ -53,7 +53,7 @@ from lesskv.errors import LessKVError
 from lesskv.hf import attention
 from lesskv.hf.checkpoint import KernelMeta, LessKernels, atomic_write
 from lesskv.hf.methods import get_method, layer_setups, observing
-from lesskv.hf.modules import attention_modules, attention_scale, kv_heads
+from lesskv.hf.modules import attention_modules, attention_scale, kv_heads, policy_layers
 from lesskv.training.distributed import Worker, decided_by_rank0, shard
 from lesskv.training.run import claim_output_dir, freeze, snapshot
 
@@ -704,7 +704,8 @@ def train_kernels(
             f"{type(modules[0]).__name__} does not have (Falcon, GPT-NeoX, OPT and GPT-2 name "
             "theirs otherwise): training for this family is not supported yet"
         )
-    requested = range(len(modules)) if layers is None else layers
+    lead = worker is None or worker.rank == 0
+    requested = trainable_layers(model, layers, announce=lead)
     processes = 1 if worker is None else worker.world_size
     budget = (default_store_budget(out) if store_budget is None else store_budget) // processes
     sizes = {layer: layer_store_bytes(model, layer, windows) for layer in requested}
@@ -716,7 +717,6 @@ def train_kernels(
 
     todo = plan() if worker is None else decided_by_rank0(worker, plan)
     mine = todo if worker is None else shard(todo, worker.rank, worker.world_size)
-    lead = worker is None or worker.rank == 0
     meta = _kernel_meta(model, policy, config, command)
     groups = store_groups({layer: sizes[layer] for layer in mine}, budget)
     _train_layers(model, windows, policy, config, out, groups, meta, progress and lead, upstream)
@@ -729,6 +729,26 @@ def train_kernels(
                 "--out must be a folder that all nodes share"
             )
     return _assemble(out, meta) if lead else None
+
+
+def trainable_layers(
+    model: PreTrainedModel, layers: list[int] | None, announce: bool = True
+) -> list[int]:
+    """The layers among ``layers`` (all by default) that get kernels: those where the policy
+    runs. The local (sliding-window) layers of a model mixing local and global ones keep
+    their own window and have no kernels: a range holding some trains the others (and says
+    so, with ``announce``); one holding nothing else is refused."""
+    runs = policy_layers(model)
+    chosen = [i for i in runs if layers is None or i in layers]
+    local = sorted(set(layers or []) - set(runs))
+    if not chosen:
+        raise LessKVError(
+            f"layers {local} are all local (sliding-window) layers, where lesskv's policy does "
+            f"not run and LESS has no kernels: choose among layers {runs}"
+        )
+    if local and announce:
+        tqdm.write(f"skipping local (sliding-window) layers {local}: they keep their own window")
+    return chosen
 
 
 def _train_layers(
@@ -826,11 +846,11 @@ def _save_layer(out: Path, layer: int, kernels: LayerKernels, losses: dict[str, 
 
 
 def _assemble(out: Path, meta: KernelMeta) -> LessKernels | None:
-    """Once every layer exists, write the single from_pretrained-able checkpoint."""
-    if missing_layers(out, range(meta.num_layers)):
+    """Once every kernel layer exists, write the single from_pretrained-able checkpoint."""
+    if missing_layers(out, meta.kernel_layers):
         return None
-    layers = []
-    for i in range(meta.num_layers):
+    layers: list[LayerKernels | None] = [None] * meta.num_layers
+    for i in meta.kernel_layers:
         path = _layer_path(out, i)
         layer = LayerKernels(meta.layer_shape)
         try:
@@ -842,7 +862,7 @@ def _assemble(out: Path, meta: KernelMeta) -> LessKernels | None:
         losses = header.get("__metadata__", {})
         meta.val_loss[str(i)] = float(losses.get("val_loss", "nan"))
         meta.baseline_plus_val_loss[str(i)] = float(losses.get("baseline_plus_val_loss", "nan"))
-        layers.append(layer)
+        layers[i] = layer
     kernels = LessKernels(meta, layers).eval()
     kernels.save_pretrained(out)
     shutil.rmtree(out / "activations", ignore_errors=True)

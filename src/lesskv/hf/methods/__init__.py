@@ -28,12 +28,7 @@ from lesskv.hf.attention import LayerSetup, Observer, enable, set_setups, using_
 from lesskv.hf.cache import LessCache
 from lesskv.hf.checkpoint import LessKernels
 from lesskv.hf.methods.base import Method
-from lesskv.hf.modules import (
-    attention_modules,
-    keeps_native_windows,
-    on_layer_device,
-    sliding_windows,
-)
+from lesskv.hf.modules import attention_modules, on_layer_device, policy_layers
 
 
 def _discover() -> dict[str, Method]:
@@ -116,17 +111,14 @@ def layer_setups(
         raise LessKVError(f"kernels cover {len(kernels)} layers but the model has {len(modules)}")
     if not chosen.sparse:
         return {}
-    windows = sliding_windows(model)
-    native = keeps_native_windows(windows)
     return {  # local layers of a mixed model keep their own window: full attention within it
-        module: chosen.layer_setup(
+        modules[i]: chosen.layer_setup(
             policy,
-            module,
-            on_layer_device(kernels[i], module) if chosen.needs_kernels else None,
+            modules[i],
+            on_layer_device(kernels[i], modules[i]) if chosen.needs_kernels else None,
             rank,
         )
-        for i, module in enumerate(modules)
-        if windows[i] is None or not native
+        for i in policy_layers(model)
     }
 
 
