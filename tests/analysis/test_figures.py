@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from helpers import WORDS, kernel_set, make_tiny_model, prompt, save_tiny
+from helpers import SHAPES, WORDS, kernel_set, make_tiny_model, prompt, save_tiny
 from lesskv.analysis.figures import (
     attention_maps,
     plot_attention_maps,
@@ -18,6 +18,7 @@ from lesskv.core import math
 from lesskv.core.policies import keep_mask_from_steps, make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf.methods import observing
+from lesskv.hf.modules import attention_modules, policy_layers
 
 PNG = b"\x89PNG"
 
@@ -43,6 +44,26 @@ def test_residual_report_and_figure(tmp_path):
     assert png.stat().st_size > 10_000 and png.read_bytes().startswith(PNG)
     with pytest.raises(LessKVError, match="nothing is evicted"):
         residual_energy(model, prompt(16), make_policy("h2o", 16), progress=False)
+
+
+@pytest.mark.parametrize("kind", SHAPES)
+def test_every_layout_has_residual_spectra_where_the_policy_runs(kind, tmp_path):
+    model = make_tiny_model(kind)
+    report = residual_energy(model, prompt(48, batch=2), make_policy("h2o", 12), progress=False)
+    heads = model.config.num_attention_heads
+    output = torch.tensor(report.output)
+    assert output.shape == (len(attention_modules(model)), heads, 5)
+    measured = [i for i in range(len(output)) if not output[i].isnan().any()]
+    assert measured == policy_layers(model) and output[measured].le(1 + 1e-5).all()
+    assert plot_residual_energy(report, tmp_path).read_bytes().startswith(PNG)
+
+
+def test_a_local_layer_has_no_maps_to_draw():
+    model = make_tiny_model("gemma3")
+    with pytest.raises(LessKVError, match=r"layer 0 is a local .* among layers \[1\]"):
+        attention_maps(model, prompt(20), 0, 0, make_policy("h2o", 4))
+    maps = attention_maps(model, prompt(20), 1, 3, make_policy("h2o", 4))
+    assert maps.evicted.any()
 
 
 @pytest.mark.parametrize("head", [0, 5])

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from helpers import WORDS, kernel_set, make_tiny_model, prompt, save_tiny
+from helpers import SHAPES, WORDS, kernel_set, make_tiny_model, prompt, save_tiny
 from lesskv.analysis.layers import diagnose_layers, end_to_end, plot_layers, sparse_error_shares
 from lesskv.cli import main
 from lesskv.core import math as attention_math
@@ -16,7 +16,7 @@ from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
 from lesskv.evaluation.perplexity import mean_nll
 from lesskv.hf.methods import observing, using_method
-from lesskv.hf.modules import attention_modules, attention_scale
+from lesskv.hf.modules import attention_modules, attention_scale, policy_layers
 
 
 @pytest.fixture
@@ -72,6 +72,25 @@ def test_end_to_end_rows_are_whole_model_runs(setting):
         everywhere = mean_nll(model, windows)
     assert after[0] == pytest.approx(everywhere, abs=1e-6)
     assert only[1] == pytest.approx(after[1], abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", SHAPES)
+def test_every_layout_is_diagnosed_where_the_policy_runs(kind, tmp_path):
+    """Whatever the hidden size against heads x head_dim, and in a model mixing local and
+    global layers, every layer where the policy runs is measured and probed (the local ones
+    are NaN), and LESS from the first such layer on is LESS everywhere."""
+    model, policy = make_tiny_model(kind), make_policy("h2o", 8)
+    kernels, windows = list(kernel_set(model).layers), prompt(32, batch=2)
+    reference = {"full": 1.0, "baseline": 1.5, "baseline+": 1.4, "less": 1.3}
+    report = diagnose_layers(model, windows, policy, kernels, reference, progress=False)
+    runs = policy_layers(model)
+    assert [i for i, error in enumerate(report.sparse_error) if not math.isnan(error)] == runs
+    assert report.layers_probed == runs and len(report.sparse_error) == len(kernels)
+    assert all(0 <= report.removed["oracle"][i] <= 1 for i in runs)
+    with using_method(model, "less", policy=policy, kernels=kernels), torch.no_grad():
+        everywhere = mean_nll(model, windows)
+    assert report.from_layer[0] == pytest.approx(everywhere, abs=1e-6)
+    assert plot_layers(report, tmp_path).stat().st_size > 0
 
 
 def test_report_rows_figure_and_refusal(setting, tmp_path):

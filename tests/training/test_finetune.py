@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from helpers import make_tiny_model
+from helpers import SHAPES, kernel_set, make_tiny_model
 from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf.checkpoint import LessKernels
-from lesskv.hf.modules import attention_modules
+from lesskv.hf.modules import attention_modules, policy_layers
 from lesskv.training import finetune
 from lesskv.training.finetune import FinetuneConfig, finetune_kernels, validation_kl
 from lesskv.training.per_layer import TrainConfig, train_kernels
@@ -69,6 +69,25 @@ def test_finetuning_lowers_held_out_kl_and_round_trips(trained, tmp_path):
     assert start == pytest.approx(info["val_kl_before"], rel=1e-5)
     assert "finetune" not in LessKernels.from_pretrained(base).meta.command
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind", SHAPES)
+def test_every_layout_finetunes_the_layers_that_have_kernels(kind, tmp_path):
+    """Hidden size against heads x head_dim, and a model mixing local and global layers: the
+    held-out KL falls and the tuned kernels cover the layers where the policy runs."""
+    model = make_tiny_model(kind)
+    kernel_set(model).save_pretrained(tmp_path / "base")
+    kernels = LessKernels.from_pretrained(tmp_path / "base", model)
+    windows = torch.randint(0, 97, (6, T), generator=torch.Generator().manual_seed(0))
+    config = FinetuneConfig(
+        model=kind, base_kernels="base", data="random", seq_lens=[T], epochs=2, lr=3e-3
+    )
+    tuned = finetune_kernels(
+        model, kernels, windows[:4], windows[4:], config, tmp_path / "tuned", progress=False
+    )
+    assert tuned.meta.finetune["val_kl_after"] < tuned.meta.finetune["val_kl_before"]
+    loaded = LessKernels.from_pretrained(tmp_path / "tuned", model)
+    assert loaded.meta.kernel_layers == policy_layers(model)
 
 
 def test_interrupted_finetuning_resumes_to_the_same_result(trained, tmp_path, monkeypatch):

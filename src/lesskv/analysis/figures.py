@@ -31,7 +31,7 @@ from lesskv.core.budget import DEFAULT_RANK
 from lesskv.core.policies import Policy, keep_mask_from_steps
 from lesskv.errors import LessKVError
 from lesskv.hf.methods import observing
-from lesskv.hf.modules import attention_modules, attention_scale
+from lesskv.hf.modules import attention_modules, attention_scale, policy_layers
 
 DEFAULT_KS = (1, 2, 4, 8, 16)
 
@@ -110,7 +110,8 @@ def residual_energy(
     progress: bool = True,
 ) -> ResidualReport:
     """Top-k singular-value energy of full attention outputs and of full − sparse residuals,
-    per layer and query head, averaged over ``windows`` ``(N, T)``, at positions >= budget."""
+    per layer and query head, averaged over ``windows`` ``(N, T)``, at positions >= budget;
+    NaN in a layer where the policy does not run (a local layer of a mixed model)."""
     n, t = windows.shape
     budget_tokens = policy.slots(t).total
     if budget_tokens >= t:
@@ -131,10 +132,12 @@ def residual_energy(
         total = energies.sum(1)  # over the batch: (2, Hq, K)
         sums[module.layer_idx] = sums.get(module.layer_idx, 0) + total.cpu()
 
-    with observing(model, observe):
+    runs = policy_layers(model)
+    with observing(model, observe, runs):
         for window in tqdm(windows, desc="residual", unit="win", disable=not progress):
             model(input_ids=window[None].to(model.device))
-    means = [sums[i] / n for i in sorted(sums)]
+    blank = torch.full_like(sums[runs[0]], float("nan"))
+    means = [sums[i] / n if i in sums else blank for i in range(len(attention_modules(model)))]
     return ResidualReport(
         model=model_name or model.config.model_type,
         policy=policy.name,
@@ -229,6 +232,12 @@ def attention_maps(
     modules = attention_modules(model)
     if not 0 <= layer < len(modules):
         raise LessKVError(f"--layer {layer} is out of range: the model has {len(modules)} layers")
+    runs = policy_layers(model)
+    if layer not in runs:
+        raise LessKVError(
+            f"--layer {layer} is a local (sliding-window) layer, where lesskv's policy does not "
+            f"run: choose among layers {runs}"
+        )
     heads = model.config.num_attention_heads
     if not 0 <= head < heads:
         raise LessKVError(f"--head {head} is out of range: the model has {heads} query heads")

@@ -3,7 +3,8 @@ policy's error, beside what a rank-r correction could remove, and what LESS in o
 from one layer on) does to the model's perplexity.
 
 * **Shares removed** (the model's real inputs: every layer is read during a full-attention
-  forward, :func:`lesskv.hf.methods.observing`): per layer, the sparse error
+  forward, :func:`lesskv.hf.methods.observing`): per layer where the policy runs (the local
+  layers of a model mixing local and global ones keep their own window: NaN), the sparse error
   ``E = ||O_full - O_sparse||^2`` over the windows' outputs (per query head, ``T x D``), and
   the share ``1 - ||O_full - O_x||^2 / E`` that Baseline+, LESS and the rank-r oracle
   (``O_sparse + truncated_r(O_full - O_sparse)``) remove. A layer where LESS removes far less
@@ -32,7 +33,7 @@ from lesskv.core.policies import Policy
 from lesskv.evaluation.perplexity import mean_nll
 from lesskv.hf.attention import LayerSetup, layer_output, using_setups
 from lesskv.hf.methods import get_method, layer_setups, observing
-from lesskv.hf.modules import attention_modules, attention_scale
+from lesskv.hf.modules import attention_modules, attention_scale, policy_layers
 
 COMPARED = ("baseline+", "less", "oracle")
 
@@ -111,9 +112,11 @@ def sparse_error_shares(
     progress: bool = True,
 ) -> tuple[list[float], dict[str, list[float]]]:
     """Per layer, the sparse error summed over ``windows`` and the share of it each of
-    Baseline+, LESS and the oracle removes (see the module's docstring)."""
+    Baseline+, LESS and the oracle removes (see the module's docstring); NaN in a layer where
+    the policy does not run."""
     modules = attention_modules(model)
-    totals = [dict.fromkeys(("baseline", *COMPARED), 0.0) for _ in modules]
+    runs = policy_layers(model)
+    totals = {i: dict.fromkeys(("baseline", *COMPARED), 0.0) for i in runs}
     index = {id(module): i for i, module in enumerate(modules)}
 
     def observe(module: nn.Module, query, key, value) -> None:
@@ -125,18 +128,21 @@ def sparse_error_shares(
         for name, error in _squared_errors(module, query, key, value, setups, oracle_rank).items():
             totals[i][name] += error
 
-    with observing(model, observe):
+    with observing(model, observe, runs):
         for window in tqdm(windows, desc="layer errors", unit="win", disable=not progress):
             model(window[None].to(model.device))
-    sparse = [total["baseline"] for total in totals]
-    removed = {
-        name: [
-            1 - total[name] / total["baseline"] if total["baseline"] else math.nan
-            for total in totals
-        ]
-        for name in COMPARED
-    }
+    layers = range(len(modules))
+    sparse = [totals[i]["baseline"] if i in totals else math.nan for i in layers]
+    removed = {name: [_removed(totals.get(i), name) for i in layers] for name in COMPARED}
     return sparse, removed
+
+
+def _removed(total: dict[str, float] | None, name: str) -> float:
+    """The share of a layer's sparse error that ``name`` removes (NaN where none was
+    measured)."""
+    if not total or not total["baseline"]:
+        return math.nan
+    return 1 - total[name] / total["baseline"]
 
 
 @torch.no_grad()
@@ -149,8 +155,9 @@ def end_to_end(
     progress: bool = True,
 ) -> tuple[list[float], list[float]]:
     """Mean NLL with LESS in each of ``layers`` alone, and from each of them on (the plain
-    policy in every other layer)."""
+    policy in every other layer where the policy runs)."""
     modules = attention_modules(model)
+    index = {module: i for i, module in enumerate(modules)}
     plain = layer_setups(model, "baseline", policy)
     less = layer_setups(model, "less", policy, kernels)
     only, after = [], []
@@ -158,7 +165,7 @@ def end_to_end(
     with tqdm(total=total, desc="LESS per layer", unit="win", disable=not progress) as bar:
         for layer in layers:
             for chosen, nlls in (({layer}, only), (set(range(layer, len(modules))), after)):
-                setups = {m: less[m] if i in chosen else plain[m] for i, m in enumerate(modules)}
+                setups = {m: less[m] if index[m] in chosen else s for m, s in plain.items()}
                 with using_setups(model, setups):
                     nlls.append(mean_nll(model, windows, bar=bar))
     return only, after
@@ -178,13 +185,13 @@ def diagnose_layers(
 ) -> LayerDiagnosis:
     """The whole diagnosis over ``windows`` ``(N, T)``; ``reference`` holds the mean NLL of
     full, baseline, Baseline+ and LESS on the same windows; end-to-end rows every
-    ``layer_step`` layers."""
+    ``layer_step``-th layer where the policy runs."""
     n, t = windows.shape
     budget_tokens = evicting_budget(policy, t)
     sparse, removed = sparse_error_shares(
         model, windows, policy, kernels, rank, oracle_rank, progress
     )
-    layers = list(range(0, len(sparse), layer_step))
+    layers = policy_layers(model)[::layer_step]
     only, after = end_to_end(model, windows, policy, kernels, layers, progress)
     return LayerDiagnosis(
         model=model_name or model.config.model_type,
