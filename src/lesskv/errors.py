@@ -16,3 +16,11 @@ def require(module: str, extra: str, purpose: str) -> None:
         raise LessKVError(
             f"{purpose} needs the optional package {module}: pip install 'lesskv[{extra}]'"
         ) from None
+
+
+def one_line(message: object, limit: int = 240) -> str:
+    """``message`` on one line of at most ``limit`` characters: a library's error (torch's
+    state-dict mismatch, a pickle's) can span pages, and an error must fit the line that
+    reports it."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

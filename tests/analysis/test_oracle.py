@@ -106,7 +106,7 @@ def test_cli_writes_the_figure_and_refuses_bad_ranks(tmp_path, capsys):
         (["--ranks", "0,17"], "between 0 and the head dimension 16, got 17"),
         (["--ranks", "-1"], ">= 0"),
         (["--ranks=2,-3"], ">= 0"),
-        (["--ranks", "1,two"], "not a comma-separated list of integers"),
+        (["--ranks", "1,two"], "argument --ranks: not an integer: 'two'"),
     ):
         capsys.readouterr()
         assert main([*args, *bad]) == 2

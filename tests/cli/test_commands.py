@@ -4,6 +4,7 @@ finetune, and the demo's generated text."""
 import json
 import sys
 
+import pytest
 import torch
 
 from helpers import WORDS, kernel_set, make_tiny_model, save_tiny, tiny_tokenizer
@@ -306,3 +307,100 @@ def test_a_budget_is_parsed_once_from_the_command_line_to_the_cache(capsys, tmp_
     prompt_tokens = len(tiny_tokenizer()(prompt).input_ids)
     assert cache.layers[0].capacity == round(0.25 * prompt_tokens)
     capsys.readouterr()
+
+
+def _bad_outputs(tmp_path):
+    """Every output option of every command, aimed below a file (no folder can go there)."""
+    bad = str(tmp_path / "a-file" / "out")
+    outputs = [
+        (["eval", "ppl", "--data", "builtin", "--budget", "8"], "--json"),
+        (["eval", "summarize"], "--json"),
+        (["bench", "--data", "builtin"], "--json"),
+        (["bench", "--data", "builtin"], "--plot"),
+        (["train", "--data", "builtin", "--budget", "8"], "--out"),
+        (["finetune", "--data", "builtin", "--budget", "8"], "--out"),
+        *((["analyze", analysis], "--out") for analysis in ("residual", "oracle", "layers")),
+        (["analyze", "attention"], "--out"),
+    ]
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:  # eval tasks says so first, before its outputs
+        pass
+    else:
+        outputs.append((["eval", "tasks", "--tasks", "piqa"], "--json"))
+    return [([*command, option, bad], option) for command, option in outputs]
+
+
+def test_an_output_that_cannot_be_written_is_one_line_before_any_model_is_loaded(
+    capsys, tmp_path, monkeypatch
+):
+    """The results are written last: a path they cannot go to is found first, not after
+    the work (the JSON of `eval ppl --json /proc/x/out.json` used to be lost so)."""
+    import lesskv.hf.loading as loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_model", no_loading)
+    (tmp_path / "a-file").write_text("not a folder")
+    for command, option in _bad_outputs(tmp_path):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"lesskv: error: cannot write {option} "), (command, err)
+        assert err.endswith("a-file is not a directory") and "\n" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing left behind
+    plot = ["bench", "--data", "builtin", "--plot", str(tmp_path / "speed.jpgx")]
+    assert main(plot) == 2
+    assert "matplotlib writes no .jpgx figures" in capsys.readouterr().err
+
+
+def test_bench_with_one_method_writes_its_results(capsys, tmp_path):
+    """One method has no ratios to tabulate: the JSON and the figure, written after that
+    table, are still written (whole: no temporary file left beside them)."""
+    save_tiny(tmp_path / "model")
+    args = ["bench", "--model", str(tmp_path / "model"), "--data", _text_file(tmp_path)]
+    args += ["--contexts", "32", "--batch-sizes", "1", "--new-tokens", "2", "--methods", "full"]
+    results = tmp_path / "results"
+    args += ["--no-compile", "--json", str(results / "b.json"), "--plot", str(results / "b.png")]
+    assert main(args) == 0
+    assert json.loads((results / "b.json").read_text())[0]["method"] == "full"
+    assert sorted(p.name for p in results.iterdir()) == ["b.json", "b.png"]
+    capsys.readouterr()
+
+
+def test_kernels_of_another_rank_than_their_config_are_one_short_line(capsys, tmp_path):
+    """torch names every mismatched tensor of every layer (10,000 characters on a real
+    model); the error names the first and counts them."""
+    model = save_tiny(tmp_path / "model")
+    kernel_set(model).save_pretrained(tmp_path / "kernels")  # rank 4
+    config = tmp_path / "kernels" / "lesskv_kernels.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "rank": 8}))
+    args = ["eval", "ppl", "--model", str(tmp_path / "model"), "--data", _text_file(tmp_path)]
+    args += ["--seq-len", "32", "--budget", "8", "--methods", "less"]
+    assert main([*args, "--kernels", str(tmp_path / "kernels")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"lesskv: error: {tmp_path / 'kernels' / 'kernels.safetensors'}")
+    assert "layers.0." in err and "in the file" in err and "by the config" in err, err
+    assert err.endswith("mismatched tensor(s) in all)") and len(err) < 300, err
+
+
+def test_a_size_too_large_for_memory_is_one_line_not_a_traceback(capsys, tmp_path, monkeypatch):
+    """Each count fits int64 (parse time), yet a rank that large sizes a state whose bytes
+    overflow: that is a size the machine cannot hold, said in one line; a RuntimeError that
+    is not about memory stays a traceback (a bug to see)."""
+    save_tiny(tmp_path / "model")
+    args = ["eval", "ppl", "--model", str(tmp_path / "model"), "--data", _text_file(tmp_path)]
+    args += ["--seq-len", "32", "--windows", "1", "--budget", "8", "--methods", "merge"]
+    assert main([*args, "--rank", str(2**63 - 1)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("lesskv: error: not enough memory for the sizes asked for"), err
+    assert len(err) < 300
+
+    import lesskv.hf.loading as loading
+
+    def a_bug(*args, **kwargs):
+        raise RuntimeError("shape '[2, 3]' is invalid for input of size 7")
+
+    monkeypatch.setattr(loading, "load_model", a_bug)
+    with pytest.raises(RuntimeError, match="is invalid"):
+        main(args)

@@ -10,27 +10,46 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
 from lesskv.core.policies import Policy  # noqa: E402
 from lesskv.errors import LessKVError  # noqa: E402
 from lesskv.evaluation.bench import BENCH_METHODS, BenchRow  # noqa: E402
-from lesskv.hf.checkpoint import KernelMeta  # noqa: E402
+from lesskv.hf.checkpoint import KernelMeta, atomic_write  # noqa: E402
 
 
 def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Write ``fig`` as PNG (creating the folder) and free it: pyplot keeps every open figure."""
+    """Write ``fig`` (creating the folder) through a temporary file, so an interrupted run
+    leaves no half image, and free it: pyplot keeps every open figure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        save = dict(format=figure_format(path), dpi=dpi, bbox_inches="tight")
+        atomic_write(path, lambda tmp: fig.savefig(tmp, **save))
+    finally:
+        plt.close(fig)
     return path
 
 
+def figure_format(path: str | Path) -> str:
+    """The image format ``path``'s suffix names (PNG without one), refused when matplotlib
+    cannot write it: callers check a figure's path before the work it plots."""
+    name = Path(path).suffix.lstrip(".").lower() or "png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if name not in formats:
+        raise LessKVError(
+            f"{path}: matplotlib writes no .{name} figures (use {', '.join(sorted(formats))})"
+        )
+    return name
+
+
 def save_json(data: object, path: str | Path) -> Path:
-    """Write the data a figure was drawn from as indented JSON (creating the folder)."""
+    """Write the data a figure was drawn from as indented JSON (creating the folder), through
+    a temporary file like the figure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1))
+    text = json.dumps(data, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
 
 

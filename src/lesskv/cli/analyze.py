@@ -19,14 +19,16 @@ from lesskv.cli.common import (
     add_kernels_arg,
     add_model_args,
     add_policy_args,
+    check_output,
     command_policy,
+    int_list,
     load_kernels,
     model_dtype,
     non_negative_int,
     positive_int,
     print_table,
 )
-from lesskv.errors import LessKVError
+from lesskv.errors import LessKVError, one_line
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -97,6 +99,7 @@ def add_oracle_parser(analyses: argparse._SubParsersAction) -> None:
     oracle.add_argument("--windows", type=positive_int, default=2, help="windows scored")
     oracle.add_argument(
         "--ranks",
+        type=parse_ranks,
         default="0,1,2,4,8,16",
         help="comma-separated oracle ranks, 0 (the plain policy) to the head dimension (full "
         "attention); default 0,1,2,4,8,16",
@@ -141,7 +144,9 @@ def add_layers_parser(analyses: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Run the analysis named on the command line."""
+    """Run the analysis named on the command line, its --out folder checked first: the
+    figure and its JSON are written last, after all the work."""
+    check_output(args.out, "--out", folder=True)
     if args.analysis == "residual":
         run_residual(args)
     elif args.analysis == "oracle":
@@ -174,15 +179,9 @@ def run_residual(args: argparse.Namespace) -> None:
 
 
 def parse_ranks(text: str) -> list[int]:
-    """``--ranks 0,1,8`` → ``[0, 1, 8]`` (sorted, once each); the head dimension bounds them
-    once the model is loaded."""
-    try:
-        ranks = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise LessKVError(f"--ranks {text!r}: not a comma-separated list of integers") from None
-    if min(ranks) < 0:
-        raise LessKVError(f"--ranks {text!r}: a rank must be >= 0")
-    return sorted(set(ranks))
+    """``--ranks 0,1,8`` → ``[0, 1, 8]`` (argparse type; sorted, once each); the head
+    dimension bounds them once the model is loaded."""
+    return sorted(set(int_list(0)(text)))
 
 
 def run_oracle(args: argparse.Namespace) -> None:
@@ -193,7 +192,7 @@ def run_oracle(args: argparse.Namespace) -> None:
     from lesskv.hf.loading import load_model
     from lesskv.hf.modules import check_fits
 
-    ranks = parse_ranks(args.ranks)
+    ranks = args.ranks
     policy = command_policy(args)
     policy.slots(args.seq_len)
     if args.windows < 1 or args.batch_size < 1:
@@ -208,7 +207,7 @@ def run_oracle(args: argparse.Namespace) -> None:
     except LessKVError as err:
         if args.kernels is not None:
             raise
-        print(f"no LESS line: {err}", file=sys.stderr)
+        print(f"no LESS line: {one_line(err)}", file=sys.stderr)
     windows = token_windows(tokenizer, texts, args.seq_len, max_windows=args.windows)
     report = oracle_perplexity(
         model, windows, policy, ranks, kernels, args.batch_size, model_name=args.model
@@ -278,7 +277,7 @@ def run_attention(args: argparse.Namespace) -> None:
     except LessKVError as err:
         if args.kernels is not None:
             raise
-        print(f"no LESS map: {err}", file=sys.stderr)
+        print(f"no LESS map: {one_line(err)}", file=sys.stderr)
     maps = attention_maps(model, ids, args.layer, args.head, policy, kernels)
     maps.tokens = tokenizer.convert_ids_to_tokens(ids[0].tolist())
     json_path, png_path = maps.save(args.out), plot_attention_maps(maps, args.out)

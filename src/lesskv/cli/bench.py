@@ -16,7 +16,9 @@ from lesskv.cli.common import (
     add_kernels_arg,
     add_model_args,
     add_policy_args,
+    check_output,
     command_policy,
+    int_list,
     load_kernels,
     model_dtype,
     model_placement,
@@ -66,9 +68,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_kernels_arg(bench)
     add_compile_arg(bench)
     bench.add_argument(
-        "--contexts", default="1024,2048,4096,8000", help="comma-separated prompt lengths"
+        "--contexts",
+        type=int_list(2),
+        default="1024,2048,4096,8000",
+        help="comma-separated prompt lengths",
     )
-    bench.add_argument("--batch-sizes", default="1,4,8", help="comma-separated batch sizes")
+    bench.add_argument(
+        "--batch-sizes", type=int_list(1), default="1,4,8", help="comma-separated batch sizes"
+    )
     bench.add_argument("--methods", default="full,baseline,less", help="full, baseline, less")
     bench.add_argument("--new-tokens", type=positive_int, default=64, help="decoding steps timed")
     bench.add_argument(
@@ -93,12 +100,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     """Check the grid, load once, time every grid point, then report the memory fit."""
     from lesskv.data import load_texts
-    from lesskv.evaluation.bench import check_contexts, parse_int_list, run_benchmark
+    from lesskv.evaluation.bench import check_contexts, run_benchmark
     from lesskv.hf.loading import load_model
 
-    contexts = parse_int_list(args.contexts, "--contexts", 2)
-    batch_sizes = parse_int_list(args.batch_sizes, "--batch-sizes", 1)
+    contexts, batch_sizes = args.contexts, args.batch_sizes
     methods = _check_args(args)
+    _check_outputs(args)
     placement = model_placement(args)
     step = step_options(args, placement)
     policy = command_policy(args)
@@ -146,6 +153,17 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     if args.memory_budget_gib <= 0:
         raise LessKVError("--memory-budget-gib must be > 0")
     return methods
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """--json and --plot, refused before any work rather than after it; a figure's format
+    too (the plot's suffix)."""
+    check_output(args.json, "--json")
+    check_output(args.plot, "--plot")
+    if args.plot is not None:
+        from lesskv.analysis.plots import figure_format
+
+        figure_format(args.plot)
 
 
 def _report_timings(args: argparse.Namespace, rows: list) -> None:

@@ -8,13 +8,17 @@ module, and the heavy ones (torch, transformers) load inside the functions that 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from lesskv.core.budget import DEFAULT_MODEL, POLICY_NAMES, Budget, policy_name
+from lesskv.core.budget import DEFAULT_MODEL, MAX_COUNT, POLICY_NAMES, Budget, policy_name
 from lesskv.errors import LessKVError
 
 if TYPE_CHECKING:
@@ -34,27 +38,47 @@ def positive_int(text: str) -> int:
 
 
 def non_negative_int(text: str) -> int:
-    """argparse type for indices and optional counts: an integer >= 0."""
+    """argparse type for indices, seeds and optional counts: an integer >= 0."""
     return _at_least(int, text, 0)
 
 
 def positive_float(text: str) -> float:
-    """argparse type for rates and sizes: a number > 0."""
+    """argparse type for rates and sizes: a finite number > 0."""
     value = _at_least(float, text, 0.0)
     if value == 0:
         raise argparse.ArgumentTypeError("must be > 0, got 0")
     return value
 
 
+def int_list(low: int) -> Callable[[str], list[int]]:
+    """argparse type for comma-separated integers (``--contexts 1024,2048``), each refused
+    like a single one: parsed where it enters, so a bad one is argparse's one line."""
+
+    def parse(text: str) -> list[int]:
+        values = [_at_least(int, part, low) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"no integer in {text!r}")
+        return values
+
+    parse.__name__ = "int_list"  # what argparse names in its message
+    return parse
+
+
 def _at_least(kind: type, text: str, low: float) -> int | float:
+    """``text`` as a ``kind`` >= ``low``: finite and at most MAX_COUNT, since infinity or a
+    number past int64 overflows later, deep inside a run, rather than here."""
     try:
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"not {'an integer' if kind is int else 'a number'}: {text!r}"
         ) from None
-    if not value >= low:  # NaN too
+    if kind is float and not math.isfinite(value):  # inf, nan, 1e400
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    if value < low:
         raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT}, got {text}")
     return value
 
 
@@ -242,10 +266,42 @@ def add_json_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
 
 
+def check_output(path: Path | None, option: str, folder: bool = False) -> None:
+    """Refuse, before any work, an output (a file, or with ``folder`` a folder) that could not
+    be written once the work is done. Its missing folders and a file are made inside a
+    temporary folder next to them, then removed: nothing is left behind, and processes
+    checking the same path (torchrun's) do not race."""
+    if path is None:
+        return
+    try:
+        _try_writing(path, folder)
+    except OSError as err:
+        raise LessKVError(f"cannot write {option} {path}: {err.strerror or err}") from None
+
+
+def _try_writing(path: Path, folder: bool) -> None:
+    """Raise the OSError that writing ``path`` would raise (as best as can be told)."""
+    if path.exists() and path.is_dir() != folder:
+        code = errno.EISDIR if path.is_dir() else errno.ENOTDIR
+        raise OSError(code, os.strerror(code))
+    target = path if folder else path.parent
+    base = next(p for p in (target, *target.parents) if p.exists())
+    if not base.is_dir():  # a file where a folder of the path should be
+        raise OSError(errno.ENOTDIR, f"{base} is {os.strerror(errno.ENOTDIR).lower()}")
+    with tempfile.TemporaryDirectory(prefix=".lesskv-check-", dir=base) as probe:
+        inside = Path(probe, target.relative_to(base))
+        inside.mkdir(parents=True, exist_ok=True)
+        (inside / ("probe" if folder else path.name)).touch()
+
+
 def write_json(path: Path, data: object) -> None:
-    """Write ``data`` as indented JSON, creating the folder (results go to fresh paths)."""
+    """Write ``data`` as indented JSON, creating the folder (results go to fresh paths), through
+    a temporary file: an interrupted run leaves the old file or none, never half of one."""
+    from lesskv.hf.checkpoint import atomic_write
+
+    text = json.dumps(data, indent=2) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
@@ -255,7 +311,7 @@ def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
     cells = [[fmt(r[c]) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
     print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in cells:
@@ -326,14 +382,9 @@ def load_kernels(
 
 def window_lengths(text: str) -> list[int]:
     """``--seq-len 1024,2048`` → ``[1024, 2048]`` (argparse type; errors name the flag)."""
-    try:
-        lengths = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a length or comma-separated lengths"
-        ) from None
-    if min(lengths) < 2 or len(set(lengths)) != len(lengths):
-        raise argparse.ArgumentTypeError(f"{text!r}: lengths must be >= 2 and distinct")
+    lengths = int_list(2)(text)
+    if len(set(lengths)) != len(lengths):
+        raise argparse.ArgumentTypeError(f"{text!r}: lengths must be distinct")
     return lengths
 
 

@@ -12,6 +12,7 @@ from lesskv.cli.common import (
     add_kernels_arg,
     add_model_args,
     add_policy_args,
+    check_output,
     command_policy,
     load_kernels,
     model_dtype,
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace) -> None:
     if args.windows is not None and args.windows < 1:
         raise LessKVError(f"--windows must be >= 1, got {args.windows}")
     placement = model_placement(args)
+    check_output(args.json, "--json")
     texts = load_texts(args.data, field=args.field)
     model, tokenizer = load_model(args.model, dtype=model_dtype(args), **placement)
     check_fits(model, args.seq_len, "--seq-len windows")

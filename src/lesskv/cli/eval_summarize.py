@@ -13,6 +13,7 @@ from lesskv.cli.common import (
     add_kernels_arg,
     add_model_args,
     add_policy_args,
+    check_output,
     command_policy,
     load_kernels,
     model_dtype,
@@ -72,6 +73,7 @@ def run(args: argparse.Namespace) -> None:
     if args.samples < 1:
         raise LessKVError("--samples must be >= 1")
     placement = model_placement(args)
+    check_output(args.json, "--json")
     step = step_options(args, placement)
     examples = load_examples(args.data, args.samples, args.data_dir)
     model, tokenizer = load_model(args.model, dtype=model_dtype(args), **placement)

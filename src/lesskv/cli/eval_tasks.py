@@ -12,6 +12,7 @@ from lesskv.cli.common import (
     add_kernels_arg,
     add_model_args,
     add_policy_args,
+    check_output,
     command_policy,
     load_kernels,
     model_dtype,
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace) -> None:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     policy = command_policy(args)
     placement = model_placement(args)
+    check_output(args.json, "--json")
     quiet_lm_eval()
     model, tokenizer = load_model(args.model, dtype=model_dtype(args), **placement)
     kernels = None

@@ -13,12 +13,14 @@ from lesskv.cli.common import (
     add_model_args,
     add_policy_args,
     check_evicts,
+    check_output,
     check_training_args,
     command_policy,
     kernels_folder,
     load_kernels,
     model_dtype,
     model_placement,
+    non_negative_int,
     positive_float,
     positive_int,
     window_lengths,
@@ -75,7 +77,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "activations (default on; same gradients): on SmolLM2 at 1024 tokens a step's peak "
         "memory falls from 4.6 to 2.5 GiB for about a quarter more time",
     )
-    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--seed", type=non_negative_int, default=0)
     finetune.add_argument("--out", type=Path, required=True, help="output kernel folder")
     finetune.add_argument(
         "--overwrite", action="store_true", help="replace another run's kernels in --out"
@@ -93,10 +95,11 @@ def run(args: argparse.Namespace) -> None:
 
     check_training_args(args, "sequences", "val_sequences", "epochs", "val_every")
     placement = model_placement(args)
-    model, tokenizer = load_model(args.model, dtype=model_dtype(args), **placement)
-    check_fits(model, max(args.seq_len), "--seq-len windows")
     policy = command_policy(args)
     check_evicts(policy, args.seq_len)
+    check_output(args.out, "--out", folder=True)
+    model, tokenizer = load_model(args.model, dtype=model_dtype(args), **placement)
+    check_fits(model, max(args.seq_len), "--seq-len windows")
     base = kernels_folder(args.kernels, args.model, policy)
     kernels = load_kernels(base, args.model, model, policy, transfer=True)
     texts = load_texts(args.data, field=args.field)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from lesskv.cli import analyze, bench, demo, evaluate, finetune, generate, train
-from lesskv.errors import LessKVError
+from lesskv.errors import LessKVError, one_line
 from lesskv.hf.compat import check_versions
 
 DESCRIPTION = """\
@@ -44,6 +44,23 @@ Examples:
 
 # In the order ``lesskv --help`` lists them; ``evaluate`` and ``analyze`` are command groups.
 COMMANDS = (demo, evaluate, analyze, generate, bench, train, finetune)
+MAX_LINE = 299  # characters of an error's line, all of it: one terminal line, or close
+# What torch says when a size cannot be allocated (CPU, CUDA, MPS), or overflows int64 bytes
+# although each count asked for fits: counts too large for the machine, not a bug.
+OUT_OF_MEMORY = (
+    "out of memory",
+    "can't allocate memory",
+    "not enough memory",
+    "Storage size calculation overflowed",
+)
+
+
+def error_line(message: object, where: str = "", hint: str = "") -> str:
+    """The one line an error prints, ``message`` cut to fit :data:`MAX_LINE` with ``where``
+    and ``hint``: a wrapped library error, or a hostile argument echoed back, can run to
+    thousands of characters."""
+    head = f"lesskv: error: {where}"
+    return head + one_line(message, MAX_LINE - len(head) - len(hint)) + hint
 
 
 class Parser(argparse.ArgumentParser):
@@ -54,7 +71,7 @@ class Parser(argparse.ArgumentParser):
         command = self.prog.removeprefix("lesskv").strip()
         where = f"{command}: " if command else ""
         hint = f" (see: {self.prog} --help)"
-        self.exit(2, f"lesskv: error: {where}{message}{hint}\n")
+        self.exit(2, error_line(message, where, hint) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,12 +103,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"lesskv: warning: {warning.message}", file=sys.stderr)
         args.run(args)
     except LessKVError as err:
-        print(f"lesskv: error: {err}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        print(error_line(f"not enough memory for the sizes asked for ({err})"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lesskv: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation that failed: a count too large for this machine (a
+    batch size, a rank), reported like any bad input rather than as a traceback."""
+    return isinstance(err, MemoryError) or any(text in str(err) for text in OUT_OF_MEMORY)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,17 @@ from lesskv.cli.common import (
     add_model_args,
     add_policy_args,
     check_evicts,
+    check_output,
     check_training_args,
     command_policy,
     model_dtype,
     model_placement,
+    non_negative_int,
     positive_float,
     positive_int,
     window_lengths,
 )
-from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK, STATES
+from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK, MAX_COUNT, STATES
 from lesskv.errors import LessKVError
 
 if TYPE_CHECKING:  # the command imports the heavy modules only once it knows what it runs
@@ -84,7 +86,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "count (default: half the free space where --out is): layers are collected in groups "
         "that fit, one more forward pass per group; any budget trains the same kernels",
     )
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=non_negative_int, default=0)
     train.add_argument("--out", type=Path, required=True, help="output kernel folder")
     train.add_argument(
         "--overwrite", action="store_true", help="replace another run's kernels in --out"
@@ -137,6 +139,8 @@ def byte_size(text: str) -> int:
     size = int(Decimal(match[1]) * UNITS[match[2] or ""])
     if size < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: the budget must be at least one byte")
+    if size > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{text!r}: the budget must be at most {MAX_COUNT} bytes")
     return size
 
 
@@ -154,6 +158,7 @@ def run(args: argparse.Namespace) -> None:
         )
     policy = command_policy(args)
     check_evicts(policy, args.seq_len)
+    check_output(args.out, "--out", folder=True)
     texts = load_texts(args.data, field=args.field)
     if launched:
         with distributed.process_group() as worker:

@@ -15,6 +15,9 @@ DEFAULT_MODEL = "smollm2-135m"  # the built-in model, loaded offline from PyPI
 STATES = ("decay", "paper")
 # The sparse policies (lesskv.core.policies.POLICIES), named here so that help texts need no torch.
 POLICY_NAMES = ("h2o", "lambda", "tova")
+# The largest count, size or index lesskv accepts: torch's int64, which every tensor shape and
+# index fits; a larger number overflows deep inside a run rather than where it was given.
+MAX_COUNT = 2**63 - 1
 
 
 def policy_name(name: str) -> str:
@@ -46,6 +49,8 @@ class Budget:
             raise LessKVError(
                 f"budget {v} is ambiguous: use a whole token count (>= 1) or a fraction in (0, 1)"
             )
+        if v > MAX_COUNT:
+            raise LessKVError(f"budget must be at most {MAX_COUNT} tokens")  # not v: 300 digits
 
     @classmethod
     def parse(cls, text: str | float | int | Budget) -> Budget:
@@ -58,6 +63,8 @@ class Budget:
                 value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
             except ValueError:
                 raise LessKVError(f"budget {text!r} is not a number or a percentage") from None
+            if not math.isfinite(value):  # inf, nan, 1e400: no token count is infinite
+                raise LessKVError(f"budget {text!r} is not a finite number")
             if raw.endswith("%") and value >= 1:
                 raise LessKVError(f"budget {text!r} is 100% or more: nothing would be evicted")
             return cls(int(value) if value >= 1 and value == int(value) else value)

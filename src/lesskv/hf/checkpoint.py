@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_MODEL, DEFAULT_RANK, STATES, Budget
 from lesskv.core.kernels import KernelShape, LayerKernels
 from lesskv.core.policies import Policy
-from lesskv.errors import LessKVError
+from lesskv.errors import LessKVError, one_line
 from lesskv.hf.modules import attention_modules, kv_heads, model_fingerprint, policy_layers
 
 CONFIG_FILE = "lesskv_kernels.json"
@@ -191,11 +191,11 @@ class LessKernels(nn.Module):
                     state.setdefault(name, torch.zeros_like(value))
         try:
             kernels.load_state_dict(state)
-        except RuntimeError as err:
-            detail = " ".join(str(err).split())  # torch's message spans lines; ours does not
+        except RuntimeError as err:  # torch's message names every tensor of every layer
+            wrong = _mismatches(kernels.state_dict(), state) or [one_line(err, 120)]
             raise LessKVError(
                 f"{weights_path} does not hold {meta.state!r}-form kernels of the shape its "
-                f"config names ({detail})"
+                f"config names: {wrong[0]} ({len(wrong)} mismatched tensor(s) in all)"
             ) from None
         if model is not None:
             kernels.check_compatible(model, policy)
@@ -203,6 +203,21 @@ class LessKernels(nn.Module):
 
 
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _mismatches(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> list[str]:
+    """Each tensor the file lacks, holds in excess or in another shape than the config names,
+    in the kernels' order: the first names the problem, the count how widespread it is."""
+    wrong = []
+    for name, tensor in expected.items():
+        if name not in found:
+            wrong.append(f"{name} is missing")
+        elif found[name].shape != tensor.shape:
+            wrong.append(
+                f"{name} is {list(found[name].shape)} in the file, {list(tensor.shape)} "
+                "by the config"
+            )
+    return wrong + [f"{name} is not a kernel tensor" for name in found if name not in expected]
 
 
 def _read_meta(path: Path) -> KernelMeta:
