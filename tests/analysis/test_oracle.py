@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from helpers import WORDS, kernel_set, make_tiny_model, prompt, save_tiny
+from helpers import SHAPES, WORDS, kernel_set, make_tiny_model, prompt, save_tiny
 from lesskv.analysis.oracle import oracle_perplexity, plot_oracle
 from lesskv.cli import main
 from lesskv.core import math
@@ -15,6 +15,7 @@ from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
 from lesskv.hf.attention import using_setups
 from lesskv.hf.methods import layer_setups, using_method
+from lesskv.hf.modules import attention_modules
 
 HEAD_DIM = 16  # the tiny models' (hidden 96 over 6 query heads)
 
@@ -93,6 +94,18 @@ def test_report_ends_at_the_baseline_and_at_full_attention(tmp_path):
         oracle_perplexity(model, windows, policy, [1, 17], progress=False)
     with pytest.raises(LessKVError, match="nothing is evicted"):
         oracle_perplexity(model, windows, make_policy("h2o", 40), [1], progress=False)
+
+
+@pytest.mark.parametrize("kind", SHAPES)
+def test_every_layout_ends_at_the_baseline_and_at_full_attention(kind):
+    model = make_tiny_model(kind)
+    policy, windows = make_policy("h2o", 8), prompt(40, batch=2)
+    head_dim = attention_modules(model)[0].head_dim
+    kernels = list(kernel_set(model).layers)
+    report = oracle_perplexity(model, windows, policy, [0, head_dim], kernels, progress=False)
+    assert report.head_dim == head_dim
+    assert report.oracle[0] == report.reference["baseline"] != report.reference["full"]
+    assert report.oracle[1] == pytest.approx(report.reference["full"], abs=1e-5)
 
 
 def test_cli_writes_the_figure_and_refuses_bad_ranks(tmp_path, capsys):
