@@ -12,7 +12,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from lesskv.data import length_mix, load_texts, token_windows
+from helpers import BOS, tiny_tokenizer
+from lesskv.data import bos_prefix, length_mix, load_texts, token_windows
 from lesskv.errors import LessKVError
 
 WIKITEXT = Path(__file__).parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -271,3 +272,32 @@ def test_a_length_mix_shrinks_every_length_alike_on_short_text(byte_tokenizer):
     assert [w.shape for w in mix] == [(3, 8), (1, 16)]
     with pytest.raises(LessKVError, match="only 50 tokens.*windows of 32, 64 tokens"):
         length_mix(byte_tokenizer, ["x" * 50], [32, 64], windows=1)
+
+
+# BOS
+
+
+def test_only_a_tokenizer_that_starts_texts_with_bos_gets_it(byte_tokenizer):
+    """Read off an encoding: the BOS-adding tiny tokenizer leaves add_bos_token False, and
+    a BOS token that is never added (SmolLM2's <|im_start|>) does not count."""
+    adds = tiny_tokenizer(adds_bos=True)
+    assert bos_prefix(adds) == [BOS] and not adds.add_bos_token
+    assert bos_prefix(tiny_tokenizer()) == [] and bos_prefix(byte_tokenizer) == []
+    named_only = tiny_tokenizer()
+    named_only.bos_token = "<bos>"
+    assert named_only.bos_token_id == BOS and bos_prefix(named_only) == []
+
+
+def test_windows_of_a_bos_tokenizer_are_bos_then_consecutive_text():
+    """Each window keeps its length: BOS, then seq_len - 1 tokens of text, in order."""
+    tokenizer = tiny_tokenizer(adds_bos=True)
+    text = " ".join(["the", "cat", "sat", "on", "a", "mat", "dog", "ran"] * 4)  # 32 tokens
+    plain = tokenizer(text, add_special_tokens=False).input_ids
+    windows = token_windows(tokenizer, [text], 8)
+    assert windows.shape == (4, 8) and windows[:, 0].eq(BOS).all()
+    assert windows[:, 1:].flatten().tolist() == plain[:28]
+    assert torch.equal(token_windows(tokenizer, [text], 8, max_windows=2), windows[:2])
+    short, long = length_mix(tokenizer, [text], [4, 8], windows=4)
+    assert short.shape == (4, 4) and long.shape == (2, 8)
+    assert short[:, 0].eq(BOS).all() and long[:, 0].eq(BOS).all()
+    assert torch.cat([short[:, 1:].flatten(), long[:, 1:].flatten()]).tolist() == plain[:26]

@@ -5,6 +5,13 @@ A source is a string so the CLI can pass it through unchanged:
 * ``"builtin"``: CPython's own documentation topics (``pydoc_data``), so defaults work offline;
 * a ``.txt``/``.raw`` file (one document) or ``.jsonl``/``.json`` records (one document each);
 * ``"hf:NAME[/CONFIG][:SPLIT]"``: a Hugging Face dataset (needs ``datasets`` and a network).
+
+Windows follow the tokenizer's own convention for the start of a text: where it puts BOS
+before every text by default (Llama, Gemma, Mistral), each window of ``seq_len`` tokens is BOS
+followed by ``seq_len - 1`` text tokens, so the model reads text as it was trained to (Gemma 3
+without BOS scores nearly twice the perplexity), windows keep the length asked (memory and
+budgets unchanged), and the BOS itself is never a prediction target (it is the first token,
+which nothing predicts). Tokenizers that add no BOS (GPT-2, Qwen, SmolLM2) get plain text.
 """
 
 from __future__ import annotations
@@ -48,11 +55,24 @@ def load_texts(source: str, *, field: str | None = None, limit: int | None = Non
     return texts
 
 
+def bos_prefix(tokenizer: Any) -> list[int]:
+    """``[BOS]`` when ``tokenizer`` starts every text with its BOS token by default, else
+    ``[]``. Read off an encoding rather than ``tokenizer.add_bos_token``, which a tokenizer
+    whose post-processor adds BOS may leave False."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    default = tokenizer("a", verbose=False)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"]
+    return [bos] if default[:1] == [bos] and plain[:1] != [bos] else []
+
+
 def token_windows(
     tokenizer: Any, texts: list[str], seq_len: int, *, max_windows: int | None = None
 ) -> torch.Tensor:
     """Cut the documents, joined by blank lines, into consecutive non-overlapping windows of
-    exactly ``seq_len`` tokens (no special tokens; the remainder is dropped).
+    exactly ``seq_len`` tokens (the remainder is dropped), each starting with BOS where the
+    tokenizer adds one (:func:`bos_prefix`, then ``seq_len - 1`` text tokens).
 
     Returns a ``(N, seq_len)`` long tensor. With ``max_windows`` only a prefix of the text is
     tokenised, so asking for a few windows of a huge corpus stays cheap.
@@ -63,15 +83,17 @@ def token_windows(
         )
     if max_windows is not None and max_windows < 1:
         raise LessKVError(f"max_windows must be at least 1, got {max_windows}")
-    needed = None if max_windows is None else max_windows * seq_len
+    prefix = bos_prefix(tokenizer)
+    text_len = seq_len - len(prefix)
+    needed = None if max_windows is None else max_windows * text_len
     ids = _token_prefix(tokenizer, texts, needed)
-    count = len(ids) // seq_len if max_windows is None else min(len(ids) // seq_len, max_windows)
+    count = len(ids) // text_len if max_windows is None else min(len(ids) // text_len, max_windows)
     if count == 0:
         raise LessKVError(
             f"the text has only {len(ids)} tokens, not enough for one window of {seq_len}; "
             "use a shorter window or more text"
         )
-    return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
+    return _windows(prefix, ids[: count * text_len], count)
 
 
 def length_mix(
@@ -79,13 +101,16 @@ def length_mix(
 ) -> list[torch.Tensor]:
     """The training mix of several window lengths: ``windows`` windows of the shortest length
     and as many tokens of each other length (fewer, longer windows; at least one each), cut
-    one after another from the joined documents so no two windows share a token. Returns
-    one ``(N, T)`` tensor per length; with too little text every count shrinks alike."""
+    one after another from the joined documents so no two windows share a text token, each
+    starting with BOS as :func:`token_windows`' do. Returns one ``(N, T)`` tensor per length;
+    with too little text every count shrinks alike."""
     if min(seq_lens) < 2 or windows < 1:
         raise LessKVError(f"need window lengths >= 2 and >= 1 window, got {seq_lens}, {windows}")
+    prefix = bos_prefix(tokenizer)
+    text_lens = [t - len(prefix) for t in seq_lens]
     shortest = min(seq_lens)
     counts = [max(1, windows * shortest // t) for t in seq_lens]
-    needed = sum(c * t for c, t in zip(counts, seq_lens, strict=True))
+    needed = sum(c * t for c, t in zip(counts, text_lens, strict=True))
     ids = _token_prefix(tokenizer, texts, needed)
     if len(ids) < needed:
         share = len(ids) / needed
@@ -96,10 +121,16 @@ def length_mix(
             f"{', '.join(map(str, seq_lens))} tokens; use shorter windows or more text"
         )
     mix, start = [], 0
-    for count, t in zip(counts, seq_lens, strict=True):
-        mix.append(torch.tensor(ids[start : start + count * t], dtype=torch.long).view(count, t))
+    for count, t in zip(counts, text_lens, strict=True):
+        mix.append(_windows(prefix, ids[start : start + count * t], count))
         start += count * t
     return mix
+
+
+def _windows(prefix: list[int], ids: list[int], count: int) -> torch.Tensor:
+    """``ids`` as ``count`` equal rows, each after ``prefix``."""
+    rows = torch.tensor(ids, dtype=torch.long).view(count, -1)
+    return torch.cat([torch.tensor(prefix, dtype=torch.long).expand(count, -1), rows], 1)
 
 
 def _token_prefix(tokenizer: Any, texts: list[str], needed: int | None) -> list[int]:

@@ -1,10 +1,12 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import make_tiny_model
+from helpers import BOS, WORDS, make_tiny_model, tiny_tokenizer
 from lesskv.core.policies import make_policy
+from lesskv.data import token_windows
 from lesskv.evaluation.perplexity import evaluate_perplexity
 
 
@@ -23,6 +25,24 @@ def test_full_perplexity_is_the_models_own_and_methods_share_windows():
     assert full.tokens == baseline.tokens == 3 * 31
     assert (full.budget_tokens, baseline.budget_tokens, plus.budget_tokens) == (32, 8, 12)
     assert baseline.ppl != full.ppl
+
+
+def test_full_perplexity_with_a_bos_tokenizer_is_plain_transformers_after_bos():
+    """As plain transformers (and lm-eval) score a model whose tokenizer adds BOS: each window
+    is BOS and the next seq_len - 1 tokens of text, every text token predicted, BOS not."""
+    model, tokenizer = make_tiny_model("llama-gqa"), tiny_tokenizer(adds_bos=True)
+    generator = torch.Generator().manual_seed(0)
+    text = " ".join(WORDS[2 + i] for i in torch.randint(0, 8, (80,), generator=generator))
+    windows = token_windows(tokenizer, [text], 16, max_windows=4)
+    (row,) = evaluate_perplexity(model, windows, ["full"], progress=False)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        losses = [
+            model(input_ids=window, labels=window).loss
+            for window in (torch.tensor([[BOS, *ids[15 * i : 15 * (i + 1)]]]) for i in range(4))
+        ]
+    assert row.ppl == pytest.approx(math.exp(torch.stack(losses).mean().item()), rel=1e-5)
+    assert row.tokens == 4 * 15 and row.seq_len == 16
 
 
 def test_budget_covering_the_window_gives_full_perplexity():

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from helpers import kernel_set, make_tiny_model, tiny_tokenizer
+from helpers import BOS, kernel_set, make_tiny_model, tiny_tokenizer
 from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
 from lesskv.evaluation.summarization import evaluate_summarization, load_examples
@@ -37,11 +37,13 @@ def test_every_method_generates_and_is_scored(tmp_path):
     assert len(generations) == 8
 
 
-def test_full_method_is_plain_greedy_generation(tmp_path):
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_full_method_is_plain_greedy_generation(tmp_path, adds_bos):
+    """From the prompt as the tokenizer encodes it: after BOS where it adds one."""
     model = make_tiny_model("llama-mha")
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_tokenizer(adds_bos)
     examples = load_examples(write_examples(tmp_path / "s.jsonl", 1), samples=1)
-    _, generations = evaluate_summarization(
+    rows, generations = evaluate_summarization(
         model,
         tokenizer,
         examples,
@@ -51,6 +53,7 @@ def test_full_method_is_plain_greedy_generation(tmp_path):
         progress=False,
     )
     ids = tokenizer(TEXT, return_tensors="pt").input_ids
+    assert (ids[0, 0] == BOS) == adds_bos and rows[0].mean_prompt_tokens == ids.shape[1]
     plain = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
     expected = tokenizer.decode(plain[0, ids.shape[1] :], skip_special_tokens=True).strip()
     assert generations[0]["summary"] == expected

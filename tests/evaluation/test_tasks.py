@@ -8,7 +8,7 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from helpers import WORDS, kernel_set, make_tiny_model, save_tiny, tiny_tokenizer
+from helpers import BOS, WORDS, kernel_set, make_tiny_model, save_tiny, tiny_tokenizer
 from lesskv.cli import main
 from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
@@ -32,9 +32,9 @@ def requests(n: int, seed: int = 0, shortest: int = 3, longest: int = 60) -> lis
     return out
 
 
-def direct_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
-    ctx = tokenizer.encode(context, add_special_tokens=False)
-    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+def direct_loglikelihood(model, tokenizer, context: str, continuation: str, prefix=()) -> float:
+    ctx = [*prefix, *tokenizer.encode(context, add_special_tokens=False)]
+    whole = [*prefix, *tokenizer.encode(context + continuation, add_special_tokens=False)]
     ids = torch.tensor([whole])
     with torch.no_grad():
         logprobs = model(input_ids=ids[:, :-1]).logits[0].log_softmax(-1)
@@ -55,6 +55,20 @@ def test_full_loglikelihoods_equal_a_direct_computation_and_lm_evals_own_hf_mode
     expected = reference.loglikelihood(reqs, disable_tqdm=True)
     assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in expected], abs=1e-4)
     assert [g for _, g in got] == [g for _, g in expected]
+
+
+def test_a_bos_tokenizer_scores_every_request_after_bos_as_lm_evals_hf_model_does():
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = make_tiny_model("llama-gqa"), tiny_tokenizer(adds_bos=True)
+    reqs = [*requests(6), Instance("loglikelihood", {}, ("", " the cat"), 6)]
+    got = LessLM(model, tokenizer, "full", progress=False).loglikelihood(reqs, disable_tqdm=True)
+    for req, (logprob, _) in zip(reqs, got, strict=True):
+        direct = direct_loglikelihood(model, tokenizer, *req.args, prefix=[BOS])
+        assert logprob == pytest.approx(direct, abs=1e-4)
+    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3)
+    expected = reference.loglikelihood(reqs, disable_tqdm=True)
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in expected], abs=1e-4)
 
 
 @pytest.mark.parametrize("policy", ["h2o", "lambda"])

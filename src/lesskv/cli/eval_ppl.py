@@ -33,7 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "ppl",
         help="token-level perplexity per method over the same windows",
         description="Perplexity of full / baseline / baseline+ / merge / less on non-overlapping "
-        "windows of --seq-len tokens; every method sees the same windows.",
+        "windows of --seq-len tokens; every method sees the same windows. Where the tokenizer "
+        "adds BOS (Llama, Gemma, Mistral), each window is BOS and --seq-len - 1 tokens of text, "
+        "BOS not scored, as plain transformers and lm-eval score such models.",
     )
     add_model_args(ppl)
     add_dtype_arg(ppl)

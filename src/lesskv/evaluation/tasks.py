@@ -34,6 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lesskv.core.budget import DEFAULT_RANK, Budget
 from lesskv.core.policies import Policy
+from lesskv.data import bos_prefix
 from lesskv.errors import LessKVError
 from lesskv.evaluation.perplexity import kept_tokens
 from lesskv.hf.methods import get_method, set_method
@@ -116,6 +117,7 @@ class LessLM(TemplateLM):
         set_method(model, method, policy=policy, kernels=kernels, rank=rank)
         set_method(model, "full")
         self.model, self.tokenizer = model, tokenizer
+        self.bos = bos_prefix(tokenizer)  # what starts every context: the tokenizer's convention
         # lm-eval's LM.rank is the process rank; LESS's rank lives in state_rank.
         self.method, self.policy, self.kernels, self.state_rank = method, policy, kernels, rank
         self.batch_size, self.progress = batch_size, progress
@@ -144,7 +146,13 @@ class LessLM(TemplateLM):
     def tok_encode(
         self, string: str, add_special_tokens: bool | None = None, **kwargs
     ) -> list[int]:
-        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+        """The string's tokens after BOS where the tokenizer adds one (:func:`bos_prefix`), as
+        lm-eval's own HF model encodes them: not when lm-eval asks for no special tokens (a
+        continuation) nor twice when the string already starts with BOS."""
+        ids = self.tokenizer.encode(string, add_special_tokens=False)
+        if add_special_tokens is False or ids[: len(self.bos)] == self.bos:
+            return ids
+        return self.bos + ids
 
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         results = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
