@@ -204,3 +204,29 @@ def test_kernels_missing_a_layer_where_the_policy_runs_are_refused(tmp_path):
     kernels_for(model, kernel_layers=[1]).save_pretrained(tmp_path)
     with pytest.raises(LessKVError, match=r"none for layers \[0\]"):
         LessKernels.from_pretrained(tmp_path, model)
+
+
+def test_shipped_sets_are_chosen_per_builtin_model(tmp_path, monkeypatch):
+    """Each built-in model gets its own sets (by the model its config records), at the budget
+    asked if one was trained there; a model without sets, or a policy without one, is refused."""
+    from lesskv.core.policies import make_policy
+    from lesskv.hf import checkpoint
+
+    model = make_tiny_model("llama-gqa")
+    for name, policy, budget in [
+        ("smollm2-135m", "h2o", "0.1"),
+        ("smollm2-135m", "h2o", "0.2"),
+        ("gemma3-270m", "h2o", "0.1"),
+        ("gemma3-270m", "lambda", "0.1"),
+    ]:
+        meta = KernelMeta.for_model(model, name, policy=policy, budget=budget, rank=4, hidden=16)
+        LessKernels(meta).save_pretrained(tmp_path / f"{name}-{policy}-{budget}")
+    monkeypatch.setattr(checkpoint, "PRETRAINED", tmp_path)
+    pick = checkpoint.shipped_kernels
+    assert pick("Gemma-3-270M", make_policy("h2o", 0.2)).name == "gemma3-270m-h2o-0.1"
+    assert pick("gemma3-270m", make_policy("lambda", 8)).name == "gemma3-270m-lambda-0.1"
+    assert pick("smollm2-135m", make_policy("h2o", 0.2)).name == "smollm2-135m-h2o-0.2"
+    with pytest.raises(LessKVError, match="no shipped kernels for smollm2-135m with policy lambda"):
+        pick("smollm2-135m", make_policy("lambda", 0.1))
+    with pytest.raises(LessKVError, match="no kernels ship for some/model"):
+        pick("some/model", make_policy("h2o", 0.1))
