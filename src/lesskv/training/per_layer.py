@@ -685,7 +685,9 @@ def train_kernels(
     store_budget: int | None = None,
 ) -> LessKernels | None:
     """Train (or finish training) kernels into ``out_dir``; returns them once all layers exist.
-    ``windows``: ``(N, T)`` token windows, or one such tensor per window length; with
+    ``layers``: those to train now (all by default), less the local layers of a mixed model
+    (:func:`trainable_layers`). ``windows``: ``(N, T)`` token windows, or one such tensor per
+    window length; with
     ``upstream`` kernels every layer trains on the inputs it sees when all run LESS.
     ``store_budget``: bytes of activations on disk at once (default: half the free space
     there), which sizes the groups of layers collected together; it never changes the result.
