@@ -69,7 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     """Check every argument before loading the model, then score and print one row per method."""
     from lesskv.data import load_texts, token_windows
-    from lesskv.evaluation.perplexity import evaluate_perplexity
+    from lesskv.evaluation.perplexity import against, evaluate_perplexity
     from lesskv.hf.loading import load_model
     from lesskv.hf.modules import check_fits
 
@@ -103,5 +103,20 @@ def run(args: argparse.Namespace) -> None:
     )
     rows = [r.as_dict() for r in results]
     print_table(rows, ["method", "policy", "budget_tokens", "head_bytes", "ppl", "nll", "tokens"])
+    compared = [
+        {
+            **c,
+            "delta_nll": f"{c['delta_nll']:+.4f}",
+            "se": f"{c['se']:.4f}",
+            "gap_closed": f"{100 * c['gap_closed']:.1f}%",
+        }
+        for c in against(results)
+    ]
+    if compared:
+        print(
+            "\npaired over the windows: delta_nll = mean NLL of the method minus baseline+'s "
+            "(± se); gap_closed = its share of the baseline+ -> full gap"
+        )
+        print_table(compared, ["method", "vs", "delta_nll", "se", "lower_in", "gap_closed"])
     if args.json is not None:
         write_json(args.json, rows)
