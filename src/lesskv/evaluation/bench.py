@@ -84,17 +84,6 @@ class BenchRow:
         return asdict(self)
 
 
-def parse_int_list(text: str, option: str, minimum: int) -> list[int]:
-    """``"1024,2048"`` -> ``[1024, 2048]``, or a one-line error naming the option."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise LessKVError(f"{option} takes comma-separated integers, got {text!r}") from None
-    if not values or min(values) < minimum:
-        raise LessKVError(f"{option} needs integers >= {minimum}, got {text!r}")
-    return values
-
-
 def check_contexts(model: PreTrainedModel, contexts: Sequence[int], new_tokens: int) -> None:
     """Refuse, before any work, a context that cannot hold its prompt plus the new tokens."""
     for context in contexts:
