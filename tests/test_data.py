@@ -125,6 +125,17 @@ def test_missing_file_directory_and_binary(tmp_path):
         load_texts(str(tmp_path / "binary.txt"))
 
 
+def test_a_path_that_cannot_be_probed_is_one_short_line(tmp_path):
+    """A name too long for the file system fails even is_dir(): one line, the path cut in
+    its middle so the reason still fits."""
+    long = tmp_path / ("a" * 5000 + ".txt")
+    with pytest.raises(LessKVError) as caught:
+        load_texts(str(long))
+    message = str(caught.value)
+    assert message.startswith(f"cannot read {str(tmp_path)[:20]}") and "...aaa" in message
+    assert message.endswith("a.txt: File name too long") and len(message) < 150, message
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(LessKVError, match="limit"):
         load_texts("builtin", limit=0)

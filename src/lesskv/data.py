@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lesskv.errors import LessKVError, require
+from lesskv.errors import LessKVError, require, short_path
 
 BUILTIN = "builtin"
 DEFAULT_FIELD = "text"
@@ -174,20 +174,28 @@ def _builtin_texts() -> list[str]:
 
 
 def _file_texts(path: Path, field: str | None, limit: int | None) -> list[str]:
-    if path.is_dir():
-        raise LessKVError(f"{path} is a directory; give a .txt, .raw, .jsonl or .json file")
-    if not path.exists():
-        if path.is_symlink():  # it names something, but leads nowhere (or back to itself)
-            raise LessKVError(f"text file {path} is a broken or looping symbolic link")
-        raise LessKVError(f"text file {path} does not exist (or use 'builtin' or 'hf:NAME')")
+    try:
+        is_dir, exists, is_link = path.is_dir(), path.exists(), path.is_symlink()
+    except OSError as exc:  # a name too long, a folder this user may not search...
+        raise LessKVError(f"cannot read {short_path(path)}: {exc.strerror or exc}") from None
+    if is_dir:
+        raise LessKVError(
+            f"{short_path(path)} is a directory; give a .txt, .raw, .jsonl or .json file"
+        )
+    if not exists:
+        if is_link:  # it names something, but leads nowhere (or back to itself)
+            raise LessKVError(f"text file {short_path(path)} is a broken or looping symbolic link")
+        raise LessKVError(
+            f"text file {short_path(path)} does not exist (or use 'builtin' or 'hf:NAME')"
+        )
     suffix = path.suffix.lower()
     if suffix not in _TEXT_SUFFIXES + _RECORD_SUFFIXES:
         raise LessKVError(
-            f"cannot read {path}: unknown file type {suffix or '(none)'!r}; "
+            f"cannot read {short_path(path)}: unknown file type {suffix or '(none)'!r}; "
             "use .txt, .raw, .jsonl or .json"
         )
     if suffix in _TEXT_SUFFIXES:
-        _refuse_field(field, str(path))
+        _refuse_field(field, short_path(path))
         return ["".join(_lines(path))]
     field = field or DEFAULT_FIELD
     if suffix == ".json":
@@ -201,9 +209,9 @@ def _lines(path: Path) -> Iterator[str]:
         with path.open(encoding="utf-8") as handle:
             yield from handle
     except UnicodeDecodeError:
-        raise LessKVError(f"cannot read {path}: it is not UTF-8 text") from None
+        raise LessKVError(f"cannot read {short_path(path)}: it is not UTF-8 text") from None
     except OSError as exc:
-        raise LessKVError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise LessKVError(f"cannot read {short_path(path)}: {exc.strerror or exc}") from None
 
 
 def _jsonl_texts(path: Path, field: str, limit: int | None) -> list[str]:
@@ -213,10 +221,10 @@ def _jsonl_texts(path: Path, field: str, limit: int | None) -> list[str]:
         for number, line in enumerate(_lines(path), start=1):
             if line.strip():
                 try:
-                    yield f"{path} line {number}", json.loads(line)
+                    yield f"{short_path(path)} line {number}", json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise LessKVError(
-                        f"{path} line {number} is not valid JSON: {exc.msg}"
+                        f"{short_path(path)} line {number} is not valid JSON: {exc.msg}"
                     ) from None
 
     return _record_texts(records(), field, limit)
@@ -227,10 +235,16 @@ def _json_texts(path: Path, field: str, limit: int | None) -> list[str]:
     try:
         data = json.loads("".join(_lines(path)))
     except json.JSONDecodeError as exc:
-        raise LessKVError(f"{path} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+        raise LessKVError(
+            f"{short_path(path)} is not valid JSON: {exc.msg} (line {exc.lineno})"
+        ) from None
     if not isinstance(data, list):
-        raise LessKVError(f"{path} must hold a JSON list of records, found {type(data).__name__}")
-    return _record_texts(((f"{path} record {i}", r) for i, r in enumerate(data)), field, limit)
+        raise LessKVError(
+            f"{short_path(path)} must hold a JSON list of records, found {type(data).__name__}"
+        )
+    return _record_texts(
+        ((f"{short_path(path)} record {i}", r) for i, r in enumerate(data)), field, limit
+    )
 
 
 def _record_texts(records: Iterable[tuple[str, Any]], field: str, limit: int | None) -> list[str]:

@@ -24,3 +24,14 @@ def one_line(message: object, limit: int = 240) -> str:
     reports it."""
     text = " ".join(str(message).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short_path(path: object, limit: int = 100) -> str:
+    """``path`` cut in its middle to at most ``limit`` characters: its start and its file
+    name both say which file, and a path of thousands of characters (the error of a name too
+    long) must leave the line room for what went wrong."""
+    text = str(path)
+    if len(text) <= limit:
+        return text
+    head = (limit - 3) // 2
+    return text[:head] + "..." + text[len(text) - (limit - 3 - head) :]
