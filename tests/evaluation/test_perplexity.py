@@ -78,3 +78,30 @@ def test_reported_head_bytes_are_what_the_caches_hold():
     pair = 2 * 16 * 4  # one K/V pair in fp32: the equal-memory methods agree within one
     assert all(abs(r.head_bytes - rows[1].head_bytes) <= pair for r in rows[2:])
     assert rows[1].head_bytes > rows[0].head_bytes
+
+
+def test_methods_are_compared_with_baseline_plus_window_by_window():
+    from lesskv.evaluation.perplexity import against
+
+    model = make_tiny_model("llama-gqa")
+    windows = torch.randint(1, 90, (3, 24), generator=torch.Generator().manual_seed(0))
+    results = evaluate_perplexity(
+        model,
+        windows,
+        ["full", "baseline", "baseline+"],
+        policy=make_policy("h2o", 6),
+        rank=2,
+        progress=False,
+    )
+    rows = {r.method: r for r in results}
+    assert all(len(r.window_nlls) == 3 for r in results)
+    assert rows["full"].nll == pytest.approx(sum(rows["full"].window_nlls) / 3)
+    (compared,) = against(results)
+    diffs = torch.tensor(rows["baseline"].window_nlls) - torch.tensor(rows["baseline+"].window_nlls)
+    assert compared["method"] == "baseline"
+    assert compared["delta_nll"] == pytest.approx(diffs.mean().item())
+    assert compared["se"] == pytest.approx(diffs.std().item() / 3**0.5)
+    assert compared["lower_in"] == f"{int((diffs < 0).sum())}/3"
+    gap = rows["baseline+"].nll - rows["full"].nll
+    assert compared["gap_closed"] == pytest.approx(-diffs.mean().item() / gap)
+    assert against(results[:2]) == []  # no baseline+, nothing to compare with
