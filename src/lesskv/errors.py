@@ -1,6 +1,9 @@
 """The one exception type users see: the CLI prints its message on one line and exits 2."""
 
 import importlib
+import re
+
+_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colour, bold...
 
 
 class LessKVError(ValueError):
@@ -21,8 +24,8 @@ def require(module: str, extra: str, purpose: str) -> None:
 def one_line(message: object, limit: int = 240) -> str:
     """``message`` on one line of at most ``limit`` characters: a library's error (torch's
     state-dict mismatch, a pickle's) can span pages, and an error must fit the line that
-    reports it."""
-    text = " ".join(str(message).split())
+    reports it. Terminal escapes (torch's bold advice) go: a cut could leave one switched on."""
+    text = " ".join(_ESCAPES.sub("", str(message)).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -1,5 +1,7 @@
 """End-to-end kernel fine-tuning on a tiny random model."""
 
+import argparse
+
 import pytest
 import torch
 
@@ -116,6 +118,18 @@ def test_a_corrupt_state_file_is_named(trained, tmp_path):
     (tmp_path / finetune.STATE_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(LessKVError, match="finetune_state.pt is corrupt"):
         run(trained, tmp_path, epochs=1)
+
+
+def test_a_corrupt_state_files_error_keeps_its_advice(trained, tmp_path):
+    """torch's refusal of a pickled object runs to 1,000 characters, with terminal escapes:
+    cut inside the message, so the line still ends with what to do, and no escape stays on."""
+    run(trained, tmp_path, epochs=1)
+    torch.save({"step": argparse.Namespace()}, tmp_path / finetune.STATE_FILE)
+    with pytest.raises(LessKVError) as caught:
+        run(trained, tmp_path, epochs=1)
+    message = str(caught.value)
+    assert "Weights only load failed" in message and "\x1b" not in message, message
+    assert message.endswith("; delete it to restart fine-tuning") and len(message) < 250
 
 
 def test_kernels_for_another_model_are_refused(trained, tmp_path):

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from helpers import SHAPES, decode_steps, make_tiny_model, tiny_kernels
 from lesskv.core import math
@@ -217,6 +218,20 @@ def test_another_runs_folder_is_refused_unless_overwritten(tmp_path):
         train_kernels(model, windows, policy, other, tmp_path, progress=False)
     train_kernels(model, windows, policy, other, tmp_path, overwrite=True, progress=False)
     assert json.loads((tmp_path / "run.json").read_text())["epochs"] == 2
+
+
+def test_a_corrupt_layer_files_error_keeps_its_advice(tmp_path):
+    """torch lists every unexpected key of a state dict: the line is cut inside that
+    message, so it still ends with what to do."""
+    model, windows, policy, config = setup(epochs=1)
+    train_kernels(model, windows, policy, config, tmp_path, progress=False)
+    layer = tmp_path / "layers" / "layer_001.safetensors"
+    save_file({f"junk_{i}": torch.zeros(1) for i in range(100)}, layer)
+    with pytest.raises(LessKVError) as caught:
+        train_kernels(model, windows, policy, config, tmp_path, progress=False)
+    message = str(caught.value)
+    assert "layer_001.safetensors is corrupt (Error(s) in loading state_dict" in message
+    assert message.endswith("...); delete it and rerun") and len(message) < 260, message
 
 
 @pytest.mark.parametrize("spec", ["5", "0:9", "3:1", "x"])

@@ -42,7 +42,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lesskv.core.policies import Policy, make_policy
-from lesskv.errors import LessKVError
+from lesskv.errors import LessKVError, one_line, short_path
 from lesskv.hf.checkpoint import LessKernels, atomic_write
 from lesskv.hf.methods import using_method
 from lesskv.training.run import claim_output_dir, freeze, snapshot
@@ -249,4 +249,7 @@ def _load_state(path: Path) -> dict | None:
     try:
         return torch.load(path, weights_only=True)
     except Exception as err:  # torch raises several types for damaged files
-        raise LessKVError(f"{path} is corrupt ({err}); delete it to restart fine-tuning") from None
+        raise LessKVError(
+            f"{short_path(path)} is corrupt ({one_line(err, 120)}); delete it to restart "
+            "fine-tuning"
+        ) from None

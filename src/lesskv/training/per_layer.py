@@ -49,7 +49,7 @@ from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK, STATES
 from lesskv.core.distribution import attention_kl
 from lesskv.core.kernels import KernelShape, LayerKernels
 from lesskv.core.policies import Policy, Slots, keep_mask_from_steps
-from lesskv.errors import LessKVError
+from lesskv.errors import LessKVError, one_line, short_path
 from lesskv.hf import attention
 from lesskv.hf.checkpoint import KernelMeta, LessKernels, atomic_write
 from lesskv.hf.methods import get_method, layer_setups, observing
@@ -860,7 +860,9 @@ def _assemble(out: Path, meta: KernelMeta) -> LessKernels | None:
             with open(path, "rb") as f:  # losses live in the safetensors header
                 header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
         except Exception as err:
-            raise LessKVError(f"{path} is corrupt ({err}); delete it and rerun") from None
+            raise LessKVError(
+                f"{short_path(path)} is corrupt ({one_line(err, 120)}); delete it and rerun"
+            ) from None
         losses = header.get("__metadata__", {})
         meta.val_loss[str(i)] = float(losses.get("val_loss", "nan"))
         meta.baseline_plus_val_loss[str(i)] = float(losses.get("baseline_plus_val_loss", "nan"))
