@@ -1,6 +1,7 @@
 """End-to-end kernel fine-tuning on a tiny random model."""
 
 import argparse
+import json
 
 import pytest
 import torch
@@ -118,6 +119,17 @@ def test_a_corrupt_state_file_is_named(trained, tmp_path):
     (tmp_path / finetune.STATE_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(LessKVError, match="finetune_state.pt is corrupt"):
         run(trained, tmp_path, epochs=1)
+
+
+def test_every_file_of_the_result_is_written_whole(trained, tmp_path, monkeypatch):
+    """Through a temporary file and a rename: an interrupted run leaves no half a history."""
+    written, write = [], finetune.atomic_write
+    monkeypatch.setattr(
+        finetune, "atomic_write", lambda p, w: (written.append(p.name), write(p, w))
+    )
+    run(trained, tmp_path, epochs=1)
+    assert finetune.HISTORY_FILE in written
+    assert len(json.loads((tmp_path / finetune.HISTORY_FILE).read_text())) == 8  # one per step
 
 
 def test_a_corrupt_state_files_error_keeps_its_advice(trained, tmp_path):

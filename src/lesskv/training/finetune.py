@@ -48,6 +48,7 @@ from lesskv.hf.methods import using_method
 from lesskv.training.run import claim_output_dir, freeze, snapshot
 
 STATE_FILE = "finetune_state.pt"
+HISTORY_FILE = "finetune_history.json"  # the training loss of every step
 # On by default: memory is what limits fine-tuning's window length; SmolLM2-135M, one step at
 # 1024 tokens on a CPU: peak RSS 4.6 GiB without, 2.5 GiB with, for ~10-30 % more time.
 CHECKPOINTING = True
@@ -176,7 +177,8 @@ def _save_tuned(
     commands = "\n".join(c for c in (kernels.meta.command, command) if c)
     kernels.meta = replace(kernels.meta, command=commands, finetune=finetune)
     kernels.requires_grad_(False).save_pretrained(out)
-    (out / "finetune_history.json").write_text(json.dumps(state["history"]) + "\n")
+    history = json.dumps(state["history"]) + "\n"
+    atomic_write(out / HISTORY_FILE, lambda p: Path(p).write_text(history))
     return kernels
 
 
