@@ -151,6 +151,17 @@ def test_kernels_for_another_model_are_refused(trained, tmp_path):
     config = FinetuneConfig(model="tiny", base_kernels=str(base), data="random", seq_lens=[T])
     with pytest.raises(LessKVError, match="kernels were trained for"):
         finetune_kernels(other, kernels, windows[:8], windows[8:], config, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # refused before anything is written
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_nothing(trained, tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(finetune, "validation_kl", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run(trained, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_learning_rate_decays_from_lr_to_zero():

@@ -220,6 +220,34 @@ def test_another_runs_folder_is_refused_unless_overwritten(tmp_path):
     assert json.loads((tmp_path / "run.json").read_text())["epochs"] == 2
 
 
+def test_a_run_that_fails_before_its_first_layer_leaves_nothing(tmp_path, monkeypatch):
+    """Its run file and activations go (a rerun would resume into them); a run that trained
+    a layer keeps all, so a rerun resumes it."""
+    model, windows, policy, config = setup(epochs=1)
+    out = tmp_path / "runs" / "out"
+    train_kernels(model, windows, policy, config, out, layers=[1], progress=False)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(per_layer, "train_layer", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_kernels(model, windows, policy, config, out, progress=False)
+    assert (out / "run.json").exists() and (out / "layers" / "layer_001.safetensors").exists()
+    shutil.rmtree(tmp_path / "runs")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_kernels(model, windows, policy, config, out, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_kernels_too_large_for_memory_fail_before_anything_is_written(tmp_path, monkeypatch):
+    model, windows, policy, config = setup(epochs=1, rank=2**62)
+    calls = _spy_on_collection(monkeypatch, tmp_path / "activations")
+    with pytest.raises(RuntimeError, match="overflow"):
+        train_kernels(model, windows, policy, config, tmp_path / "out", progress=False)
+    assert calls == [] and list(tmp_path.iterdir()) == []
+
+
 def test_a_corrupt_layer_files_error_keeps_its_advice(tmp_path):
     """torch lists every unexpected key of a state dict: the line is cut inside that
     message, so it still ends with what to do."""

@@ -73,3 +73,41 @@ def test_processes_of_one_shared_run_join_and_others_are_refused(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def _fail(claim, error=RuntimeError, work="layers/*"):
+    """Run a block that writes scratch, then raises ``error``, under ``claim``'s undo."""
+    with pytest.raises(error), claim.undone_on_error(work):
+        (claim.out / "activations").mkdir(exist_ok=True)
+        raise error("out of memory")
+
+
+def test_a_first_attempt_that_fails_before_any_work_leaves_nothing(tmp_path):
+    """The run file, its scratch and the folders made for it go; an existing folder stays."""
+    _fail(claim_output_dir(tmp_path / "runs" / "a", Config(), overwrite=False, shared=True))
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()
+    _fail(claim_output_dir(tmp_path / "mine", Config(), overwrite=False))
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == [LOCK_FILE]
+
+
+def test_a_run_with_work_resumed_interrupted_or_joined_keeps_its_files(tmp_path):
+    out = tmp_path / "out"
+    claim = claim_output_dir(out, Config(), overwrite=False, shared=True)
+    (out / "layers").mkdir()
+    (out / "layers" / "layer_001.safetensors").write_bytes(b"x")
+    _fail(claim)  # a layer is trained
+    (out / "layers" / "layer_001.safetensors").unlink()
+    _fail(claim_output_dir(out, Config(), overwrite=False, shared=True))  # resumed
+    _fail(claim, KeyboardInterrupt)  # a rerun resumes it
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "activations", "layers", RUN_FILE]
+    fresh = tmp_path / "fresh"
+    claim = claim_output_dir(fresh, Config(), overwrite=False, shared=True)
+    holder = _holder(fresh, "shared")
+    try:
+        assert holder.stdout.readline().strip() == "claimed"  # it joined
+        _fail(claim)
+        assert sorted(p.name for p in fresh.iterdir()) == [LOCK_FILE, "activations", RUN_FILE]
+    finally:
+        holder.kill()
+        holder.wait()

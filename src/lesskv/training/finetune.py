@@ -114,10 +114,27 @@ def finetune_kernels(
     if len(windows) == 0 or len(val_windows) == 0:
         raise LessKVError("fine-tuning needs at least one training and one validation window")
     layers = decoder_layers(model) if checkpointing else []
-    out = Path(out_dir)
-    claim_output_dir(out, config, overwrite)
     kernels.check_compatible(model)
     policy = make_policy(kernels.meta.policy, kernels.meta.budget)
+    out = Path(out_dir)
+    claim = claim_output_dir(out, config, overwrite)
+    with claim.undone_on_error(STATE_FILE):  # a first step that fails leaves nothing
+        state = _tune(model, kernels, windows, val_windows, policy, config, out, layers, progress)
+    return _save_tuned(kernels, state, config, command, out)
+
+
+def _tune(
+    model: PreTrainedModel,
+    kernels: LessKernels,
+    windows: Sequence[torch.Tensor],
+    val_windows: Sequence[torch.Tensor],
+    policy: Policy,
+    config: FinetuneConfig,
+    out: Path,
+    layers: list[nn.Module],
+    progress: bool,
+) -> dict:
+    """The steps not yet taken, the state written after each; returns the last state."""
     freeze(model)
     kernels.eval().requires_grad_(True)
     optimizer = torch.optim.Adam(kernels.parameters(), lr=config.lr)
@@ -158,7 +175,7 @@ def finetune_kernels(
                 state.update(best=val, best_step=step + 1, best_kernels=snapshot(kernels))
         state.update(step=step + 1, kernels=kernels.state_dict(), optimizer=optimizer.state_dict())
         atomic_write(out / STATE_FILE, lambda p: torch.save(state, p))
-    return _save_tuned(kernels, state, config, command, out)
+    return state
 
 
 def _save_tuned(

@@ -55,7 +55,7 @@ from lesskv.hf.checkpoint import KernelMeta, LessKernels, atomic_write
 from lesskv.hf.methods import get_method, layer_setups, observing
 from lesskv.hf.modules import attention_modules, attention_scale, kv_heads, policy_layers
 from lesskv.training.distributed import Worker, decided_by_rank0, shard
-from lesskv.training.run import claim_output_dir, freeze, snapshot
+from lesskv.training.run import Claim, claim_output_dir, freeze, snapshot
 
 
 @dataclass
@@ -106,6 +106,7 @@ def parse_layers(spec: str | None, num_layers: int) -> list[int]:
 STORED = {torch.bfloat16: ("bf16", np.int16, torch.bfloat16)}
 DEFAULT_STORED = ("f16", np.float16, torch.float16)
 COMPLETE_FILE = "complete"  # in a store's folder: how many windows, from the first, it holds
+LAYERS_DIR = "layers"  # in the run folder: each trained layer's kernels, one file each
 
 
 class ActivationStore:
@@ -712,16 +713,26 @@ def train_kernels(
     budget = (default_store_budget(out) if store_budget is None else store_budget) // processes
     sizes = {layer: layer_store_bytes(model, layer, windows) for layer in requested}
     check_store_budget(sizes, budget, processes)
-
-    def plan() -> list[int]:
-        claim_output_dir(out, config, overwrite, shared=True)
-        return missing_layers(out, requested)
-
-    todo = plan() if worker is None else decided_by_rank0(worker, plan)
-    mine = todo if worker is None else shard(todo, worker.rank, worker.world_size)
     meta = _kernel_meta(model, policy, config, command)
+    # a rank or width too large for memory fails now, not once the activations are recorded
+    with torch.device(modules[requested[0]].o_proj.weight.device):
+        LayerKernels(meta.layer_shape)
+
+    def plan() -> tuple[list[int], Claim]:
+        claim = claim_output_dir(out, config, overwrite, shared=True)
+        return missing_layers(out, requested), claim
+
+    todo, claim = plan() if worker is None else decided_by_rank0(worker, plan)
+    mine = todo if worker is None else shard(todo, worker.rank, worker.world_size)
     groups = store_groups({layer: sizes[layer] for layer in mine}, budget)
-    _train_layers(model, windows, policy, config, out, groups, meta, progress and lead, upstream)
+    # under torchrun every rank writes in the folder: one that fails leaves it to the others
+    undone = (
+        claim.undone_on_error(f"{LAYERS_DIR}/*") if worker is None else contextlib.nullcontext()
+    )
+    with undone:
+        _train_layers(
+            model, windows, policy, config, out, groups, meta, progress and lead, upstream
+        )
     if worker is not None:
         dist.barrier()
         lost = missing_layers(out, todo) if lead else []
@@ -836,7 +847,7 @@ def _kernel_meta(
 
 
 def _layer_path(out: Path, layer: int) -> Path:
-    return out / "layers" / f"layer_{layer:03d}.safetensors"
+    return out / LAYERS_DIR / f"layer_{layer:03d}.safetensors"
 
 
 def _save_layer(out: Path, layer: int, kernels: LayerKernels, losses: dict[str, float]) -> None:

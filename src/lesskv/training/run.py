@@ -3,11 +3,13 @@ frozen model, and snapshots of the best weights seen so far."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shutil
-from dataclasses import asdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +33,34 @@ def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def claim_output_dir(out: Path, config: object, overwrite: bool, shared: bool = False) -> None:
+@dataclass(frozen=True)
+class Claim:
+    """What :func:`claim_output_dir` did: whether it ``started`` the run in ``out`` (wrote
+    its run file) rather than resumed or joined one, and the topmost folder it ``made`` for
+    ``out`` (``out`` itself, one of its parents, or none)."""
+
+    out: Path
+    started: bool
+    made: Path | None
+
+    @contextlib.contextmanager
+    def undone_on_error(self, work: str) -> Iterator[None]:
+        """Run the block; should it raise an error in a run this claim started, before the
+        run kept anything (``work``: a glob, in ``out``, of what it keeps), remove all the
+        run wrote and the folders the claim made: a first attempt that fails (a size too
+        large for memory, a full disk) leaves nothing behind. An interrupted run keeps its
+        files (a rerun resumes it), and so does a folder that another process running the
+        same configuration has joined."""
+        try:
+            yield
+        except Exception:
+            if self.started and not any(self.out.glob(work)):
+                with contextlib.suppress(OSError):  # the error to report is the block's
+                    _withdraw(self.out, self.made)
+            raise
+
+
+def claim_output_dir(out: Path, config: object, overwrite: bool, shared: bool = False) -> Claim:
     """Lock ``out`` for this process, then resume our own run (``config`` is its dataclass);
     refuse to mix with another run's kernels unless told to.
 
@@ -40,6 +69,7 @@ def claim_output_dir(out: Path, config: object, overwrite: bool, shared: bool = 
     running the very same configuration may join it, e.g. ``--layers`` splitting the work;
     anything else is refused while the folder is in use.
     """
+    made = next((p for p in (*reversed(out.parents), out) if not p.exists()), None)
     out.mkdir(parents=True, exist_ok=True)
     mine = json.loads(json.dumps(asdict(config)))  # as stored: tuples become lists
     held = _held_lock(out)
@@ -47,7 +77,7 @@ def claim_output_dir(out: Path, config: object, overwrite: bool, shared: bool = 
     if not _try_lock(fd, fcntl.LOCK_EX):  # someone else is in the folder
         if shared and _try_lock(fd, fcntl.LOCK_SH) and _stored_run(out) == mine:
             _held[out.resolve()] = fd
-            return  # another process runs this same training: share the folder
+            return Claim(out, started=False, made=None)  # the same training: share the folder
         if held is None:
             os.close(fd)
         raise LessKVError(
@@ -55,15 +85,19 @@ def claim_output_dir(out: Path, config: object, overwrite: bool, shared: bool = 
             "that run to finish or choose another --out"
         )
     _held[out.resolve()] = fd
-    _claim(out, mine, overwrite)
+    started = _claim(out, mine, overwrite)
     if shared:  # from now on, processes running this same configuration may join
         fcntl.flock(fd, fcntl.LOCK_SH)
+    return Claim(out, started, made)
 
 
-def _claim(out: Path, mine: dict, overwrite: bool) -> None:
-    """Resume ``mine`` in ``out``, or start it there (emptying only with ``overwrite``)."""
+def _claim(out: Path, mine: dict, overwrite: bool) -> bool:
+    """Resume ``mine`` in ``out``, or start it there (emptying only with ``overwrite``);
+    whether it started."""
     theirs = _stored_run(out)
-    if theirs is not None and theirs != mine:
+    if theirs == mine:
+        return False
+    if theirs is not None:
         if not overwrite:
             differing = sorted(k for k in mine if theirs.get(k) != mine[k])
             raise LessKVError(
@@ -76,6 +110,26 @@ def _claim(out: Path, mine: dict, overwrite: bool) -> None:
             raise LessKVError(f"{out} is not empty; choose another --out or pass --overwrite")
         _empty(out)
     atomic_write(out / RUN_FILE, lambda p: Path(p).write_text(json.dumps(mine, indent=2) + "\n"))
+    return True
+
+
+def _withdraw(out: Path, made: Path | None) -> None:
+    """Empty ``out``, then remove the folders from it up to ``made``, unless another process
+    shares it: one that joined holds the lock too, so this one cannot take it alone. Only
+    empty folders are removed: another run may have put its own beside ``out`` meanwhile."""
+    fd = _held[out.resolve()]
+    if not _try_lock(fd, fcntl.LOCK_EX):
+        return
+    _empty(out)
+    if made is None:
+        return
+    del _held[out.resolve()]
+    (out / LOCK_FILE).unlink()
+    os.close(fd)
+    for folder in (out, *out.parents):
+        folder.rmdir()
+        if folder == made:
+            return
 
 
 def _stored_run(out: Path) -> dict | None:
