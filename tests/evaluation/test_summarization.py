@@ -59,6 +59,16 @@ def test_full_method_is_plain_greedy_generation(tmp_path, adds_bos):
     assert generations[0]["summary"] == expected
 
 
+def test_more_new_tokens_than_the_context_holds_is_refused(tmp_path):
+    """The prompt is cut to the room left: none left used to end in a reshape error."""
+    model = make_tiny_model("llama-gqa")
+    examples = load_examples(write_examples(tmp_path / "s.jsonl", n=1), samples=1)
+    with pytest.raises(LessKVError, match="exceed the model's context of 256"):
+        evaluate_summarization(
+            model, tiny_tokenizer(), examples, ["full"], make_policy("h2o", 8), max_new_tokens=256
+        )
+
+
 def test_record_formats_and_errors(tmp_path):
     cnn = tmp_path / "cnn.jsonl"
     cnn.write_text(json.dumps({"article": "a", "highlights": "b"}) + "\n")

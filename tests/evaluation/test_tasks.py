@@ -151,6 +151,26 @@ def test_a_local_task_runs_end_to_end(tmp_path):
         evaluate_tasks(model, tokenizer, ["rte"], ["full"], data_dir=data)
 
 
+def test_more_shots_than_a_task_holds_or_an_unreachable_hub_is_one_line(tmp_path):
+    model, tokenizer = make_tiny_model("llama-gqa"), tiny_tokenizer()
+    data = write_piqa(tmp_path / "data")
+    with pytest.raises(LessKVError, match="--num-fewshot 9 is more examples than a task's"):
+        evaluate_tasks(
+            model, tokenizer, ["piqa"], ["full"], num_fewshot=9, data_dir=data, progress=False
+        )
+
+    class Offline:
+        all_tasks = ("piqa",)
+
+        def load(self, names):
+            raise ConnectionError(
+                "Couldn't reach 'baber/piqa' on the Hub (LocalEntryNotFoundError)"
+            )
+
+    with pytest.raises(LessKVError, match=r"Hub \(LocalEntryNotFoundError\): go online, or pass"):
+        check_tasks(Offline(), ["piqa"], local=False)
+
+
 def test_generation_tasks_are_refused_before_any_scoring(tmp_path):
     from lm_eval.tasks import TaskManager
 

@@ -24,7 +24,7 @@ from lesskv.errors import LessKVError
 from lesskv.hf.checkpoint import LessKernels
 from lesskv.hf.compat import cache_argument
 from lesskv.hf.methods import PLAIN_STEPS, StepOptions, get_method, make_cache
-from lesskv.hf.modules import max_context
+from lesskv.hf.modules import check_fits, max_context
 
 # Named datasets: file under the data folder, and how to turn a record into (prompt, summary).
 NAMED = {
@@ -137,6 +137,7 @@ def evaluate_summarization(
     """ROUGE per method, plus every generation (for inspection); ``step``: how the caches
     run their decoding steps."""
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    check_fits(model, max_new_tokens + 1, f"{max_new_tokens} new tokens after a 1-token prompt")
     room = max_context(model) - max_new_tokens
     prompts = [fit_prompt(tokenizer, ex.prompt, room).to(model.device) for ex in examples]
     results, generations = [], []

@@ -35,7 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lesskv.core.budget import DEFAULT_RANK, Budget
 from lesskv.core.policies import Policy
 from lesskv.data import bos_prefix
-from lesskv.errors import LessKVError
+from lesskv.errors import LessKVError, one_line
 from lesskv.evaluation.perplexity import kept_tokens
 from lesskv.hf.methods import get_method, set_method
 from lesskv.hf.modules import attention_modules, max_context
@@ -307,7 +307,12 @@ def check_tasks(manager, tasks: Sequence[str], local: bool) -> None:
             else "see 'lm-eval ls tasks'"
         )
         raise LessKVError(f"unknown task(s) {', '.join(unknown)}: {where}")
-    loaded = manager.load(list(tasks))["tasks"]
+    try:
+        loaded = manager.load(list(tasks))["tasks"]
+    except ConnectionError as err:  # the tasks' data is on the Hub, and the Hub out of reach
+        raise LessKVError(
+            f"{one_line(err, 120)}: go online, or pass --data-dir with the tasks' data"
+        ) from None
     other = [n for n, t in loaded.items() if t.OUTPUT_TYPE not in SCORED_TYPES]
     if other:
         raise LessKVError(
@@ -343,15 +348,7 @@ def evaluate_tasks(
     rows = []
     for method in methods:
         lm = LessLM(model, tokenizer, method, policy, kernels, rank, batch_size, progress)
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            num_fewshot=num_fewshot,
-            limit=limit,
-            task_manager=manager,
-            log_samples=False,
-            bootstrap_iters=1000,
-        )
+        out = _evaluate(lm, tasks, num_fewshot, limit, manager)
         for name, metrics in out["results"].items():
             if "acc,none" not in metrics:
                 continue  # a group's aggregate row, or a task without accuracy
@@ -371,6 +368,32 @@ def evaluate_tasks(
                 )
             )
     return rows
+
+
+def _evaluate(
+    lm: TemplateLM,
+    tasks: Sequence[str],
+    num_fewshot: int | None,
+    limit: int | None,
+    manager: TaskManager,
+) -> dict:
+    """lm-eval's results; more few-shot examples than a task has is one LessKVError."""
+    try:
+        return lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=1000,
+        )
+    except ValueError as err:  # random.sample's, drawing the few-shot examples
+        if "Sample larger than population" not in str(err):
+            raise
+        raise LessKVError(
+            f"--num-fewshot {num_fewshot} is more examples than a task's few-shot split holds"
+        ) from None
 
 
 def _number(value: object) -> float | None:
