@@ -404,3 +404,58 @@ def test_a_size_too_large_for_memory_is_one_line_not_a_traceback(capsys, tmp_pat
     monkeypatch.setattr(loading, "load_model", a_bug)
     with pytest.raises(RuntimeError, match="is invalid"):
         main(args)
+
+
+def _error_line(capsys) -> str:
+    """The one error line on stderr (after any progress bars), checked to be the only one."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("lesskv: error:") == 1, err
+    return err.strip().splitlines()[-1]
+
+
+def test_a_path_too_long_for_the_system_is_one_short_line_in_every_option(capsys, tmp_path):
+    """A 5,000-character name fails the first stat() of it, wherever the command looks at
+    it first: one line, the path cut in its middle so the reason fits, nothing written. An
+    OSError naming no file is no path given, and stays a traceback."""
+    save_tiny(tmp_path / "model")
+    model, long = str(tmp_path / "model"), str(tmp_path / ("a" * 5000))
+    ppl = ["eval", "ppl", "--model", model, "--data", "builtin", "--budget", "8", "--seq-len", "32"]
+    commands = [
+        [*ppl, "--json", long],
+        [*ppl, "--methods", "less", "--kernels", long],
+        ["eval", "ppl", "--model", long, "--data", "builtin", "--budget", "8"],
+        ["eval", "summarize", "--model", model, "--methods", "full", "--data", long],
+        ["generate", "--model", model, "--method", "baseline", "--file", long],
+        ["train", "--model", model, "--data", "builtin", "--budget", "8", "--out", long],
+    ]
+    for command in commands:
+        assert main(command) == 2, command
+        err = _error_line(capsys)
+        assert err.endswith("aaa: File name too long") and len(err) < 200, err
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+    import lesskv.hf.loading as loading
+
+    def broken_disk(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch = pytest.MonkeyPatch.context()
+    with monkeypatch as patch, pytest.raises(OSError, match="Input/output"):
+        patch.setattr(loading, "load_model", broken_disk)
+        main(ppl)
+
+
+def test_numbers_that_would_overflow_inside_torch_are_one_line(capsys, tmp_path):
+    """A temperature of 1e-300 divides the logits into infinities that sampling cannot draw
+    from; a batch of 2**63 - 1 prompts overflows the count of the index torch builds."""
+    save_tiny(tmp_path / "model")
+    model = str(tmp_path / "model")
+    args = ["generate", "--model", model, "--method", "baseline", "--prompt", "a b", "--sample"]
+    assert main([*args, "--temperature", "1e-300"]) == 2
+    assert "argument --temperature: must be >= 0.01, got 1e-300" in _error_line(capsys)
+    bench = ["bench", "--model", model, "--data", "builtin", "--contexts", "32"]
+    bench += ["--methods", "full", "--no-compile", "--batch-sizes", str(2**63 - 1)]
+    assert main(bench) == 2
+    err = _error_line(capsys)
+    assert err.startswith("lesskv: error: not enough memory for the sizes asked for"), err
+    assert len(err) < 300

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from lesskv.core.budget import DEFAULT_MODEL, MAX_COUNT, POLICY_NAMES, Budget, policy_name
-from lesskv.errors import LessKVError
+from lesskv.errors import LessKVError, short_path
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +48,16 @@ def positive_float(text: str) -> float:
     if value == 0:
         raise argparse.ArgumentTypeError("must be > 0, got 0")
     return value
+
+
+def float_at_least(low: float) -> Callable[[str], float]:
+    """argparse type for a finite number >= ``low``."""
+
+    def parse(text: str) -> float:
+        return _at_least(float, text, low)
+
+    parse.__name__ = "float"  # what argparse names in its message
+    return parse
 
 
 def int_list(low: int) -> Callable[[str], list[int]]:
@@ -277,7 +287,9 @@ def check_output(path: Path | None, option: str, folder: bool = False) -> None:
     try:
         _try_writing(path, folder)
     except OSError as err:
-        raise LessKVError(f"cannot write {option} {path}: {err.strerror or err}") from None
+        raise LessKVError(
+            f"cannot write {option} {short_path(path)}: {err.strerror or err}"
+        ) from None
 
 
 def _try_writing(path: Path, folder: bool) -> None:

@@ -14,14 +14,18 @@ from lesskv.cli.common import (
     add_model_args,
     add_policy_args,
     command_policy,
+    float_at_least,
     load_kernels,
     model_dtype,
     model_placement,
-    positive_float,
     positive_int,
     step_options,
 )
-from lesskv.errors import LessKVError
+from lesskv.errors import LessKVError, short_path
+
+# Below it sampling is greedy decoding in all but name, and far below it (1e-300) the logits
+# divided by it overflow to infinity, which sampling cannot draw from.
+MIN_TEMPERATURE = 0.01
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -49,7 +53,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--file", type=Path, help="read the prompt from this file")
     gen.add_argument("--max-new-tokens", type=positive_int, default=64)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=positive_float, default=0.7)
+    gen.add_argument(
+        "--temperature",
+        type=float_at_least(MIN_TEMPERATURE),
+        default=0.7,
+        help=f"sampling temperature, at least {MIN_TEMPERATURE} (default 0.7)",
+    )
     gen.add_argument(
         "--prefill-chunk",
         type=positive_int,
@@ -103,9 +112,10 @@ def _read_prompt(args: argparse.Namespace) -> str:
     """--prompt, or the text of --file with an unreadable file as a one-line error."""
     if args.file is None:
         return args.prompt
+    shown = short_path(args.file)
     try:
         return args.file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise LessKVError(f"cannot read prompt file {args.file}: it is not UTF-8 text") from None
+        raise LessKVError(f"cannot read prompt file {shown}: it is not UTF-8 text") from None
     except OSError as err:
-        raise LessKVError(f"cannot read prompt file {args.file}: {err.strerror}") from None
+        raise LessKVError(f"cannot read prompt file {shown}: {err.strerror}") from None

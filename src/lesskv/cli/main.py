@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from lesskv.cli import analyze, bench, demo, evaluate, finetune, generate, train
-from lesskv.errors import LessKVError, one_line
+from lesskv.errors import LessKVError, one_line, short_path
 from lesskv.hf.compat import check_versions
 
 DESCRIPTION = """\
@@ -45,13 +45,15 @@ Examples:
 # In the order ``lesskv --help`` lists them; ``evaluate`` and ``analyze`` are command groups.
 COMMANDS = (demo, evaluate, analyze, generate, bench, train, finetune)
 MAX_LINE = 299  # characters of an error's line, all of it: one terminal line, or close
-# What torch says when a size cannot be allocated (CPU, CUDA, MPS), or overflows int64 bytes
-# although each count asked for fits: counts too large for the machine, not a bug.
+# What torch says when a size cannot be allocated (CPU, CUDA, MPS), or overflows int64 (its
+# bytes, or the count itself: 2**63 - 1 items plus one) although each count asked for fits:
+# counts too large for the machine, not a bug.
 OUT_OF_MEMORY = (
     "out of memory",
     "can't allocate memory",
     "not enough memory",
     "Storage size calculation overflowed",
+    "cannot be represented as a SymInt",
 )
 
 
@@ -86,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command and return its exit status; a bad argument or a LessKVError is one
-    line on stderr and status 2."""
+    """Run one command and return its exit status; a bad argument, a LessKVError, a size
+    too large for memory or a path the system refuses is one line on stderr and status 2."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -109,6 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not _out_of_memory(err):
             raise
         print(error_line(f"not enough memory for the sizes asked for ({err})"), file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.filename is None:
+            raise
+        # a path given that no check caught: too long a name, a folder not searchable...
+        print(error_line(f"{short_path(err.filename)}: {err.strerror or err}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lesskv: interrupted", file=sys.stderr)
