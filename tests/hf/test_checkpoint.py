@@ -186,6 +186,19 @@ def test_hostile_kernel_folders_are_one_line_errors_naming_the_file(tmp_path, ca
     assert str(tmp_path) in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_config_for_another_model_is_refused_before_any_kernel_is_built(tmp_path, monkeypatch):
+    """A config may name any size (2**63 - 1 layers: building them never ends); checked
+    against the model first, it is refused before it sizes anything."""
+    model = make_tiny_model("llama-gqa")
+    kernels_for(model).save_pretrained(tmp_path)
+    _edit_config(lambda c: c.update(num_layers=1000))(tmp_path)
+    built = []
+    monkeypatch.setattr(LessKernels, "__init__", lambda *args: built.append(args))
+    with pytest.raises(LessKVError, match=r"\(num_layers=1000\) but this model has num_layers=2"):
+        LessKernels.from_pretrained(tmp_path, model)
+    assert built == []
+
+
 def test_a_config_written_before_kernel_layers_existed_has_kernels_for_every_layer(tmp_path):
     model = make_tiny_model("llama-gqa")
     kernels = kernels_for(model)

@@ -74,6 +74,29 @@ class KernelMeta:
             self.query_heads, self.kv_heads, self.head_dim, self.rank, self.hidden, state=self.state
         )
 
+    def check_compatible(self, model: PreTrainedModel, policy: str | None = None) -> None:
+        """Raise a LessKVError naming the first thing that does not match ``model`` (and
+        ``policy``, when given)."""
+        other = KernelMeta.for_model(model, self.model, policy="", budget="")
+        for name in ("model_fingerprint", "num_layers", "query_heads", "kv_heads", "head_dim"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                raise LessKVError(
+                    f"kernels were trained for {self.model} ({name}={mine}) but this model "
+                    f"has {name}={theirs}: train kernels for this model with `lesskv train`"
+                )
+        missing = sorted(set(other.kernel_layers) - set(self.kernel_layers))
+        if missing:
+            raise LessKVError(
+                f"kernels for {self.model} have none for layers {missing}, where this model "
+                "runs the policy: train kernels for this model with `lesskv train`"
+            )
+        if policy is not None and policy != self.policy:
+            raise LessKVError(
+                f"kernels were trained for policy {self.policy!r}, not {policy!r}: "
+                "pass the matching --policy or train kernels for it"
+            )
+
     @classmethod
     def for_model(cls, model: PreTrainedModel, model_name: str, **fields) -> KernelMeta:
         module = attention_modules(model)[0]
@@ -115,25 +138,7 @@ class LessKernels(nn.Module):
 
     def check_compatible(self, model: PreTrainedModel, policy: str | None = None) -> None:
         """Raise a LessKVError naming the first thing that does not match."""
-        other = KernelMeta.for_model(model, self.meta.model, policy="", budget="")
-        for name in ("model_fingerprint", "num_layers", "query_heads", "kv_heads", "head_dim"):
-            mine, theirs = getattr(self.meta, name), getattr(other, name)
-            if mine != theirs:
-                raise LessKVError(
-                    f"kernels were trained for {self.meta.model} ({name}={mine}) but this model "
-                    f"has {name}={theirs}: train kernels for this model with `lesskv train`"
-                )
-        missing = sorted(set(other.kernel_layers) - set(self.meta.kernel_layers))
-        if missing:
-            raise LessKVError(
-                f"kernels for {self.meta.model} have none for layers {missing}, where this model "
-                "runs the policy: train kernels for this model with `lesskv train`"
-            )
-        if policy is not None and policy != self.meta.policy:
-            raise LessKVError(
-                f"kernels were trained for policy {self.meta.policy!r}, not {policy!r}: "
-                "pass the matching --policy or train kernels for it"
-            )
+        self.meta.check_compatible(model, policy)
 
     def warn_if_far_beyond_training_length(self, seq_len: int) -> None:
         """At several times the training window the state absorbs far more pairs than the
@@ -172,6 +177,8 @@ class LessKernels(nn.Module):
                     f"sets, by name: {', '.join(available())})"
                 )
         meta = _read_meta(config_path)
+        if model is not None:  # before any tensor is built of the sizes a config names
+            meta.check_compatible(model, policy)
         try:
             kernels = cls(meta)
             loaded = load_file(weights_path)
@@ -197,8 +204,6 @@ class LessKernels(nn.Module):
                 f"{weights_path} does not hold {meta.state!r}-form kernels of the shape its "
                 f"config names: {wrong[0]} ({len(wrong)} mismatched tensor(s) in all)"
             ) from None
-        if model is not None:
-            kernels.check_compatible(model, policy)
         return kernels.eval()
 
 
