@@ -447,15 +447,17 @@ def test_a_path_too_long_for_the_system_is_one_short_line_in_every_option(capsys
 
 def test_numbers_that_would_overflow_inside_torch_are_one_line(capsys, tmp_path):
     """A temperature of 1e-300 divides the logits into infinities that sampling cannot draw
-    from; a batch of 2**63 - 1 prompts overflows the count of the index torch builds."""
+    from; a batch of 2**63 - 1 prompts overflows the count of the index torch builds, one of
+    2**62 sharing a prefill the count of the cache's elements."""
     save_tiny(tmp_path / "model")
     model = str(tmp_path / "model")
     args = ["generate", "--model", model, "--method", "baseline", "--prompt", "a b", "--sample"]
     assert main([*args, "--temperature", "1e-300"]) == 2
     assert "argument --temperature: must be >= 0.01, got 1e-300" in _error_line(capsys)
     bench = ["bench", "--model", model, "--data", "builtin", "--contexts", "32"]
-    bench += ["--methods", "full", "--no-compile", "--batch-sizes", str(2**63 - 1)]
-    assert main(bench) == 2
-    err = _error_line(capsys)
-    assert err.startswith("lesskv: error: not enough memory for the sizes asked for"), err
-    assert len(err) < 300
+    bench += ["--methods", "full", "--no-compile", "--batch-sizes"]
+    for batch in ([str(2**63 - 1)], [str(2**62), "--shared-prefill"]):
+        assert main([*bench, *batch]) == 2
+        err = _error_line(capsys)
+        assert err.startswith("lesskv: error: not enough memory for the sizes asked for"), err
+        assert len(err) < 300

@@ -46,13 +46,14 @@ Examples:
 COMMANDS = (demo, evaluate, analyze, generate, bench, train, finetune)
 MAX_LINE = 299  # characters of an error's line, all of it: one terminal line, or close
 # What torch says when a size cannot be allocated (CPU, CUDA, MPS), or overflows int64 (its
-# bytes, or the count itself: 2**63 - 1 items plus one) although each count asked for fits:
+# bytes, its count of items, or that count plus one) although each count asked for fits:
 # counts too large for the machine, not a bug.
 OUT_OF_MEMORY = (
     "out of memory",
     "can't allocate memory",
     "not enough memory",
     "Storage size calculation overflowed",
+    "integer multiplication overflow",
     "cannot be represented as a SymInt",
 )
 
