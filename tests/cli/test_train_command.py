@@ -38,3 +38,26 @@ def test_the_command_line_refuses_a_malformed_budget_before_anything_runs(capsys
         "a number with a unit (500MB, 20GiB) (see: lesskv train --help)"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_that_fails_before_its_first_layer_leaves_no_out_folder(
+    capsys, tmp_path, monkeypatch
+):
+    """An error after --out is claimed (here a GPU out of memory while a layer trains) is
+    one line, and the run.json and activations it wrote go with the folder it made."""
+    from helpers import save_tiny
+    from lesskv.training import per_layer
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(per_layer, "train_layer", out_of_memory)
+    save_tiny(tmp_path / "model")
+    out = tmp_path / "runs" / "out"
+    args = ["train", "--model", str(tmp_path / "model"), "--data", "builtin", "--budget", "8"]
+    args += ["--seq-len", "32", "--sequences", "2", "--epochs", "1", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "\nlesskv: error: not enough memory for the sizes asked for (CUDA out of" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
