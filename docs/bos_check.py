@@ -39,7 +39,9 @@ def main() -> None:
     texts = load_texts(args.data)
     model, tokenizer = load_model(args.model)
     lesskv_windows = token_windows(tokenizer, texts, args.seq_len, max_windows=args.windows)
-    (full,) = evaluate_perplexity(model, lesskv_windows, ["full"], progress=False)
+    (full,) = evaluate_perplexity(
+        model, lesskv_windows, ["full"], batch_size=args.windows, progress=False
+    )  # batched as the reference below, so that only the attention path differs
 
     # Built independently of lesskv.data: the tokenizer's own encoding of the joined text.
     ids = tokenizer("\n\n".join(texts)[: 40 * args.seq_len * args.windows]).input_ids

@@ -97,8 +97,10 @@ def against(results: Sequence[PerplexityResult], reference: str = "baseline+") -
 def window_nll(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL of each window of a batch ``(B, T)``, predicting tokens 1..T-1."""
     logits = model(input_ids=ids).logits.float()
-    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-    return nll.mean(dim=1).cpu()
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1])  # contiguous rows: a strided class
+    # dimension sums a 262k vocabulary in float32 ~2e-4 off (measured on Gemma 3)
+    nll = F.cross_entropy(flat, ids[:, 1:].reshape(-1), reduction="none")
+    return nll.view(len(ids), -1).mean(dim=1).cpu()
 
 
 def window_nlls(
