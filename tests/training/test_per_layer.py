@@ -429,6 +429,19 @@ def test_an_interrupted_collection_runs_only_the_missing_windows(tmp_path):
         assert np.array_equal(whole[layer].steps, resumed[layer].steps)
 
 
+def test_a_damaged_completion_marker_is_one_line_not_a_resume(tmp_path):
+    """The marker counts the windows on disk: one that is not a count of them (a torn disk,
+    an edit) is named with what to do, rather than a ValueError or a resume past them."""
+    dims = dict(n=5, hq=2, hkv=1, t=4, d=3, hidden=6, kept=1)
+    ActivationStore(tmp_path, 0, **dims).mark_complete(2)
+    marker = tmp_path / "len_4" / "layer_000" / per_layer.COMPLETE_FILE
+    assert ActivationStore(tmp_path, 0, **dims).complete == 2
+    for text in ("garbage", "99", "-1", "\xb2", "\x00\xff"):
+        marker.write_bytes(text.encode("latin-1"))
+        with pytest.raises(LessKVError, match="complete is corrupt .*; delete it and rerun"):
+            ActivationStore(tmp_path, 0, **dims)
+
+
 def _store_with_windows(tmp_path, n=5):
     store = ActivationStore(tmp_path, 0, n=n, hq=2, hkv=1, t=4, d=3, hidden=6, kept=1)
     generator = torch.Generator().manual_seed(0)

@@ -142,8 +142,7 @@ class ActivationStore:
             name: self._memmap(self.dir / f"{name}.{self.suffix}", self.numpy_dtype, shape)
             for name, shape in shapes.items()
         }
-        marker = self.dir / COMPLETE_FILE
-        self.complete = int(marker.read_text()) if marker.exists() else 0
+        self.complete = _complete_count(self.dir / COMPLETE_FILE, n)
 
     @staticmethod
     def shapes(
@@ -221,6 +220,21 @@ class ActivationStore:
     def flush(self) -> None:
         for array in (*self.arrays.values(), self.steps):
             array.flush()
+
+
+def _complete_count(marker: Path, n: int) -> int:
+    """How many windows a store's ``marker`` says it holds (none without one); a marker
+    that is not a count of 0 to ``n`` is damage, and resuming from it would train on
+    windows never written."""
+    if not marker.exists():
+        return 0
+    text = marker.read_text(errors="replace").strip()
+    if not text.isdecimal() or int(text) > n:
+        raise LessKVError(
+            f"{short_path(marker)} is corrupt (it should count the windows stored, 0 to {n}, "
+            f"not {one_line(text, 20)!r}); delete it and rerun"
+        )
+    return int(text)
 
 
 def on_device(
