@@ -75,6 +75,16 @@ def test_processes_of_one_shared_run_join_and_others_are_refused(tmp_path):
         holder.wait()
 
 
+def test_a_damaged_run_file_is_named_and_replaced_only_with_overwrite(tmp_path):
+    for content in (b"{broken", b"[1, 2]", b"\xff\xfe"):
+        (tmp_path / RUN_FILE).write_bytes(content)
+        (tmp_path / "layer_000.safetensors").write_bytes(b"x")
+        with pytest.raises(LessKVError, match="run.json is corrupt .*pass --overwrite"):
+            claim_output_dir(tmp_path, Config(), overwrite=False)
+        claim_output_dir(tmp_path, Config(), overwrite=True)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE, RUN_FILE]
+
+
 def _fail(claim, error=RuntimeError, work="layers/*"):
     """Run a block that writes scratch, then raises ``error``, under ``claim``'s undo."""
     with pytest.raises(error), claim.undone_on_error(work):

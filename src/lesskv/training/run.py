@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lesskv.errors import LessKVError
+from lesskv.errors import LessKVError, one_line, short_path
 from lesskv.hf.checkpoint import atomic_write
 
 RUN_FILE = "run.json"
@@ -94,7 +94,12 @@ def claim_output_dir(out: Path, config: object, overwrite: bool, shared: bool = 
 def _claim(out: Path, mine: dict, overwrite: bool) -> bool:
     """Resume ``mine`` in ``out``, or start it there (emptying only with ``overwrite``);
     whether it started."""
-    theirs = _stored_run(out)
+    try:
+        theirs = _stored_run(out)
+    except LessKVError:
+        if not overwrite:
+            raise
+        theirs = {}  # unreadable: replaced like another run's
     if theirs == mine:
         return False
     if theirs is not None:
@@ -133,8 +138,21 @@ def _withdraw(out: Path, made: Path | None) -> None:
 
 
 def _stored_run(out: Path) -> dict | None:
+    """The configuration of the run that ``out`` holds, if any; a damaged one is named."""
     run_file = out / RUN_FILE
-    return json.loads(run_file.read_text()) if run_file.exists() else None
+    if not run_file.exists():
+        return None
+    try:
+        stored = json.loads(run_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        reason = one_line(err, 80)
+    else:
+        if isinstance(stored, dict):
+            return stored
+        reason = "not a JSON object"
+    raise LessKVError(
+        f"{short_path(run_file)} is corrupt ({reason}): choose another --out or pass --overwrite"
+    )
 
 
 def _held_lock(out: Path) -> int | None:
