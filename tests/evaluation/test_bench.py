@@ -178,3 +178,25 @@ def test_compilation_is_timed_apart_from_the_steps(setup):
     assert torch.equal(compiled.token, eager.token)
     assert eager.compile_s == 0
     assert compiled.compile_s > 0.05 and max(compiled.steps) < compiled.compile_s
+
+
+def test_the_memory_arithmetic_counts_a_mixed_models_local_windows():
+    """Gemma 3's local layers keep their window whatever the method: the arithmetic must agree
+    with the real cache there too, not charge every layer the full context."""
+    model = make_tiny_model("gemma3", max_position_embeddings=512)
+    policy, kernels = make_policy("h2o", BUDGET), kernel_set(model)
+    rows = run_benchmark(
+        model,
+        tiny_tokenizer(),
+        contexts=(48,),
+        batch_sizes=(1,),
+        methods=METHODS,
+        policy=policy,
+        kernels=kernels,
+        new_tokens=4,
+        prompt_texts=TEXT,
+        progress=False,
+    )
+    for row in rows:
+        fit = max_batch_for_memory(model, 48, 2**20, row.method, policy, 4, new_tokens=4)
+        assert fit["bytes_per_sequence"] == row.cache_bytes

@@ -35,7 +35,13 @@ from lesskv.hf.cache import LessCache
 from lesskv.hf.checkpoint import LessKernels
 from lesskv.hf.compat import cache_argument
 from lesskv.hf.methods import PLAIN_STEPS, StepOptions, get_method, make_cache
-from lesskv.hf.modules import attention_modules, check_fits, kv_heads
+from lesskv.hf.modules import (
+    attention_modules,
+    check_fits,
+    keeps_native_windows,
+    kv_heads,
+    sliding_windows,
+)
 
 BENCH_METHODS = ("full", "baseline", "less")
 _STOCK_ATTENTION = "sdpa"  # what "full" runs when the model was already switched to lesskv's
@@ -408,18 +414,24 @@ def max_batch_for_memory(
 
     Per sequence, ``full`` holds ``context + new_tokens`` tokens of K/V in every layer
     (``2 * kv_heads * head_dim * dtype bytes`` each); ``baseline`` holds the policy's budget;
-    ``less`` holds the budget plus an fp32 state of ``R * (D + 1)`` numbers per KV head. This
+    ``less`` holds the budget plus an fp32 state of ``R * (D + 1)`` numbers per KV head. In a
+    model mixing local and global layers (Gemma 3) the local layers hold at most their window
+    and no state, whatever the method (``tokens_held`` is then the global layers'). This
     counts what :meth:`LessCache.memory_bytes` counts; the per-slot bookkeeping (position,
     score, valid flag) and the model's own weights and activations are left out.
     """
     if method not in BENCH_METHODS:
         raise LessKVError(f"unknown method {method!r}: choose from {', '.join(BENCH_METHODS)}")
-    modules = attention_modules(model)
-    layers, head_dim = len(modules), modules[0].head_dim
-    heads = kv_heads(model)
-    dtype_bytes = next(model.parameters()).element_size()
-    per_token = layers * 2 * heads * head_dim * dtype_bytes
+    head_dim, heads = attention_modules(model)[0].head_dim, kv_heads(model)
+    windows = sliding_windows(model)
+    local = [w for w in windows if w is not None] if keeps_native_windows(windows) else []
+    layers = len(windows) - len(local)  # where the method (policy, state) runs
+    pair = 2 * heads * head_dim * next(model.parameters()).element_size()
     chosen, state = get_method(method), 0
+    # A local layer of transformers' own cache (full) keeps its window less the token being
+    # computed; a LessCache layer keeps the whole window.
+    kept = [w if chosen.sparse else w - 1 for w in local]
+    local_bytes = sum(min(k, context + new_tokens) for k in kept) * pair
     if not chosen.sparse:
         tokens = context + new_tokens
     else:
@@ -429,7 +441,7 @@ def max_batch_for_memory(
         if chosen.needs_kernels and rank is None:
             raise LessKVError(f"method {method!r} needs the kernels' rank")
         state = layers * heads * chosen.state_bytes(rank or 0, head_dim)
-    per_sequence = tokens * per_token + state
+    per_sequence = tokens * layers * pair + local_bytes + state
     return {
         "method": method,
         "context": context,
