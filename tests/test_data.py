@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from helpers import BOS, tiny_tokenizer
-from lesskv.data import bos_prefix, length_mix, load_texts, token_windows
+from lesskv.data import bos_prefix, length_mix, load_texts, source_mix, token_windows
 from lesskv.errors import LessKVError
 
 WIKITEXT = Path(__file__).parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -118,8 +118,9 @@ def test_missing_file_directory_and_binary(tmp_path):
     (tmp_path / "loop.txt").symlink_to(tmp_path / "loop.txt")
     with pytest.raises(LessKVError, match="loop.txt is a broken or looping symbolic link"):
         load_texts(str(tmp_path / "loop.txt"))
-    with pytest.raises(LessKVError, match="is a directory"):
-        load_texts(str(tmp_path))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LessKVError, match="folder .*empty holds no .txt, .raw, .jsonl or .json"):
+        load_texts(str(tmp_path / "empty"))
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00text")
     with pytest.raises(LessKVError, match="not UTF-8"):
         load_texts(str(tmp_path / "binary.txt"))
@@ -283,6 +284,37 @@ def test_a_length_mix_shrinks_every_length_alike_on_short_text(byte_tokenizer):
     assert [w.shape for w in mix] == [(3, 8), (1, 16)]
     with pytest.raises(LessKVError, match="only 50 tokens.*windows of 32, 64 tokens"):
         length_mix(byte_tokenizer, ["x" * 50], [32, 64], windows=1)
+
+
+def test_a_folder_is_its_files_documents_in_name_order(tmp_path):
+    """A corpus of books as one source: every text and record file directly in the folder,
+    in name order; other files, hidden ones and subfolders are not read."""
+    write(tmp_path / "b.txt", "book two")
+    write(tmp_path / "a.txt", "book one")
+    write(tmp_path / "c.jsonl", '{"text": "page"}\n{"text": "another"}\n')
+    write(tmp_path / "notes.md", "not read")
+    write(tmp_path / ".hidden.txt", "not read")
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "sub" / "d.txt", "not read")
+    assert load_texts(str(tmp_path)) == ["book one", "book two", "page", "another"]
+    assert load_texts(str(tmp_path), limit=3) == ["book one", "book two", "page"]
+
+
+def test_a_field_for_a_folder_of_plain_text_is_refused(tmp_path):
+    write(tmp_path / "a.txt", "book")
+    with pytest.raises(LessKVError, match="is plain text"):
+        load_texts(str(tmp_path), field="body")
+
+
+def test_sources_share_the_windows_equally_whatever_their_sizes(byte_tokenizer):
+    """A small source gets as many windows as a large one; each is cut from its own text."""
+    big, small = "a" * 1000, "b" * 100
+    short, long = source_mix(byte_tokenizer, [[big], [small]], [8, 16], windows=5)
+    assert short.shape == (5, 8) and long.shape == (2, 16)
+    assert byte_tokenizer.decode(short.flatten()) == "a" * 24 + "b" * 16
+    assert byte_tokenizer.decode(long.flatten()) == "a" * 16 + "b" * 16
+    with pytest.raises(LessKVError, match="2 text sources need at least one window each"):
+        source_mix(byte_tokenizer, [[big], [small]], [8], windows=1)
 
 
 # BOS

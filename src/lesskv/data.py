@@ -4,6 +4,7 @@ A source is a string so the CLI can pass it through unchanged:
 
 * ``"builtin"``: CPython's own documentation topics (``pydoc_data``), so defaults work offline;
 * a ``.txt``/``.raw`` file (one document) or ``.jsonl``/``.json`` records (one document each);
+* a folder: the documents of each such file in it, in name order (a corpus of books);
 * ``"hf:NAME[/CONFIG][:SPLIT]"``: a Hugging Face dataset (needs ``datasets`` and a network).
 
 Windows follow the tokenizer's own convention for the start of a text: where it puts BOS
@@ -127,6 +128,23 @@ def length_mix(
     return mix
 
 
+def source_mix(
+    tokenizer: Any, sources: Sequence[list[str]], seq_lens: Sequence[int], windows: int
+) -> list[torch.Tensor]:
+    """:func:`length_mix` over several sources that share the training tokens equally: each
+    gets ``windows / len(sources)`` windows of the shortest length (the first ones one more
+    where it does not divide) and as many tokens of each longer length, cut from its own
+    documents, so a corpus of long books and one of short web pages both shape the state
+    whatever their sizes. Returns one ``(N, T)`` tensor per length, source after source."""
+    if windows < len(sources):
+        raise LessKVError(
+            f"{len(sources)} text sources need at least one window each, got {windows} windows"
+        )
+    shares = [windows // len(sources) + (i < windows % len(sources)) for i in range(len(sources))]
+    mixes = [length_mix(tokenizer, texts, seq_lens, n) for texts, n in zip(sources, shares, strict=True)]
+    return [torch.cat(parts) for parts in zip(*mixes, strict=True)]
+
+
 def _windows(prefix: list[int], ids: list[int], count: int) -> torch.Tensor:
     """``ids`` as ``count`` equal rows, each after ``prefix``."""
     rows = torch.tensor(ids, dtype=torch.long).view(count, -1)
@@ -179,9 +197,7 @@ def _file_texts(path: Path, field: str | None, limit: int | None) -> list[str]:
     except OSError as exc:  # a name too long, a folder this user may not search...
         raise LessKVError(f"cannot read {short_path(path)}: {exc.strerror or exc}") from None
     if is_dir:
-        raise LessKVError(
-            f"{short_path(path)} is a directory; give a .txt, .raw, .jsonl or .json file"
-        )
+        return _folder_texts(path, field, limit)
     if not exists:
         if is_link:  # it names something, but leads nowhere (or back to itself)
             raise LessKVError(f"text file {short_path(path)} is a broken or looping symbolic link")
@@ -201,6 +217,28 @@ def _file_texts(path: Path, field: str | None, limit: int | None) -> list[str]:
     if suffix == ".json":
         return _json_texts(path, field, limit)
     return _jsonl_texts(path, field, limit)
+
+
+def _folder_texts(path: Path, field: str | None, limit: int | None) -> list[str]:
+    """The documents of every text or record file directly in ``path``, in name order (hidden
+    files, subfolders and other file types are not read)."""
+    suffixes = _TEXT_SUFFIXES + _RECORD_SUFFIXES
+    files = sorted(
+        f for f in path.iterdir() if f.suffix.lower() in suffixes and not f.name.startswith(".")
+    )
+    if not files:
+        raise LessKVError(
+            f"folder {short_path(path)} holds no .txt, .raw, .jsonl or .json file to read"
+        )
+    if field is not None and all(f.suffix.lower() in _TEXT_SUFFIXES for f in files):
+        _refuse_field(field, short_path(path))
+    texts: list[str] = []
+    for file in files:
+        if limit is not None and len(texts) >= limit:
+            break
+        plain = file.suffix.lower() in _TEXT_SUFFIXES
+        texts += _file_texts(file, None if plain else field, None if limit is None else limit - len(texts))
+    return texts
 
 
 def _lines(path: Path) -> Iterator[str]:

@@ -109,6 +109,20 @@ def test_train_a_second_round_on_sparse_upstream_inputs(capsys, tmp_path):
     assert "trained for policy 'h2o'" in capsys.readouterr().err
 
 
+def test_train_on_several_sources_records_them_all(tmp_path):
+    """`--data A B`: a file and a folder of books share the windows; the run records both."""
+    model = save_tiny(tmp_path / "model")
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "b.txt").write_text(" ".join("hgfedcba"[i % 8] for i in range(3000)))
+    args = ["train", "--model", str(tmp_path / "model")]
+    args += ["--data", _text_file(tmp_path), str(tmp_path / "books")]
+    args += ["--budget", "8", "--seq-len", "32", "--sequences", "2", "--epochs", "1"]
+    args += ["--rank", "4", "--hidden", "16", "--out", str(tmp_path / "k")]
+    assert main(args) == 0
+    run = json.loads((tmp_path / "k" / "run.json").read_text())
+    assert run["data"] == f"{tmp_path / 't.txt'} + {tmp_path / 'books'}"
+
+
 def test_an_unsupported_family_is_refused_before_any_work(capsys, tmp_path):
     from transformers import AutoModelForCausalLM, GPTJConfig
 

@@ -251,13 +251,20 @@ def command_policy(args: argparse.Namespace) -> Policy:
     return make_policy(args.policy, args.budget)
 
 
-def add_data_args(p: argparse.ArgumentParser, default: str | None = "builtin") -> None:
-    """``--data`` and ``--field``: one text source syntax for every command."""
+def add_data_args(
+    p: argparse.ArgumentParser, default: str | None = "builtin", several: bool = False
+) -> None:
+    """``--data`` and ``--field``: one text source syntax for every command; ``several``: the
+    command takes a list of sources that share its windows equally (training)."""
+    what = "'builtin' (Python's documentation text), a .txt/.raw/.jsonl file, a folder of them"
+    online = "or hf:NAME[/CONFIG][:SPLIT] (online)"
     p.add_argument(
         "--data",
         default=default,
-        help="'builtin' (Python's documentation text), a .txt/.raw/.jsonl file, or "
-        "hf:NAME[/CONFIG][:SPLIT] (online)",
+        nargs="+" if several else None,
+        metavar="SOURCE" if several else None,
+        help=f"{what} {online}"
+        + ("; several sources share the training windows equally" if several else ""),
     )
     p.add_argument("--field", default=None, help="jsonl/dataset field holding the text")
 

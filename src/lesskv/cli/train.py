@@ -48,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_device_arg(train)
     add_dtype_arg(train)
     add_policy_args(train)
-    add_data_args(train, default=None)
+    add_data_args(train, default=None, several=True)
     train.add_argument(
         "--sequences",
         type=positive_int,
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> None:
     policy = command_policy(args)
     check_evicts(policy, args.seq_len)
     check_output(args.out, "--out", folder=True)
-    texts = load_texts(args.data, field=args.field)
+    texts = [load_texts(source, field=args.field) for source in args.data]
     if launched:
         with distributed.process_group() as worker:
             _train(args, policy, texts, {"device": str(worker.device)}, worker)
@@ -170,14 +170,14 @@ def run(args: argparse.Namespace) -> None:
 def _train(
     args: argparse.Namespace,
     policy: Policy,
-    texts: list[str],
+    texts: list[list[str]],
     placement: dict[str, object],
     worker: Worker | None,
 ) -> None:
     """Load, train, report; ``placement`` is :func:`load_model`'s ``device`` or ``device_map``,
     ``worker`` this process's place in a torchrun job, if any (its own device, then, instead of
     ``--device``)."""
-    from lesskv.data import length_mix
+    from lesskv.data import source_mix
     from lesskv.hf.loading import load_model
     from lesskv.hf.modules import check_fits
     from lesskv.training.per_layer import TrainConfig, parse_layers, train_kernels
@@ -185,7 +185,7 @@ def _train(
     model, tokenizer = load_model(args.model, dtype=model_dtype(args), **placement)
     check_fits(model, max(args.seq_len), "--seq-len windows")
     layers = parse_layers(args.layers, model.config.num_hidden_layers)
-    windows = length_mix(tokenizer, texts, args.seq_len, args.sequences)
+    windows = source_mix(tokenizer, texts, args.seq_len, args.sequences)
     config = TrainConfig(
         model=args.model,
         policy=policy.name,
@@ -198,7 +198,7 @@ def _train(
         rank=args.rank,
         hidden=args.hidden,
         seed=args.seed,
-        data=args.data,
+        data=" + ".join(args.data),
         state=args.kernel,
         upstream=str(args.upstream or ""),
         loss=args.loss,
