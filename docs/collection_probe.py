@@ -17,7 +17,7 @@ import torch
 from lesskv.core.policies import make_policy
 from lesskv.data import load_texts, token_windows
 from lesskv.hf.loading import load_model
-from lesskv.training.per_layer import collect_activations
+from lesskv.training.collection import collect_activations
 
 
 def main() -> None:

@@ -23,7 +23,8 @@ from lesskv.hf import attention
 from lesskv.hf.checkpoint import KernelMeta
 from lesskv.hf.loading import load_model
 from lesskv.hf.modules import attention_modules
-from lesskv.training.per_layer import TrainConfig, collect_activations, train_layer
+from lesskv.training.collection import collect_activations
+from lesskv.training.per_layer import TrainConfig, train_layer
 from lesskv.training.run import freeze
 
 DATA = "../shared/data/c4/c4_en_train_first1000.jsonl"

@@ -1,5 +1,6 @@
 """What the tests share: tiny random-weight decoders built in code (one per attention layout
-lesskv supports), tiny kernels, prompts and tiny tokenizers (with and without BOS)."""
+lesskv supports), tiny kernels, prompts, tiny tokenizers (with and without BOS) and the
+per-layer training tests' tiny run."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from transformers import (
 )
 
 from lesskv.core.kernels import KernelShape, LayerKernels
+from lesskv.core.policies import make_policy
 from lesskv.hf.checkpoint import KernelMeta, LessKernels
 from lesskv.hf.modules import attention_modules
+from lesskv.training.per_layer import TrainConfig
 
 COMMON = dict(
     vocab_size=97,
@@ -158,3 +161,29 @@ def decode_steps(model, cache, ids):
             ],
             1,
         )
+
+
+TRAINING_T = 64  # tokens in each window of the per-layer training tests
+
+
+def training_setup(epochs=12, policy="h2o", kind="llama-gqa", **overrides):
+    """The per-layer training tests' run: a tiny model, 24 random windows of TRAINING_T
+    tokens, ``policy`` at a budget of 8 and a config that trains in seconds."""
+    model = make_tiny_model(kind)
+    torch.manual_seed(0)
+    windows = torch.randint(0, 97, (24, TRAINING_T))
+    config = TrainConfig(
+        model="tiny",
+        policy=policy,
+        budget="8",
+        **{
+            "seq_lens": [TRAINING_T],
+            "sequences": 24,
+            "epochs": epochs,
+            "rank": 4,
+            "hidden": 32,
+            "lr": 1e-2,
+            **overrides,
+        },
+    )
+    return model, windows, make_policy(policy, 8), config

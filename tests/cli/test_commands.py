@@ -283,7 +283,7 @@ def test_cuda_graphs_without_a_gpu_is_one_line_before_any_work(capsys, monkeypat
 
 
 def test_train_collects_layers_in_groups_within_the_store_budget(capsys, tmp_path):
-    from lesskv.training.per_layer import ActivationStore
+    from lesskv.training.store import ActivationStore
 
     save_tiny(tmp_path / "model")
     capsys.readouterr()  # saving the model prints progress

@@ -18,6 +18,7 @@ from helpers import WORDS, make_tiny_model, tiny_tokenizer
 from lesskv.cli import main
 from lesskv.core.policies import make_policy
 from lesskv.hf.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from lesskv.training import checkpoints
 from lesskv.training import per_layer as train
 from lesskv.training.distributed import TORCHRUN_ENV, shard
 
@@ -136,8 +137,8 @@ def test_a_crash_while_writing_leaves_no_partial_layer_file(monkeypatch, tmp_pat
             raise OSError("disk full")
         train_save(tensors, path, metadata=metadata)
 
-    train_save = train.save_file
-    monkeypatch.setattr(train, "save_file", crash_on_second_layer)
+    train_save = checkpoints.save_file
+    monkeypatch.setattr(checkpoints, "save_file", crash_on_second_layer)
     with pytest.raises(OSError, match="disk full"):
         train.train_kernels(model, windows, make_policy("h2o", 8), config, tmp_path, progress=False)
     assert [p.name for p in (tmp_path / "layers").iterdir()] == ["layer_000.safetensors"]
