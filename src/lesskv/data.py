@@ -141,7 +141,9 @@ def source_mix(
             f"{len(sources)} text sources need at least one window each, got {windows} windows"
         )
     shares = [windows // len(sources) + (i < windows % len(sources)) for i in range(len(sources))]
-    mixes = [length_mix(tokenizer, texts, seq_lens, n) for texts, n in zip(sources, shares, strict=True)]
+    mixes = [
+        length_mix(tokenizer, texts, seq_lens, n) for texts, n in zip(sources, shares, strict=True)
+    ]
     return [torch.cat(parts) for parts in zip(*mixes, strict=True)]
 
 
@@ -237,7 +239,9 @@ def _folder_texts(path: Path, field: str | None, limit: int | None) -> list[str]
         if limit is not None and len(texts) >= limit:
             break
         plain = file.suffix.lower() in _TEXT_SUFFIXES
-        texts += _file_texts(file, None if plain else field, None if limit is None else limit - len(texts))
+        texts += _file_texts(
+            file, None if plain else field, None if limit is None else limit - len(texts)
+        )
     return texts
 
 

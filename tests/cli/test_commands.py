@@ -111,7 +111,7 @@ def test_train_a_second_round_on_sparse_upstream_inputs(capsys, tmp_path):
 
 def test_train_on_several_sources_records_them_all(tmp_path):
     """`--data A B`: a file and a folder of books share the windows; the run records both."""
-    model = save_tiny(tmp_path / "model")
+    save_tiny(tmp_path / "model")
     (tmp_path / "books").mkdir()
     (tmp_path / "books" / "b.txt").write_text(" ".join("hgfedcba"[i % 8] for i in range(3000)))
     args = ["train", "--model", str(tmp_path / "model")]
