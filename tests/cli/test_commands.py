@@ -110,7 +110,8 @@ def test_train_a_second_round_on_sparse_upstream_inputs(capsys, tmp_path):
 
 
 def test_train_on_several_sources_records_them_all(tmp_path):
-    """`--data A B`: a file and a folder of books share the windows; the run records both."""
+    """`--data A B`: a file and a folder of books share the windows; the run records both,
+    and the selection knobs."""
     save_tiny(tmp_path / "model")
     (tmp_path / "books").mkdir()
     (tmp_path / "books" / "b.txt").write_text(" ".join("hgfedcba"[i % 8] for i in range(3000)))
@@ -118,9 +119,11 @@ def test_train_on_several_sources_records_them_all(tmp_path):
     args += ["--data", _text_file(tmp_path), str(tmp_path / "books")]
     args += ["--budget", "8", "--seq-len", "32", "--sequences", "2", "--epochs", "1"]
     args += ["--rank", "4", "--hidden", "16", "--out", str(tmp_path / "k")]
+    args += ["--val-fraction", "0", "--select", "last", "--dropout", "0"]
     assert main(args) == 0
     run = json.loads((tmp_path / "k" / "run.json").read_text())
     assert run["data"] == f"{tmp_path / 't.txt'} + {tmp_path / 'books'}"
+    assert (run["val_fraction"], run["select"], run["dropout"]) == (0.0, "last", 0.0)
 
 
 def test_an_unsupported_family_is_refused_before_any_work(capsys, tmp_path):

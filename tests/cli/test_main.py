@@ -119,12 +119,17 @@ def _numeric_options():
         for action in parser._actions:
             if not action.option_strings or action.nargs is not None or action.type is None:
                 continue
-            try:
-                parsed = action.type("8")
-            except (argparse.ArgumentTypeError, TypeError, ValueError):
-                continue  # a name (--policy), not a number
-            if not isinstance(parsed, str | PurePath):
+            if any(_is_number(action.type, probe) for probe in ("8", "0.5")):  # a share < 1
                 yield path, action.option_strings[-1]
+
+
+def _is_number(parse, text: str) -> bool:
+    """Whether ``parse`` reads ``text`` as a number (not a name like --policy, or a path)."""
+    try:
+        parsed = parse(text)
+    except (argparse.ArgumentTypeError, TypeError, ValueError):
+        return False
+    return not isinstance(parsed, str | PurePath)
 
 
 NUMERIC_OPTIONS = sorted(_numeric_options())
@@ -146,6 +151,8 @@ def test_numeric_options_are_found_on_every_command():
         (("train",), "--seed"),
         (("train",), "--store-budget"),
         (("finetune",), "--lr"),
+        (("train",), "--val-fraction"),
+        (("train",), "--dropout"),
     ]
     assert set(expected) <= found
     assert len(found) >= 50  # 59 when written

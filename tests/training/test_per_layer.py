@@ -3,6 +3,7 @@
 import functools
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -240,6 +241,34 @@ def test_prefetched_training_is_bit_identical_to_reading_in_the_loop(tmp_path, m
     assert prefetched[1] == in_the_loop[1]
     kernels = zip(prefetched[0].parameters(), in_the_loop[0].parameters(), strict=True)
     assert all(torch.equal(a, b) for a, b in kernels)
+
+
+@pytest.mark.parametrize(("select", "kept"), [("best", 1.0), ("last", 2.0)])
+def test_select_keeps_the_best_validation_epoch_or_the_last(tmp_path, monkeypatch, select, kept):
+    """Validation losses 1.0 then 2.0: the best epoch is the first, the last the second; the
+    kernels kept are that epoch's (they differ, as training moved them on)."""
+    model, windows, policy, config = setup(epochs=2)
+    stores = collect_activations(model, windows[:8], [1], policy, tmp_path, 4, progress=False)
+    o_proj = attention_modules(model)[1].o_proj
+    shape = per_layer.KernelShape(6, 2, 16, rank=4, hidden=32)
+    runs = {}
+    for choice in ("best", "last"):
+        losses = iter([5.0, 1.0, 2.0])  # Baseline+, then each epoch's validation
+        monkeypatch.setattr(per_layer, "_mean_loss", lambda *_, it=losses: next(it))
+        chosen = replace(config, select=choice)
+        runs[choice] = per_layer.train_layer([stores[1]], o_proj, shape, chosen, 1, lambda _: 0)
+    assert runs[select][1]["val_loss"] == kept
+    pairs = zip(runs["best"][0].parameters(), runs["last"][0].parameters(), strict=True)
+    assert not all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_no_validation_share_fits_every_window_and_scores_the_fit(tmp_path):
+    _, _, _, config = setup()
+    assert per_layer.split_windows(10, config) == per_layer.split_windows(10, config)
+    held, trained = per_layer.split_windows(10, config)
+    assert len(held) == 1 and sorted(held + trained) == list(range(10))
+    held, trained = per_layer.split_windows(10, replace(config, val_fraction=0.0))
+    assert sorted(held) == sorted(trained) == list(range(10))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs a GPU")

@@ -121,3 +121,19 @@ def test_a_run_with_work_resumed_interrupted_or_joined_keeps_its_files(tmp_path)
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_run_stored_before_a_knob_existed_resumes_at_its_default(tmp_path):
+    """Kernels half-trained by an older lesskv (its run.json lacks a newer knob) resume when
+    this run asks for that knob's default, and only then."""
+
+    @dataclass
+    class Newer:
+        epochs: int = 1
+        select: str = "best"
+
+    claim_output_dir(tmp_path, Config(), overwrite=False)
+    (tmp_path / "layer_000.safetensors").write_bytes(b"x")
+    assert not claim_output_dir(tmp_path, Newer(), overwrite=False).started
+    with pytest.raises(LessKVError, match="differs in select"):
+        claim_output_dir(tmp_path, Newer(select="last"), overwrite=False)

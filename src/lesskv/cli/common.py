@@ -50,6 +50,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    """argparse type for a share of something: a finite number in [0, 1)."""
+    value = _at_least(float, text, 0.0)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1, got {text}")
+    return value
+
+
 def float_at_least(low: float) -> Callable[[str], float]:
     """argparse type for a finite number >= ``low``."""
 

@@ -24,9 +24,10 @@ from lesskv.cli.common import (
     non_negative_int,
     positive_float,
     positive_int,
+    share,
     window_lengths,
 )
-from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK, MAX_COUNT, STATES
+from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK, MAX_COUNT, SELECTIONS, STATES
 from lesskv.errors import LessKVError
 
 if TYPE_CHECKING:  # the command imports the heavy modules only once it knows what it runs
@@ -67,6 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--batch-size", type=positive_int, default=2)
     train.add_argument("--lr", type=positive_float, default=1e-3)
     add_kernel_options(train)
+    add_selection_options(train)
     train.add_argument(
         "--upstream",
         type=Path,
@@ -121,6 +123,33 @@ def add_kernel_options(train: argparse.ArgumentParser) -> None:
         help="what each layer's kernels minimise: the output MSE (the paper's), the KL between "
         "the true attention weights and LESS's implied ones, or both (the share of the plain "
         "policy's output error left, plus the KL)",
+    )
+
+
+def add_selection_options(train: argparse.ArgumentParser) -> None:
+    """How the kernels are regularised and which epoch's are kept: what large data allows
+    (and what measuring a state's capacity needs: --val-fraction 0 --select last --dropout 0
+    fits the windows themselves)."""
+    train.add_argument(
+        "--val-fraction",
+        type=share,
+        default=0.1,
+        help="share of each length's windows held out to choose the epoch and report the loss "
+        "(default 0.1, at least one window); 0 trains on every window and reports the loss on "
+        "the training windows",
+    )
+    train.add_argument(
+        "--select",
+        choices=SELECTIONS,
+        default=SELECTIONS[0],
+        help="which epoch's kernels to keep: the best on the validation windows (default) or "
+        "the last",
+    )
+    train.add_argument(
+        "--dropout",
+        type=share,
+        default=0.3,
+        help="dropout inside the kernel MLPs while training (default 0.3)",
     )
 
 
@@ -202,6 +231,9 @@ def _train(
         state=args.kernel,
         upstream=str(args.upstream or ""),
         loss=args.loss,
+        val_fraction=args.val_fraction,
+        select=args.select,
+        dropout=args.dropout,
     )
     upstream = None
     if args.upstream is not None:

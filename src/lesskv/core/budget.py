@@ -19,6 +19,8 @@ BUILTIN_MODELS = {
 # The forms of LESS's state (lesskv.core.kernels): a learned decay with distance (the default),
 # or the paper's, where every evicted pair weighs the same forever.
 STATES = ("decay", "paper")
+# Which epoch's kernels a training run keeps: the best on its validation windows, or the last.
+SELECTIONS = ("best", "last")
 # The sparse policies (lesskv.core.policies.POLICIES), named here so that help texts need no torch.
 POLICY_NAMES = ("h2o", "lambda", "tova")
 # The largest count, size or index lesskv accepts: torch's int64, which every tensor shape and

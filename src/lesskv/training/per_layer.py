@@ -43,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK, STATES
+from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK, SELECTIONS, STATES
 from lesskv.core.kernels import KernelShape, LayerKernels
 from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError
@@ -87,6 +87,7 @@ class TrainConfig:
     state: str = STATES[0]  # the kernels' state form: learned decay, or the paper's
     upstream: str = ""  # kernels the layers run while recording (collect_activations)
     loss: str = "mse"  # what each layer's kernels minimise: one of LOSSES
+    select: str = SELECTIONS[0]  # keep the best-validation epoch's kernels, or the last's
 
 
 def parse_layers(spec: str | None, num_layers: int) -> list[int]:
@@ -145,9 +146,11 @@ def loaded(
 
 def split_windows(n: int, config: TrainConfig) -> tuple[list[int], list[int]]:
     """Validation and training windows of one length, the same for every layer (Baseline+'s
-    outputs are collected for the validation windows only)."""
+    outputs are collected for the validation windows only). A positive ``val_fraction``
+    holds out at least one window (none of a single one); 0 validates on the training
+    windows themselves, which measures the fit, not generalisation."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
-    n_val = max(1, round(n * config.val_fraction)) if n > 1 else 0
+    n_val = max(1, round(n * config.val_fraction)) if n > 1 and config.val_fraction > 0 else 0
     return order[:n_val] or order, order[n_val:] or order
 
 
@@ -169,9 +172,10 @@ def train_layer(
     scale: float | None = None,
 ) -> tuple[LayerKernels, dict[str, float]]:
     """Train one layer's kernels on ``o_proj``'s device from its activations at every window
-    length (one store each; a batch never mixes lengths); returns the best-validation kernels
-    and their losses. Every random draw comes from seeds derived from ``config.seed`` and
-    ``layer`` alone, so a layer trains the same whichever process or run trains it."""
+    length (one store each; a batch never mixes lengths); returns the best-validation (or,
+    with ``config.select == "last"``, the last) epoch's kernels and their losses. Every
+    random draw comes from seeds derived from ``config.seed`` and ``layer`` alone, so a layer
+    trains the same whichever process or run trains it."""
     scale = shape.head_dim**-0.5 if scale is None else scale  # the layer's attention scale
     splits = [split_windows(len(store), config) for store in stores]
     val = _batches(stores, [v for v, _ in splits], config.batch_size)
@@ -207,11 +211,12 @@ def train_layer(
         schedule.step()
         kernels.eval()
         val_loss = _mean_loss(val_objective, o_proj, val)
-        if val_loss < best:
+        if val_loss < best or config.select == "last":
             best, best_state = val_loss, snapshot(kernels)
     kernels.load_state_dict(best_state)
     mse = best if config.loss == "mse" else _mean_loss(val_mse, o_proj, val)
-    log(f"layer {layer:3d}: val MSE  LESS {mse:.4g} | Baseline+ {baseline_plus:.4g}")
+    scored = "val" if config.val_fraction > 0 else "fit"  # held-out windows, or the training ones
+    log(f"layer {layer:3d}: {scored} MSE  LESS {mse:.4g} | Baseline+ {baseline_plus:.4g}")
     return kernels.eval(), {"val_loss": mse, "baseline_plus_val_loss": baseline_plus}
 
 

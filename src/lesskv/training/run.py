@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -71,11 +71,11 @@ def claim_output_dir(out: Path, config: object, overwrite: bool, shared: bool = 
     """
     made = next((p for p in (*reversed(out.parents), out) if not p.exists()), None)
     out.mkdir(parents=True, exist_ok=True)
-    mine = json.loads(json.dumps(asdict(config)))  # as stored: tuples become lists
+    mine = _as_stored(asdict(config))
     held = _held_lock(out)
     fd = held if held is not None else os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     if not _try_lock(fd, fcntl.LOCK_EX):  # someone else is in the folder
-        if shared and _try_lock(fd, fcntl.LOCK_SH) and _stored_run(out) == mine:
+        if shared and _try_lock(fd, fcntl.LOCK_SH) and _stored_run(out, config) == mine:
             _held[out.resolve()] = fd
             return Claim(out, started=False, made=None)  # the same training: share the folder
         if held is None:
@@ -85,17 +85,18 @@ def claim_output_dir(out: Path, config: object, overwrite: bool, shared: bool = 
             "that run to finish or choose another --out"
         )
     _held[out.resolve()] = fd
-    started = _claim(out, mine, overwrite)
+    started = _claim(out, config, overwrite)
     if shared:  # from now on, processes running this same configuration may join
         fcntl.flock(fd, fcntl.LOCK_SH)
     return Claim(out, started, made)
 
 
-def _claim(out: Path, mine: dict, overwrite: bool) -> bool:
-    """Resume ``mine`` in ``out``, or start it there (emptying only with ``overwrite``);
-    whether it started."""
+def _claim(out: Path, config: object, overwrite: bool) -> bool:
+    """Resume ``config``'s run in ``out``, or start it there (emptying only with
+    ``overwrite``); whether it started."""
+    mine = _as_stored(asdict(config))
     try:
-        theirs = _stored_run(out)
+        theirs = _stored_run(out, config)
     except LessKVError:
         if not overwrite:
             raise
@@ -137,8 +138,23 @@ def _withdraw(out: Path, made: Path | None) -> None:
             return
 
 
-def _stored_run(out: Path) -> dict | None:
-    """The configuration of the run that ``out`` holds, if any; a damaged one is named."""
+def _as_stored(config: dict) -> dict:
+    """``config`` as its JSON file holds it: tuples become lists."""
+    return json.loads(json.dumps(config))
+
+
+def _defaults(config: object) -> dict:
+    """The knobs of ``config``'s dataclass that have a default, at it."""
+    return {
+        f.name: f.default if f.default is not MISSING else f.default_factory()
+        for f in fields(config)
+        if f.default is not MISSING or f.default_factory is not MISSING
+    }
+
+
+def _stored_run(out: Path, config: object) -> dict | None:
+    """The configuration of the run that ``out`` holds, if any (a damaged one is named), with
+    the knobs of ``config``'s dataclass it predates at their defaults: what it ran at."""
     run_file = out / RUN_FILE
     if not run_file.exists():
         return None
@@ -148,7 +164,7 @@ def _stored_run(out: Path) -> dict | None:
         reason = one_line(err, 80)
     else:
         if isinstance(stored, dict):
-            return stored
+            return _as_stored(_defaults(config)) | stored
         reason = "not a JSON object"
     raise LessKVError(
         f"{short_path(run_file)} is corrupt ({reason}): choose another --out or pass --overwrite"
