@@ -1,27 +1,36 @@
-"""Where LESS loses, layer by layer: what each layer's learned state removes of the sparse
-policy's error, beside what a rank-r correction could remove, and what LESS in one layer (or
-from one layer on) does to the model's perplexity.
+"""Where LESS loses, layer by layer: the per-layer probe that gates candidate states. What
+each layer's learned state removes of the sparse policy's error, beside what a rank-r
+correction could remove, which half of the state's claim costs the rest, and what LESS in one
+layer (or from one layer on) does to the model's perplexity.
 
 * **Shares removed** (the model's real inputs: every layer is read during a full-attention
   forward, :func:`lesskv.hf.methods.observing`): per layer where the policy runs (the local
   layers of a model mixing local and global ones keep their own window: NaN), the sparse error
   ``E = ||O_full - O_sparse||^2`` over the windows' outputs (per query head, ``T x D``), and
-  the share ``1 - ||O_full - O_x||^2 / E`` that Baseline+, LESS and the rank-r oracle
-  (``O_sparse + truncated_r(O_full - O_sparse)``) remove. A layer where LESS removes far less
-  than the oracle is where the kernels, not the rank, are the limit.
+  the share ``1 - ||O_full - O_x||^2 / E`` that Baseline+, LESS (the shipped kernels and each
+  candidate set) and the rank-r oracle (``O_sparse + truncated_r(O_full - O_sparse)``) remove.
+  A layer where LESS removes far less than the oracle is where the kernels, not the rank, are
+  the limit.
+* **Which claim fails**: full attention is exactly ``(Z·O_kept + M·O_ev) / (Z + M)``, ``Z`` and
+  ``M`` the exp-sums of the kept and the evicted pairs' logits, ``O_ev`` the evicted pairs'
+  softmax mean. A LESS state claims ``M = den`` and ``O_ev = num / den``
+  (:func:`lesskv.core.math.state_summary`); ``mass_exact`` is the share removed with the true
+  ``M`` and the state's mean, ``mean_exact`` with the state's mass and the true ``O_ev``.
+  ``mean_key_mass``, training-free, counts the evicted pairs at their mean key's weight
+  (``n·exp(q·k̄·scale)``) beside the true ``O_ev``.
 * **End to end**: mean NLL with LESS in layer ``l`` only (the others the plain policy), and in
   layers ``>= l`` (the plain policy below): which layers' states the model's loss feels.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
@@ -29,13 +38,19 @@ from transformers import PreTrainedModel
 from lesskv.analysis.plots import evicting_budget, plt, save_figure, save_json
 from lesskv.core import math as attention_math
 from lesskv.core.budget import DEFAULT_RANK
-from lesskv.core.policies import Policy
+from lesskv.core.policies import Policy, keep_mask_from_steps
+from lesskv.errors import LessKVError
 from lesskv.evaluation.perplexity import mean_nll
-from lesskv.hf.attention import LayerSetup, layer_output, using_setups
+from lesskv.hf.attention import layer_output, using_setups
 from lesskv.hf.methods import get_method, layer_setups, observing
-from lesskv.hf.modules import attention_modules, attention_scale, policy_layers
+from lesskv.hf.modules import attention_modules, attention_scale, on_layer_device, policy_layers
 
-COMPARED = ("baseline+", "less", "oracle")
+# What stands in for the evicted pairs beside each kernel set's own output: the true M or O_ev.
+HALVES = ("mass_exact", "mean_exact")
+# Names a candidate kernel set cannot take: the report's other rows use them.
+RESERVED = ("baseline", "baseline+", "less", "mean_key_mass", "oracle")
+# The top panel's lines (baseline+ C1, less C2, as in the bottom panel); grey is the error's.
+LINE_COLORS = ("C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9")
 
 
 @dataclass
@@ -50,30 +65,113 @@ class LayerDiagnosis:
     windows: int
     oracle_rank: int
     sparse_error: list[float]  # per layer: sum over windows of ||O_full - O_sparse||^2
-    removed: dict[str, list[float]]  # method -> per-layer share of that error removed
-    reference: dict[str, float]  # mean NLL: full, baseline, baseline+, less
-    layers_probed: list[int]
+    # per-layer share of that error removed by baseline+, each kernel set (less, then the
+    # candidates), mean_key_mass and the oracle; NaN where a layer was not probed
+    removed: dict[str, list[float]]
+    # kernel set -> mass_exact / mean_exact -> per-layer share removed
+    decomposed: dict[str, dict[str, list[float]]]
+    reference: dict[str, float]  # mean NLL: full, baseline, baseline+, less (empty: not run)
+    layers_probed: list[int]  # the end-to-end rows' layers
     only: list[float]  # mean NLL with LESS in that layer alone
     from_layer: list[float]  # mean NLL with LESS in that layer and every one after it
+    candidates: dict[str, str] = field(default_factory=dict)  # name -> where its kernels are
 
     def rows(self) -> list[dict]:
         """One row per layer: the shares, then the end-to-end change of mean NLL against the
         plain policy (negative: LESS there helps), where that layer was probed."""
-        base = self.reference["baseline"]
+        base = self.reference.get("baseline", math.nan)
         probed = dict(
             zip(self.layers_probed, zip(self.only, self.from_layer, strict=True), strict=True)
         )
         rows = []
         for layer, error in enumerate(self.sparse_error):
             row = {"layer": layer, "sparse_error": error}
-            row.update({f"{m}_removed": self.removed[m][layer] for m in COMPARED})
+            for name, shares in self.removed.items():
+                row[f"{name}_removed"] = shares[layer]
+                row.update(
+                    {f"{name}_{h}": s[layer] for h, s in self.decomposed.get(name, {}).items()}
+                )
             only, after = probed.get(layer, (math.nan, math.nan))
             row.update({"less_only_dnll": only - base, "less_from_dnll": after - base})
             rows.append(row)
         return rows
 
+    def table(self) -> tuple[list[dict], list[str]]:
+        """The printed table: the measured layers' rows and their columns, the end-to-end
+        ones only where they ran."""
+        rows = [row for row in self.rows() if not math.isnan(row["sparse_error"])]
+        columns = [c for c in rows[0] if self.reference or not c.endswith("_dnll")]
+        return rows, columns
+
     def save(self, out_dir: str | Path) -> Path:
         return save_json({**asdict(self), "rows": self.rows()}, Path(out_dir) / "layers.json")
+
+
+@dataclass(frozen=True)
+class Split:
+    """One layer's full attention split at the policy's eviction, fp32, grouped ``(B, Hkv, G,
+    T, ·)``: the kept and the evicted pairs' softmax output and log-sum-exp each (the evicted
+    pairs' are ``O_ev`` and ``log M``), the mean-key estimate of ``log M`` and the step at
+    which each pair left the kept set ``(B, Hkv, T)``."""
+
+    kept: tuple[torch.Tensor, torch.Tensor]
+    evicted: tuple[torch.Tensor, torch.Tensor]
+    mean_key_lse: torch.Tensor
+    steps: torch.Tensor
+
+    def full(self) -> torch.Tensor:
+        """Full attention, exactly: one softmax over both sets."""
+        return attention_math.join_attention(*self.kept, *self.evicted)
+
+
+def split_attention(
+    policy: Policy, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> Split:
+    """Split one unpadded sequence's attention ``q: (B, Hkv, G, T, D)`` at the eviction
+    ``policy`` makes, ``Z`` and ``M`` kept as log-sum-exps so nothing overflows: ``T x T``
+    logits, one layer at a time, for analysis only."""
+    t = key.shape[2]
+    logits = attention_math.causal_logits(q.float(), key.float(), scale)
+    steps = policy.eviction_steps(logits, policy.slots(t), t).expand(*key.shape[:2], t)
+    keep = keep_mask_from_steps(steps).unsqueeze(2)
+    evicted = torch.ones(t, t, dtype=torch.bool, device=key.device).tril() & ~keep
+    kept = attention_math.attention_from_logits(logits.clone(), keep, value.float())
+    mean_key_lse = _mean_key_lse(q, key, evicted, scale)
+    gone = attention_math.attention_from_logits(logits, evicted, value.float())  # in place
+    return Split(kept, gone, mean_key_lse, steps)
+
+
+def _mean_key_lse(
+    q: torch.Tensor, key: torch.Tensor, evicted: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``log(n·exp(q·k̄·scale))`` over each query's ``n`` evicted pairs of mean key ``k̄``
+    (-inf where none is): the mass a training-free state keeping only their key sum and
+    count would claim."""
+    weights = evicted.float()
+    count = weights.sum(-1, keepdim=True)
+    mean_key = (weights @ key.float().unsqueeze(2)) / count.clamp_min(1)
+    logit = (q.float() * mean_key).sum(-1, keepdim=True) * scale
+    return torch.where(count > 0, count.log() + logit, attention_math.NEG_INF)
+
+
+def less_outputs(
+    split: Split, kernels: nn.Module, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """One kernel set's LESS output (``""``: its state's mass and mean joined to the kept
+    pairs, as :func:`~lesskv.core.math.combine` does) and the same with the true mass
+    (``mass_exact``) or the true mean (``mean_exact``) in place of the state's."""
+    psi_k = kernels.psi(key)
+    num, den = attention_math.lowrank_parallel(
+        kernels.phi(q), psi_k, value.to(psi_k.dtype), split.steps, kernels.decay_rate()
+    )
+    mean, log_mass = attention_math.state_summary(num.float(), den.float())
+    true_mean, true_log_mass = split.evicted
+    join = functools.partial(attention_math.join_attention, *split.kept)
+    return {
+        "": join(mean, log_mass),
+        "mass_exact": join(mean, true_log_mass),
+        "mean_exact": join(true_mean, log_mass),
+    }
 
 
 def _squared_errors(
@@ -81,23 +179,34 @@ def _squared_errors(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    setups: dict[str, LayerSetup],
+    policy: Policy,
+    kernel_sets: Mapping[str, nn.Module],
     rank: int,
+    oracle_rank: int,
 ) -> dict[str, float]:
-    """``||O_full - O_x||^2`` for the plain policy and each method of ``setups``, and for the
-    rank-``rank`` oracle, on one layer's inputs (grouped layout, fp32)."""
-    q = attention_math.group_queries(query, key.shape[1])
+    """``||O_full - O_x||^2`` on one layer's inputs for the plain policy, Baseline+ (at a
+    rank-``rank`` state's memory), the mean-key mass, the rank-``oracle_rank`` oracle, and
+    each kernel set (``NAME``, ``NAME/mass_exact``, ``NAME/mean_exact``)."""
     scale = attention_scale(module)
+    q = attention_math.group_queries(query, key.shape[1])
+    split = split_attention(policy, q, key, value, scale)
+    plus = get_method("baseline+").layer_setup(policy, module, None, rank)
+    outputs = {
+        "baseline": split.kept[0],  # the policy's attention over what it kept
+        "baseline+": layer_output(plus, query, key, value, scale).float(),
+        "mean_key_mass": attention_math.join_attention(
+            *split.kept, split.evicted[0], split.mean_key_lse
+        ),
+    }
+    for name, kernels in kernel_sets.items():
+        for half, out in less_outputs(split, kernels, q, key, value).items():
+            outputs[f"{name}/{half}" if half else name] = out
+    full = split.full()
+    errors = {name: (full - out).square().sum().item() for name, out in outputs.items()}
     b, hkv, g, t, d = q.shape
-    full = F.scaled_dot_product_attention(
-        query, key, value, is_causal=True, scale=scale, enable_gqa=g > 1
-    )
-    full = full.view(b, hkv, g, t, d).float()
-    outputs = {name: layer_output(s, query, key, value, scale) for name, s in setups.items()}
-    residual = full - outputs["baseline"].float()
-    errors = {name: (full - out.float()).square().sum().item() for name, out in outputs.items()}
-    per_head = residual.reshape(b, hkv * g, t, d)
-    errors["oracle"] = (per_head - attention_math.truncated(per_head, rank)).square().sum().item()
+    residual = (full - outputs["baseline"]).reshape(b, hkv * g, t, d)
+    rest = residual - attention_math.truncated(residual, oracle_rank)
+    errors["oracle"] = rest.square().sum().item()
     return errors
 
 
@@ -106,41 +215,53 @@ def sparse_error_shares(
     model: PreTrainedModel,
     windows: torch.Tensor,
     policy: Policy,
-    kernels: Sequence[nn.Module],
+    kernel_sets: Mapping[str, Sequence[nn.Module | None]],
+    layers: Sequence[int] | None = None,
     rank: int = DEFAULT_RANK,
     oracle_rank: int = 8,
     progress: bool = True,
-) -> tuple[list[float], dict[str, list[float]]]:
-    """Per layer, the sparse error summed over ``windows`` and the share of it each of
-    Baseline+, LESS and the oracle removes (see the module's docstring); NaN in a layer where
-    the policy does not run."""
+) -> tuple[list[float], dict[str, list[float]], dict[str, dict[str, list[float]]]]:
+    """Per layer of ``layers`` (default: every one where the policy runs), the sparse error
+    summed over ``windows``, the share of it each of Baseline+, the kernel sets (one module
+    per layer, or None: that set lacks the layer), the mean-key mass and the oracle removes,
+    and each set's ``mass_exact``/``mean_exact`` shares (see the module's docstring); NaN in
+    every other layer."""
     modules = attention_modules(model)
-    runs = policy_layers(model)
-    totals = {i: dict.fromkeys(("baseline", *COMPARED), 0.0) for i in runs}
+    chosen = policy_layers(model) if layers is None else list(layers)
+    totals: dict[int, dict[str, float]] = {i: {} for i in chosen}
     index = {id(module): i for i, module in enumerate(modules)}
 
     def observe(module: nn.Module, query, key, value) -> None:
         i = index[id(module)]
-        setups = {
-            name: get_method(name).layer_setup(policy, module, kernels[i], rank)
-            for name in ("baseline", "baseline+", "less")
+        present = {
+            name: on_layer_device(kernels[i], module)
+            for name, kernels in kernel_sets.items()
+            if kernels[i] is not None
         }
-        for name, error in _squared_errors(module, query, key, value, setups, oracle_rank).items():
-            totals[i][name] += error
+        errors = _squared_errors(module, query, key, value, policy, present, rank, oracle_rank)
+        for name, error in errors.items():
+            totals[i][name] = totals[i].get(name, 0.0) + error
 
-    with observing(model, observe, runs):
+    with observing(model, observe, chosen):
         for window in tqdm(windows, desc="layer errors", unit="win", disable=not progress):
             model(window[None].to(model.device))
-    layers = range(len(modules))
-    sparse = [totals[i]["baseline"] if i in totals else math.nan for i in layers]
-    removed = {name: [_removed(totals.get(i), name) for i in layers] for name in COMPARED}
-    return sparse, removed
+    layer_totals = [totals.get(i, {}) for i in range(len(modules))]
+    sparse = [total.get("baseline", math.nan) for total in layer_totals]
+    names = ["baseline+", *kernel_sets, "mean_key_mass", "oracle"]
+    removed = {name: [_removed(total, name) for total in layer_totals] for name in names}
+    decomposed = {
+        name: {
+            half: [_removed(total, f"{name}/{half}") for total in layer_totals] for half in HALVES
+        }
+        for name in kernel_sets
+    }
+    return sparse, removed, decomposed
 
 
-def _removed(total: dict[str, float] | None, name: str) -> float:
+def _removed(total: dict[str, float], name: str) -> float:
     """The share of a layer's sparse error that ``name`` removes (NaN where none was
     measured)."""
-    if not total or not total["baseline"]:
+    if name not in total or not total["baseline"]:
         return math.nan
     return 1 - total[name] / total["baseline"]
 
@@ -182,17 +303,28 @@ def diagnose_layers(
     rank: int = DEFAULT_RANK,
     model_name: str = "",
     progress: bool = True,
+    candidates: Mapping[str, Sequence[nn.Module | None]] | None = None,
+    layers: Sequence[int] | None = None,
 ) -> LayerDiagnosis:
-    """The whole diagnosis over ``windows`` ``(N, T)``; ``reference`` holds the mean NLL of
+    """The whole diagnosis over ``windows`` ``(N, T)`` of the layers among ``layers`` (default
+    all) where the policy runs, for the shipped ``kernels`` (``less``) and each of
+    ``candidates`` (a name, one module or None per layer). ``reference`` holds the mean NLL of
     full, baseline, Baseline+ and LESS on the same windows; end-to-end rows every
-    ``layer_step``-th layer where the policy runs."""
+    ``layer_step``-th measured layer, none with an empty ``reference`` (the fast probe)."""
     n, t = windows.shape
     budget_tokens = evicting_budget(policy, t)
-    sparse, removed = sparse_error_shares(
-        model, windows, policy, kernels, rank, oracle_rank, progress
+    runs = policy_layers(model)
+    chosen = [i for i in runs if layers is None or i in layers]
+    if not chosen:
+        raise LessKVError(f"the policy runs in none of layers {list(layers)} (it runs in {runs})")
+    kernel_sets = {"less": kernels, **(candidates or {})}
+    sparse, removed, decomposed = sparse_error_shares(
+        model, windows, policy, kernel_sets, chosen, rank, oracle_rank, progress
     )
-    layers = policy_layers(model)[::layer_step]
-    only, after = end_to_end(model, windows, policy, kernels, layers, progress)
+    probed = chosen[::layer_step] if reference else []
+    only, after = (
+        end_to_end(model, windows, policy, kernels, probed, progress) if probed else ([], [])
+    )
     return LayerDiagnosis(
         model=model_name or model.config.model_type,
         policy=policy.name,
@@ -203,55 +335,41 @@ def diagnose_layers(
         oracle_rank=oracle_rank,
         sparse_error=sparse,
         removed=removed,
+        decomposed=decomposed,
         reference=reference,
-        layers_probed=layers,
+        layers_probed=probed,
         only=only,
         from_layer=after,
     )
 
 
 def plot_layers(report: LayerDiagnosis, out_dir: str | Path) -> Path:
-    """Top: each layer's share of the sparse error removed (and the error itself, log scale).
-    Bottom: the change of mean NLL against the plain policy with LESS in one layer / from one
-    layer on, with LESS everywhere and Baseline+ as lines."""
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    """Top: each layer's share of the sparse error removed (and the error itself, log scale),
+    one line per method, kernel set and reference. Bottom, where the end-to-end rows ran: the
+    change of mean NLL against the plain policy with LESS in one layer / from one layer on,
+    with LESS everywhere and Baseline+ as lines."""
+    panels = 2 if report.reference else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(9, 3.5 * panels), sharex=True, squeeze=False)
+    top = axes[0, 0]
     layers = range(len(report.sparse_error))
     labels = {
         "baseline+": "Baseline+ (equal memory)",
         "less": "LESS",
+        "mean_key_mass": "mean-key mass, true mean (no training)",
         "oracle": f"rank-{report.oracle_rank} oracle",
     }
-    for name, color in zip(COMPARED, ("C1", "C2", "C3"), strict=True):
-        top.plot(layers, report.removed[name], "o-", color=color, label=labels[name], ms=4)
+    for k, (name, shares) in enumerate(report.removed.items()):
+        color = LINE_COLORS[k % len(LINE_COLORS)]
+        top.plot(layers, shares, "o-", color=color, label=labels.get(name, name), ms=4)
     top.set_ylabel("share of ||O_full - O_sparse||² removed")
     top.grid(alpha=0.3)
     error_axis = top.twinx()
     error_axis.semilogy(layers, report.sparse_error, color="C7", alpha=0.5, label="sparse error")
     error_axis.set_ylabel("sparse error (grey, log)")
     top.legend(fontsize=8, loc="upper left")
-    base = report.reference["baseline"]
-    bottom.bar(
-        report.layers_probed,
-        [x - base for x in report.only],
-        color="C2",
-        alpha=0.6,
-        label="LESS in this layer only",
-    )
-    bottom.plot(
-        report.layers_probed,
-        [x - base for x in report.from_layer],
-        "s-",
-        color="C4",
-        label="LESS in this layer and after",
-    )
-    for name, color in (("less", "C2"), ("baseline+", "C1"), ("full", "C0")):
-        bottom.axhline(
-            report.reference[name] - base, color=color, linestyle="--", label=f"{name}, every layer"
-        )
-    bottom.set_xlabel("layer")
-    bottom.set_ylabel("mean NLL - plain policy's")
-    bottom.grid(alpha=0.3)
-    bottom.legend(fontsize=8)
+    if report.reference:
+        _plot_end_to_end(report, axes[1, 0])
+    axes[-1, 0].set_xlabel("layer")
     fig.suptitle(
         f"{report.model}: {report.policy} budget {report.budget} ({report.budget_tokens} of "
         f"{report.seq_len} tokens), {report.windows} window(s)",
@@ -259,3 +377,30 @@ def plot_layers(report: LayerDiagnosis, out_dir: str | Path) -> Path:
     )
     fig.tight_layout()
     return save_figure(fig, Path(out_dir) / "layers.png", dpi=110)
+
+
+def _plot_end_to_end(report: LayerDiagnosis, axis: plt.Axes) -> None:
+    """The change of mean NLL with LESS in one layer / from one layer on, and every layer's
+    references as lines."""
+    base = report.reference["baseline"]
+    axis.bar(
+        report.layers_probed,
+        [x - base for x in report.only],
+        color="C2",
+        alpha=0.6,
+        label="LESS in this layer only",
+    )
+    axis.plot(
+        report.layers_probed,
+        [x - base for x in report.from_layer],
+        "s-",
+        color="C4",
+        label="LESS in this layer and after",
+    )
+    for name, color in (("less", "C2"), ("baseline+", "C1"), ("full", "C0")):
+        axis.axhline(
+            report.reference[name] - base, color=color, linestyle="--", label=f"{name}, every layer"
+        )
+    axis.set_ylabel("mean NLL - plain policy's")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)

@@ -10,6 +10,7 @@ measures spectra of one full-attention pass, and it takes other options (``--ker
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from lesskv.cli.common import (
     positive_int,
     print_table,
 )
-from lesskv.errors import LessKVError, one_line
+from lesskv.errors import LessKVError, one_line, short_path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -116,13 +117,16 @@ def add_layers_parser(analyses: argparse._SubParsersAction) -> None:
     """``analyze layers``: where LESS loses, layer by layer."""
     layers = analyses.add_parser(
         "layers",
-        help="per layer: the share of the sparse error LESS removes beside a rank-r oracle, "
-        "and LESS in one layer / from one layer on, end to end",
+        help="the per-layer probe: the share of the sparse error LESS (and candidate kernels) "
+        "removes beside a rank-r oracle, and LESS in one layer / from one layer on, end to end",
         description="On --windows windows read by a full-attention pass: per layer, the error "
         "||O_full - O_sparse||^2 of the plain policy and the share of it that Baseline+, LESS "
-        "and the rank --oracle-rank oracle remove. Then the mean NLL with LESS in one layer "
-        "only, and in that layer and every later one (the plain policy elsewhere), every "
-        "--layer-step layers. Writes layers.png and layers.json to --out.",
+        "(the --kernels set and each --candidates set) and the rank --oracle-rank oracle "
+        "remove; per kernel set also the share with the true mass of the evicted pairs "
+        "(mass_exact) or their true mean value (mean_exact) in place of the state's, and "
+        "once the training-free mean-key mass. Then, unless --no-end-to-end, the mean NLL "
+        "with LESS in one layer only, and in that layer and every later one (the plain policy "
+        "elsewhere), every --layer-step layers. Writes layers.png and layers.json to --out.",
     )
     add_model_args(layers)
     add_dtype_arg(layers)
@@ -138,9 +142,57 @@ def add_layers_parser(analyses: argparse._SubParsersAction) -> None:
     layers.add_argument(
         "--layer-step", type=positive_int, default=1, help="end-to-end rows every this many layers"
     )
+    layers.add_argument(
+        "--layers",
+        default=None,
+        help="probe only these layers, 'a:b' (a..b-1) or one number, as `lesskv train "
+        "--layers`; default all",
+    )
+    layers.add_argument(
+        "--no-end-to-end",
+        dest="end_to_end",
+        action="store_false",
+        help="skip the NLL passes: one full-attention pass over the windows (the fast probe)",
+    )
     add_kernels_arg(layers)
+    layers.add_argument(
+        "--candidates",
+        nargs="+",
+        type=parse_candidate,
+        default=[],
+        metavar="NAME=FOLDER",
+        help="kernel sets compared beside --kernels, each a row group NAME: a kernel folder, "
+        "or an unfinished `lesskv train` run's folder (the layers it has trained so far)",
+    )
     layers.add_argument("--out", type=Path, required=True, help="output folder")
     layers.set_defaults(run=run)
+
+
+def parse_candidate(text: str) -> tuple[str, Path]:
+    """``--candidates NAME=FOLDER`` → ``(NAME, FOLDER)`` (argparse type); a name must be a
+    word of its own, since it heads the candidate's columns."""
+    name, sep, folder = text.partition("=")
+    if not sep or not re.fullmatch(r"[\w.+-]+", name) or not folder:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not NAME=FOLDER (NAME: letters, digits, '_', '.', '+', '-')"
+        )
+    return name, Path(folder)
+
+
+def candidate_folders(pairs: list[tuple[str, Path]]) -> dict[str, Path]:
+    """``--candidates`` by name, refused before any model is loaded when a name repeats or
+    is another row group's, or a folder does not exist."""
+    from lesskv.analysis.layers import RESERVED
+
+    folders = dict(pairs)
+    if len(folders) < len(pairs) or folders.keys() & RESERVED:
+        raise LessKVError(
+            f"--candidates names must be distinct and none of {', '.join(sorted(RESERVED))}"
+        )
+    for name, folder in folders.items():
+        if not folder.is_dir():
+            raise LessKVError(f"--candidates {name}={short_path(folder)}: no such folder")
+    return folders
 
 
 def run(args: argparse.Namespace) -> None:
@@ -218,27 +270,35 @@ def run_oracle(args: argparse.Namespace) -> None:
 
 
 def run_layers(args: argparse.Namespace) -> None:
-    """Score the reference methods, then diagnose every layer against them."""
+    """Score the reference methods (unless --no-end-to-end), then diagnose the chosen layers
+    against them, for the shipped or --kernels set and every candidate."""
+    from lesskv.analysis.candidates import load_candidate
     from lesskv.analysis.layers import diagnose_layers, plot_layers
     from lesskv.analysis.oracle import check_ranks
     from lesskv.data import load_texts, token_windows
     from lesskv.evaluation.perplexity import evaluate_perplexity
     from lesskv.hf.loading import load_model
-    from lesskv.hf.modules import check_fits
+    from lesskv.hf.modules import attention_modules, check_fits
+    from lesskv.training.per_layer import parse_layers
 
     policy = command_policy(args)
     policy.slots(args.seq_len)
     if min(args.windows, args.oracle_rank, args.layer_step) < 1:
         raise LessKVError("--windows, --oracle-rank and --layer-step must be >= 1")
+    folders = candidate_folders(args.candidates)
     texts = load_texts(args.data, field=args.field)
     model, tokenizer = load_model(args.model, dtype=model_dtype(args))
     check_fits(model, args.seq_len, "--seq-len windows")
     check_ranks([args.oracle_rank], model)
+    layers = parse_layers(args.layers, len(attention_modules(model)))
     kernels = list(load_kernels(args.kernels, args.model, model, policy, args.seq_len).layers)
+    candidates = {name: load_candidate(folder, model, policy) for name, folder in folders.items()}
     windows = token_windows(tokenizer, texts, args.seq_len, max_windows=args.windows)
-    methods = ["full", "baseline", "baseline+", "less"]
-    scored = evaluate_perplexity(model, windows, methods, policy, kernels)
-    reference = {row.method: row.nll for row in scored}
+    reference = {}
+    if args.end_to_end:
+        methods = ["full", "baseline", "baseline+", "less"]
+        scored = evaluate_perplexity(model, windows, methods, policy, kernels)
+        reference = {row.method: row.nll for row in scored}
     report = diagnose_layers(
         model,
         windows,
@@ -248,9 +308,12 @@ def run_layers(args: argparse.Namespace) -> None:
         args.layer_step,
         args.oracle_rank,
         model_name=args.model,
+        candidates=candidates,
+        layers=layers,
     )
+    report.candidates = {name: str(folder) for name, folder in folders.items()}
     json_path, png_path = report.save(args.out), plot_layers(report, args.out)
-    print_table(report.rows(), list(report.rows()[0]))
+    print_table(*report.table())
     print(f"written: {png_path}, {json_path}")
 
 

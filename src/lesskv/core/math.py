@@ -314,11 +314,18 @@ def combine(
 
     ``o = (e^lse · o_sparse + num) / (e^lse + den)``, with ``den >= 0`` because φ, ψ >= 0.
     """
+    return join_attention(sparse_out, lse, *state_summary(num, den))
+
+
+def state_summary(num: torch.Tensor, den: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What LESS's state claims of each query's evicted pairs: their softmax-weighted mean
+    value ``num / den`` and the log of their attention mass (exp-sum of their logits) ``log
+    den``; 0 and -inf where ``den`` is 0. Apart from :func:`combine` so analyses can set
+    either claim against the truth."""
     has_lowrank = den > 0
     safe_den = den.clamp_min(torch.finfo(den.dtype).tiny)  # keeps log and division finite
-    log_den = torch.where(has_lowrank, safe_den.log(), NEG_INF)
-    lowrank_mean = torch.where(has_lowrank, num / safe_den, 0.0)
-    return join_attention(sparse_out, lse, lowrank_mean, log_den)
+    mean = torch.where(has_lowrank, num / safe_den, 0.0)
+    return mean, torch.where(has_lowrank, safe_den.log(), NEG_INF)
 
 
 def join_attention(

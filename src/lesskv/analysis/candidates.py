@@ -1,0 +1,74 @@
+"""Kernel sets a per-layer probe compares beside the shipped ones: an assembled checkpoint, or
+the layers an unfinished ``lesskv train --layers a:b`` run has written so far, so a candidate
+state can be judged before every layer is trained."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from safetensors.torch import load_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from lesskv.core.kernels import KernelShape, LayerKernels
+from lesskv.core.policies import Policy
+from lesskv.errors import LessKVError, one_line, short_path
+from lesskv.hf.checkpoint import CONFIG_FILE, KernelMeta, LessKernels
+from lesskv.hf.modules import attention_modules
+from lesskv.training.checkpoints import LAYERS_DIR
+from lesskv.training.run import RUN_FILE
+
+
+def load_candidate(folder: Path, model: PreTrainedModel, policy: Policy) -> list[nn.Module | None]:
+    """One kernel module per attention layer of ``model`` from ``folder``, None where an
+    unfinished run has not trained that layer yet; kernels trained for another policy are
+    refused, as ``--kernels`` refuses them."""
+    if (folder / CONFIG_FILE).is_file():
+        return list(LessKernels.from_pretrained(folder, model, policy.name).layers)
+    if not (folder / LAYERS_DIR).is_dir():
+        raise LessKVError(
+            f"candidate {short_path(folder)} holds neither kernels ({CONFIG_FILE}) nor a "
+            f"training run's per-layer files ({LAYERS_DIR}/)"
+        )
+    shape = KernelMeta.for_model(model, "", policy="", budget="").layer_shape
+    shape = replace(shape, state=_run_state(folder, policy))
+    return [
+        _trained_layer(folder / LAYERS_DIR / f"layer_{i:03d}.safetensors", shape)
+        for i in range(len(attention_modules(model)))
+    ]
+
+
+def _run_state(folder: Path, policy: Policy) -> str:
+    """The state form the run in ``folder`` trains (its run file; runs from before the form
+    existed trained the paper's), once its policy is checked."""
+    path = folder / RUN_FILE
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise LessKVError(f"candidate {short_path(path)}: {one_line(err, 80)}") from None
+    if not isinstance(config, dict) or config.get("policy") != policy.name:
+        trained = config.get("policy") if isinstance(config, dict) else None
+        raise LessKVError(
+            f"candidate {short_path(folder)} trains kernels for policy {trained!r}, not "
+            f"{policy.name!r}: pass the matching --policy"
+        )
+    return config.get("state", "paper")
+
+
+def _trained_layer(path: Path, shape: KernelShape) -> LayerKernels | None:
+    """A layer's kernels from its training file, at the hidden width and rank they were
+    trained with (read from the weights); None where the file is not written yet."""
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(path)
+        _, hidden, rank = tensors["phi_mlp.w2"].shape
+        kernels = LayerKernels(replace(shape, hidden=hidden, rank=rank))
+        kernels.load_state_dict(tensors)
+    except Exception as err:  # safetensors raises several types; a shape mismatch, KeyError
+        raise LessKVError(
+            f"{short_path(path)} holds no kernels for this model ({one_line(err, 120)})"
+        ) from None
+    return kernels.eval()
