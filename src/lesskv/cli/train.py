@@ -146,6 +146,14 @@ def add_selection_options(train: argparse.ArgumentParser) -> None:
         "the last",
     )
     train.add_argument(
+        "--lr-halving",
+        type=positive_int,
+        default=10,
+        metavar="EPOCHS",
+        help="halve the learning rate every this many epochs (default 10; long runs on a few "
+        "windows need more)",
+    )
+    train.add_argument(
         "--dropout",
         type=share,
         default=0.3,
@@ -233,6 +241,7 @@ def _train(
         loss=args.loss,
         val_fraction=args.val_fraction,
         select=args.select,
+        lr_halving_epochs=args.lr_halving,
         dropout=args.dropout,
     )
     upstream = None
