@@ -17,7 +17,7 @@ from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError, one_line, short_path
 from lesskv.hf.checkpoint import CONFIG_FILE, KernelMeta, LessKernels
 from lesskv.hf.modules import attention_modules
-from lesskv.training.checkpoints import LAYERS_DIR
+from lesskv.training.checkpoints import LAYERS_DIR, layer_path
 from lesskv.training.run import RUN_FILE
 
 
@@ -35,8 +35,7 @@ def load_candidate(folder: Path, model: PreTrainedModel, policy: Policy) -> list
     shape = KernelMeta.for_model(model, "", policy="", budget="").layer_shape
     shape = replace(shape, state=_run_state(folder, policy))
     return [
-        _trained_layer(folder / LAYERS_DIR / f"layer_{i:03d}.safetensors", shape)
-        for i in range(len(attention_modules(model)))
+        _trained_layer(layer_path(folder, i), shape) for i in range(len(attention_modules(model)))
     ]
 
 

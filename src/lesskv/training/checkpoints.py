@@ -20,15 +20,16 @@ LAYERS_DIR = "layers"  # in the run folder: each trained layer's kernels, one fi
 
 def missing_layers(out_dir: str | Path, layers: Iterable[int]) -> list[int]:
     """The layers among ``layers`` without a finished checkpoint in ``out_dir``."""
-    return [i for i in layers if not _layer_path(Path(out_dir), i).exists()]
+    return [i for i in layers if not layer_path(Path(out_dir), i).exists()]
 
 
-def _layer_path(out: Path, layer: int) -> Path:
+def layer_path(out: Path, layer: int) -> Path:
+    """Where a run in ``out`` keeps one trained layer (also read by the per-layer probe)."""
     return out / LAYERS_DIR / f"layer_{layer:03d}.safetensors"
 
 
 def save_layer(out: Path, layer: int, kernels: LayerKernels, losses: dict[str, float]) -> None:
-    path = _layer_path(out, layer)
+    path = layer_path(out, layer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in kernels.state_dict().items()}
     metadata = {k: repr(v) for k, v in losses.items()}
@@ -41,7 +42,7 @@ def assemble(out: Path, meta: KernelMeta) -> LessKernels | None:
         return None
     layers: list[LayerKernels | None] = [None] * meta.num_layers
     for i in meta.kernel_layers:
-        path = _layer_path(out, i)
+        path = layer_path(out, i)
         layer = LayerKernels(meta.layer_shape)
         try:
             layer.load_state_dict(load_file(path))
