@@ -317,6 +317,18 @@ def test_sources_share_the_windows_equally_whatever_their_sizes(byte_tokenizer):
         source_mix(byte_tokenizer, [[big], [small]], [8], windows=1)
 
 
+def test_spread_windows_come_from_evenly_spaced_places_of_the_whole_text(byte_tokenizer):
+    """Two windows of 8 and one of 16 from 1000 tokens: placed in the order of their relative
+    places (8 at 1/4, 16 at 1/2, 8 at 3/4) with equal gaps of (1000 - 32) / 3 between them."""
+    text = "".join(chr(33 + i % 90) for i in range(1000))
+    short, long = length_mix(byte_tokenizer, [text], [8, 16], windows=2, spread=True)
+    assert [byte_tokenizer.decode(w) for w in short] == [text[161:169], text[830:838]]
+    assert byte_tokenizer.decode(long[0]) == text[492:508]
+    mixed = source_mix(byte_tokenizer, [[text], ["b" * 100]], [8], windows=2, spread=True)[0]
+    assert byte_tokenizer.decode(mixed[0]) == text[496:504]  # one window: the middle
+    assert byte_tokenizer.decode(mixed[1]) == "b" * 8
+
+
 # BOS
 
 

@@ -98,13 +98,15 @@ def token_windows(
 
 
 def length_mix(
-    tokenizer: Any, texts: list[str], seq_lens: Sequence[int], windows: int
+    tokenizer: Any, texts: list[str], seq_lens: Sequence[int], windows: int, spread: bool = False
 ) -> list[torch.Tensor]:
     """The training mix of several window lengths: ``windows`` windows of the shortest length
-    and as many tokens of each other length (fewer, longer windows; at least one each), cut
-    one after another from the joined documents so no two windows share a text token, each
-    starting with BOS as :func:`token_windows`' do. Returns one ``(N, T)`` tensor per length;
-    with too little text every count shrinks alike."""
+    and as many tokens of each other length (fewer, longer windows; at least one each), no two
+    sharing a text token, each starting with BOS as :func:`token_windows`' do. They are cut one
+    after another from the start of the joined documents, or with ``spread`` from evenly spaced
+    places through all of it (the whole text is tokenised), so a corpus of many books gives
+    windows of every book, each length spread alike. Returns one ``(N, T)`` tensor per
+    length; with too little text every count shrinks alike."""
     if min(seq_lens) < 2 or windows < 1:
         raise LessKVError(f"need window lengths >= 2 and >= 1 window, got {seq_lens}, {windows}")
     prefix = bos_prefix(tokenizer)
@@ -112,7 +114,7 @@ def length_mix(
     shortest = min(seq_lens)
     counts = [max(1, windows * shortest // t) for t in seq_lens]
     needed = sum(c * t for c, t in zip(counts, text_lens, strict=True))
-    ids = _token_prefix(tokenizer, texts, needed)
+    ids = _token_prefix(tokenizer, texts, None if spread else needed)
     if len(ids) < needed:
         share = len(ids) / needed
         counts = [int(c * share) for c in counts]
@@ -121,6 +123,8 @@ def length_mix(
             f"the text has only {len(ids)} tokens, not enough for a mix of windows of "
             f"{', '.join(map(str, seq_lens))} tokens; use shorter windows or more text"
         )
+    if spread:
+        return _spread_windows(prefix, ids, counts, text_lens)
     mix, start = [], 0
     for count, t in zip(counts, text_lens, strict=True):
         mix.append(_windows(prefix, ids[start : start + count * t], count))
@@ -128,21 +132,49 @@ def length_mix(
     return mix
 
 
+def _spread_windows(
+    prefix: list[int], ids: list[int], counts: list[int], text_lens: list[int]
+) -> list[torch.Tensor]:
+    """``counts[l]`` windows of ``text_lens[l]`` tokens from evenly spaced places of ``ids``:
+    the windows of every length in the order of their relative place (window i of a length
+    at (i + ½) / count), with equal gaps of unused text between consecutive ones."""
+    order = sorted(
+        ((i + 0.5) / count, length, i) for length, count in enumerate(counts) for i in range(count)
+    )
+    used = sum(c * t for c, t in zip(counts, text_lens, strict=True))
+    gap = (len(ids) - used) / len(order)
+    rows: list[list[list[int]]] = [[] for _ in counts]
+    start = 0
+    for k, (_, length, _) in enumerate(order):
+        at = start + int(gap * (k + 0.5))
+        rows[length].append(ids[at : at + text_lens[length]])
+        start += text_lens[length]
+    return [
+        _windows(prefix, [token for row in chosen for token in row], len(chosen)) for chosen in rows
+    ]
+
+
 def source_mix(
-    tokenizer: Any, sources: Sequence[list[str]], seq_lens: Sequence[int], windows: int
+    tokenizer: Any,
+    sources: Sequence[list[str]],
+    seq_lens: Sequence[int],
+    windows: int,
+    spread: bool = False,
 ) -> list[torch.Tensor]:
     """:func:`length_mix` over several sources that share the training tokens equally: each
     gets ``windows / len(sources)`` windows of the shortest length (the first ones one more
     where it does not divide) and as many tokens of each longer length, cut from its own
-    documents, so a corpus of long books and one of short web pages both shape the state
-    whatever their sizes. Returns one ``(N, T)`` tensor per length, source after source."""
+    documents (``spread`` through all of them), so a corpus of long books and one of short web
+    pages both shape the state whatever their sizes. Returns one ``(N, T)`` tensor per
+    length, source after source."""
     if windows < len(sources):
         raise LessKVError(
             f"{len(sources)} text sources need at least one window each, got {windows} windows"
         )
     shares = [windows // len(sources) + (i < windows % len(sources)) for i in range(len(sources))]
     mixes = [
-        length_mix(tokenizer, texts, seq_lens, n) for texts, n in zip(sources, shares, strict=True)
+        length_mix(tokenizer, texts, seq_lens, n, spread)
+        for texts, n in zip(sources, shares, strict=True)
     ]
     return [torch.cat(parts) for parts in zip(*mixes, strict=True)]
 

@@ -120,11 +120,12 @@ def test_train_on_several_sources_records_them_all(tmp_path):
     args += ["--budget", "8", "--seq-len", "32", "--sequences", "2", "--epochs", "1"]
     args += ["--rank", "4", "--hidden", "16", "--out", str(tmp_path / "k")]
     args += ["--val-fraction", "0", "--select", "last", "--dropout", "0", "--lr-halving", "3"]
+    args += ["--spread"]
     assert main(args) == 0
     run = json.loads((tmp_path / "k" / "run.json").read_text())
     assert run["data"] == f"{tmp_path / 't.txt'} + {tmp_path / 'books'}"
-    knobs = ("val_fraction", "select", "dropout", "lr_halving_epochs")
-    assert [run[k] for k in knobs] == [0.0, "last", 0.0, 3]
+    knobs = ("val_fraction", "select", "dropout", "lr_halving_epochs", "spread")
+    assert [run[k] for k in knobs] == [0.0, "last", 0.0, 3, True]
 
 
 def test_an_unsupported_family_is_refused_before_any_work(capsys, tmp_path):

@@ -64,6 +64,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="window length in tokens, or several comma-separated (e.g. 1024,2048,4096): "
         "a mix of lengths teaches the state to stay calibrated at any length",
     )
+    train.add_argument(
+        "--spread",
+        action="store_true",
+        help="cut each source's windows from evenly spaced places through all of its text "
+        "(tokenised whole) instead of one after another from its start: a corpus of books "
+        "then gives windows of every book",
+    )
     train.add_argument("--epochs", type=positive_int, default=20)
     train.add_argument("--batch-size", type=positive_int, default=2)
     train.add_argument("--lr", type=positive_float, default=1e-3)
@@ -222,7 +229,7 @@ def _train(
     model, tokenizer = load_model(args.model, dtype=model_dtype(args), **placement)
     check_fits(model, max(args.seq_len), "--seq-len windows")
     layers = parse_layers(args.layers, model.config.num_hidden_layers)
-    windows = source_mix(tokenizer, texts, args.seq_len, args.sequences)
+    windows = source_mix(tokenizer, texts, args.seq_len, args.sequences, args.spread)
     config = TrainConfig(
         model=args.model,
         policy=policy.name,
@@ -236,6 +243,7 @@ def _train(
         hidden=args.hidden,
         seed=args.seed,
         data=" + ".join(args.data),
+        spread=args.spread,
         state=args.kernel,
         upstream=str(args.upstream or ""),
         loss=args.loss,

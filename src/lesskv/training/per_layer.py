@@ -84,6 +84,7 @@ class TrainConfig:
     dropout: float = 0.3
     seed: int = 0
     data: str = ""
+    spread: bool = False  # windows from evenly spaced places of each source, not its start
     state: str = STATES[0]  # the kernels' state form: learned decay, or the paper's
     upstream: str = ""  # kernels the layers run while recording (collect_activations)
     loss: str = "mse"  # what each layer's kernels minimise: one of LOSSES
