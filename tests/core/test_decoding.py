@@ -21,7 +21,7 @@ SLOTS, SCALE = 7, 0.25
 def _inputs(policy="h2o", less=True, seed=0, window=None):
     """A layer mid-generation: every slot filled except where ``valid`` says, the next
     token at position 20, random scores; the arguments of :func:`decoding.layer_step`."""
-    kernels, query, _, _, (key, value, _, _), state_h, state_z = _step_inputs(seed=seed)
+    kernels, query, _, _, (key, value, _, _), held = _step_inputs(seed=seed)
     b, hkv, _, _, d = query.shape
     keys, values = torch.randn(b, hkv, SLOTS, d), torch.randn(b, hkv, SLOTS, d)
     positions = torch.stack([torch.randperm(20)[:SLOTS] for _ in range(b * hkv)])
@@ -32,7 +32,7 @@ def _inputs(policy="h2o", less=True, seed=0, window=None):
         keys, values, positions, torch.rand(b, hkv, SLOTS), valid, torch.full((b,), 20)
     )
     pol = make_policy(policy, SLOTS)
-    lss = (kernels, state_h, state_z) if less else None
+    lss = (kernels, held) if less else None
     return pol, pol.split(SLOTS), window, query, key, value, slots, SCALE, lss
 
 
@@ -41,24 +41,24 @@ def _copies(inputs):
     *head, slots, scale, less = inputs
     slots = decoding.SlotBuffers(*(t.clone() for t in slots))
     if less is not None:
-        less = less[0], less[1].clone(), less[2].clone()
+        less = less[0], tuple(t.clone() for t in less[1])
     return (*head, slots, scale, less)
 
 
 def _run(step, inputs, **options):
-    """``step`` on copies: (out, lse, evicted..., buffers..., H, z)."""
+    """``step`` on copies: (out, lse, evicted..., buffers..., state...)."""
     inputs = _copies(inputs)
     with torch.no_grad():
         out, lse, evicted = step(*inputs, **options)
     less = inputs[-1]
-    return (out, lse, *evicted, *inputs[6]) + (less[1:] if less is not None else ())
+    return (out, lse, *evicted, *inputs[6]) + (less[1] if less is not None else ())
 
 
 @pytest.mark.parametrize("window", [None, 9])
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_the_step_is_insert_then_masked_softmax_then_scores_then_state(policy, window):
     inputs = _inputs(policy, window=window)
-    pol, split, _, query, key, value, slots, scale, (kernels, h, z) = inputs
+    pol, split, _, query, key, value, slots, scale, (kernels, (h, z)) = inputs
     got = _run(decoding.layer_step, inputs)
     out, lse, ev_k, ev_v, ev_pos, weight, keys, values, positions, scores, valid, seen = got[:12]
     # the reference: the lowest-priority slot, by hand
@@ -88,7 +88,7 @@ def test_the_step_is_insert_then_masked_softmax_then_scores_then_state(policy, w
     want_h, want_z = h.clone(), z.clone()
     pair = ev_k, ev_v, weight, 20 - ev_pos
     with torch.no_grad():
-        want = state.decode_step(kernels, query, sparse, want_lse, pair, want_h, want_z)
+        want = state.decode_step(kernels, query, sparse, want_lse, pair, (want_h, want_z))
     torch.testing.assert_close(lse, want_lse)
     torch.testing.assert_close(scores, want_scores)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
@@ -121,11 +121,11 @@ def test_the_step_is_one_graph_that_writes_only_in_place(policy, window):
     torch._dynamo.reset()
     whole = torch.compile(decoding.layer_step, fullgraph=True, dynamic=True, backend="eager")
     slots = inputs[6]
-    pointers = [t.data_ptr() for t in (*slots, *inputs[-1][1:])]
+    pointers = [t.data_ptr() for t in (*slots, *inputs[-1][1])]
     with torch.no_grad():
         for _ in range(3):
             whole(*inputs)
-    assert [t.data_ptr() for t in (*slots, *inputs[-1][1:])] == pointers
+    assert [t.data_ptr() for t in (*slots, *inputs[-1][1])] == pointers
     assert (slots.real_seen == 23).all()
 
 

@@ -33,7 +33,7 @@ def test_less_output_is_the_implied_distribution_times_the_values():
     phi, psi, decay = kernels.phi(q), kernels.psi(key), kernels.decay_rate()
     _, log_q = implied_distributions(q, key, steps, phi, psi, decay, scale)
     out, lse = math.sparse_attention(q, key, value, math_keep(steps), scale)
-    less = math.less_parallel(out, lse, phi, psi, value, steps, decay)
+    less = math.join_summary(out, lse, kernels.parallel(q, key, value, steps))
     implied = torch.einsum("bhgts,bhsd->bhgtd", log_q.exp(), value)
     assert (implied - less).abs().max().item() < 1e-4
 

@@ -20,6 +20,11 @@ def causal(t):
     return torch.ones(t, t, dtype=torch.bool).tril()
 
 
+def combine(out, lse, num, den):
+    """LESS's output: the sparse part joined with the low-rank terms' mean and mass."""
+    return math.join_attention(out, lse, *math.state_summary(num, den))
+
+
 def test_sparse_attention_with_causal_mask_equals_sdpa():
     q, k, v, *_ = random_inputs()
     b, hkv, g, t, d = q.shape
@@ -63,7 +68,7 @@ def test_combination_equals_the_naive_formula():
     evicted = causal(t) & ~keep
     out, lse = math.sparse_attention(q, k, v, keep, d**-0.5)
     num, den = math.lowrank_parallel(phi, psi, v, steps)
-    got = math.combine(out, lse, num, den)
+    got = combine(out, lse, num, den)
 
     expected = torch.empty_like(got)
     for idx in torch.cartesian_prod(*(torch.arange(n) for n in (b, hkv, g, t))):
@@ -98,6 +103,29 @@ def test_decayed_state_equals_the_naive_formula(rates, block):
     assert torch.allclose(den, lin.sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("block", [1, 5, None])
+@pytest.mark.parametrize("rates", [None, [0.05, 3.0]])
+def test_prefix_states_of_any_features_are_the_naive_sums(rates, block):
+    """Each query reads Σ_j w_j ⊗ p_j over the pairs evicted by its step, faded, for features
+    of any width: what every state form's teacher-forced form builds on."""
+    torch.manual_seed(2)
+    weights, payload = torch.randn(2, 2, 12, 3), torch.randn(2, 2, 12, 5)
+    steps = random_steps(2, 2, 12)
+    decay = torch.tensor(rates) if rates is not None else None
+
+    def read(states, rows, fade):  # every query's whole state, faded on to it
+        states = states if fade is None else states * fade[:, :, 0, :, :, None]
+        return (states.flatten(-2).unsqueeze(2),)
+
+    (got,) = math.prefix_states(weights, payload, steps, read, decay, block=block)
+    pos = torch.arange(12)
+    evicted = steps.unsqueeze(-2) <= pos.view(12, 1)  # (B, Hkv, i, j)
+    fade = torch.exp(-torch.tensor(rates or [0.0, 0.0]).view(2, 1, 1) * (pos.view(12, 1) - pos))
+    w = (evicted * fade).float()
+    want = torch.einsum("bhij,bhjf,bhjp->bhifp", w, weights, payload).flatten(-2).unsqueeze(2)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_zero_decay_is_the_papers_state_exactly():
     _, _, v, phi, psi = random_inputs()
     steps = random_steps(2, 2, 10)
@@ -110,7 +138,7 @@ def test_without_lowrank_mass_the_combination_is_the_sparse_output():
     out, lse = math.sparse_attention(q, k, v, causal(q.shape[3]), q.shape[-1] ** -0.5)
     never = torch.full((2, 2, q.shape[3]), q.shape[3])
     num, den = math.lowrank_parallel(phi, psi, v, never)
-    assert torch.equal(math.combine(out, lse, num, den), out)
+    assert torch.equal(combine(out, lse, num, den), out)
 
 
 def test_recurrent_state_equals_parallel_rows():
@@ -129,11 +157,11 @@ def test_rows_with_nothing_visible_give_zeros_not_nan():
     nothing = torch.zeros(1, dtype=torch.bool)
     out, lse = math.sparse_attention(q, k, v, nothing, 1.0)
     num, den = math.lowrank_parallel(phi, psi, v, torch.full((2, 2, 10), 10))
-    got = math.combine(out, lse, num, den)
+    got = combine(out, lse, num, den)
     assert not got.isnan().any() and torch.equal(got, torch.zeros_like(got))
 
 
-def test_gradients_flow_through_combine_without_nan():
+def test_gradients_flow_through_the_join_without_nan():
     q, k, v, phi, psi = random_inputs()
     phi.requires_grad_(True)
     psi.requires_grad_(True)
@@ -141,7 +169,7 @@ def test_gradients_flow_through_combine_without_nan():
     keep = keep_mask_from_steps(steps).unsqueeze(2)
     out, lse = math.sparse_attention(q, k, v, keep, q.shape[-1] ** -0.5)
     num, den = math.lowrank_parallel(phi, psi, v, steps)
-    math.combine(out, lse, num, den).sum().backward()
+    combine(out, lse, num, den).sum().backward()
     assert phi.grad.isfinite().all() and psi.grad.isfinite().all()
     assert phi.grad.abs().sum() > 0
 

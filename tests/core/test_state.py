@@ -21,24 +21,15 @@ def _step_inputs(batch=2, kv_heads=2, groups=3, dim=16, seed=0):
         torch.tensor([1.0, 0.0])[:batch].view(batch, 1, 1).expand(batch, kv_heads, 1),
         torch.randint(1, 50, (batch, kv_heads, 1)),
     )
-    state_h = torch.rand(batch, kv_heads, 4, dim)
-    state_z = torch.rand(batch, kv_heads, 4)
-    return kernels, query, sparse_out, lse, evicted, state_h, state_z
-
-
-def _run(step, inputs, **options):
-    kernels, query, out, lse, evicted, h, z = inputs
-    h, z = h.clone(), z.clone()
-    with torch.no_grad():
-        result = step(kernels, query, out, lse, evicted, h, z, **options)
-    return result, h, z
+    held = (torch.rand(batch, kv_heads, 4, dim), torch.rand(batch, kv_heads, 4))
+    return kernels, query, sparse_out, lse, evicted, held
 
 
 def test_the_step_is_fade_then_fold_then_read():
-    inputs = _step_inputs()
-    kernels, query, out, lse, (key, value, weight, distance), h, z = inputs
-    got, got_h, got_z = _run(state.decode_step, inputs)
+    kernels, query, out, lse, (key, value, weight, distance), (h, z) = _step_inputs()
+    held = h.clone(), z.clone()
     with torch.no_grad():
+        got = state.decode_step(kernels, query, out, lse, (key, value, weight, distance), held)
         fade = torch.exp(-kernels.decay_rate())[None, :, None]  # one token: (1, Hkv, 1)
         w = weight * torch.exp(-kernels.decay_rate()[None, :, None] * distance)
         psi = kernels.psi(key) * w.unsqueeze(-1)  # (B, Hkv, 1, R)
@@ -48,6 +39,6 @@ def test_the_step_is_fade_then_fold_then_read():
         num = phi @ want_h.unsqueeze(2)
         den = phi @ want_z[:, :, None, :, None]
         want = (lse.exp() * out + num) / (lse.exp() + den)
-    torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got_z, want_z, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(held[0], want_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(held[1], want_z, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -100,7 +100,7 @@ def greedy(model, ids: torch.Tensor, cache: LessCache | None, tokens: int = 12) 
 def assert_cache_layers_on_their_layer_devices(model, cache: LessCache) -> None:
     for module, layer in zip(attention_modules(model), cache.layers, strict=True):
         device = next(module.parameters()).device
-        assert layer.keys.device == layer.state_h.device == device
+        assert all(t.device == device for t in (layer.keys, *layer.state))
         if layer.kernels is not None:
             assert all(p.device == device for p in layer.kernels.parameters())
 

@@ -26,8 +26,9 @@ from typing import NamedTuple
 import torch
 
 from lesskv.core import math
+from lesskv.core.forms import State, StateForm
 from lesskv.core.policies import Policy, Slots
-from lesskv.core.state import StateKernels, decode_step
+from lesskv.core.state import decode_step
 
 NEG_INF, POS_INF = float("-inf"), float("inf")
 
@@ -43,8 +44,8 @@ class SlotBuffers(NamedTuple):
     real_seen: torch.Tensor  # (B,) non-padding tokens seen: the next token's position
 
 
-# LESS's part of a step: the layer's kernels and its running state H, z (updated in place).
-LessState = tuple[StateKernels, torch.Tensor, torch.Tensor]
+# LESS's part of a step: the layer's state form and its running state (updated in place).
+LessState = tuple[StateForm, State]
 # The pair a step evicted: keys, values (B, Hkv, 1, D), position, weight (B, Hkv, 1) (weight 0:
 # the slot held no token).
 Evicted = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -143,11 +144,11 @@ def layer_step(
     evicted = insert(policy, split, window, key, value, slots)
     out, lse = decode_attention(policy, query, slots, scale)
     if less is not None:
-        kernels, state_h, state_z = less
+        form, state = less
         ev_keys, ev_values, ev_positions, weight = evicted
         distance = (slots.real_seen - 1).view(-1, 1, 1) - ev_positions
         pair = ev_keys, ev_values, weight, distance
-        out = decode_step(kernels, query, out, lse, pair, state_h, state_z)
+        out = decode_step(form, query, out, lse, pair, state)
     return out, lse, evicted
 
 

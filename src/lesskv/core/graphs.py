@@ -46,7 +46,7 @@ class CapturedStep:
     def __call__(self, *args, enabled: bool = True) -> tuple[torch.Tensor, torch.Tensor, Evicted]:
         """``args``: :func:`~lesskv.core.decoding.layer_step`'s."""
         _, _, _, query, key, value, slots, _, less = args
-        persistent = (*slots, *(less[1:] if less is not None else ()))
+        persistent = (*slots, *(less[1] if less is not None else ()))
         storage = tuple((t.data_ptr(), t.shape) for t in persistent) + tuple(
             (t.shape, t.stride(), t.dtype) for t in (query, key, value)
         )

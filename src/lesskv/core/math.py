@@ -3,18 +3,21 @@
 Shapes: queries are grouped by KV head, ``q: (B, Hkv, G, Tq, D)`` with ``G`` query heads per
 KV head (GQA; ``G = 1`` for multi-head attention), keys/values ``(B, Hkv, Tk, D)``.
 
-For one query, LESS attends exactly over the kept pairs and approximately, through the
-kernels, over the evicted ones:
+For one query, LESS attends exactly over the kept pairs and approximately, through a state
+form (:mod:`lesskv.core.forms`), over the evicted ones; the paper's low-rank form reads
 
     o = (φ(q)·H + Σ_kept exp(q·k/√D) v) / (φ(q)·z + Σ_kept exp(q·k/√D))
 
-Both forms below produce the sparse part ``(o_sparse, lse)`` and the low-rank part
-``(num, den) = (φ(q)·H, φ(q)·z)`` and hand them to :func:`combine`; the parallel form builds
-every step's H and z as prefix sums in eviction order, the recurrent form reads them from
-the cache's running state.
+Both parts are a softmax output and its log-sum-exp: the sparse part ``(o_sparse, lse)``, and
+the state's ``(mean, log mass)`` (:func:`state_summary` of ``(φ(q)·H, φ(q)·z)``), which
+:func:`join_attention` joins in log space. The parallel form builds every step's state as a
+prefix sum in eviction order (:func:`prefix_states`), the recurrent form reads it from the
+cache's running state.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -158,72 +161,71 @@ def sparse_output(
     return out.view(b, hkv, g, tq, d)
 
 
-def lowrank_parallel(
-    phi_q: torch.Tensor,
-    psi_k: torch.Tensor,
-    value: torch.Tensor,
+def prefix_states(
+    weights: torch.Tensor,
+    payload: torch.Tensor,
     steps: torch.Tensor,
+    read: Callable[[torch.Tensor, slice, torch.Tensor | None], tuple[torch.Tensor, ...]],
     decay: torch.Tensor | None = None,
     block: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Low-rank terms for every query at once (teacher forcing), as running states.
+) -> tuple[torch.Tensor, ...]:
+    """Every query's summary of the pairs evicted by its step, at once (teacher forcing).
 
-    ``phi_q: (B, Hkv, G, T, R)``, ``psi_k: (B, Hkv, T, R)``, ``steps: (B, Hkv, T)`` the step
-    at which each token is evicted (T: never). Evicted tokens never return, so the state at
-    step i is a prefix sum over tokens in eviction order: H_i = Σ_{steps[j] <= i} ψ(k_j)ᵀ v_j,
-    accumulated in the same order as the decode-time cache. O(T·R·D) work, and memory for one
-    ``block`` of queries at a time: the state after the block before, plus the prefix sums of
-    the pairs the block's queries see leave (a whole sequence's prefix states are 4 GiB a layer
-    for an 8B model at 32k tokens).
+    A summary state is a sum over evicted pairs of ``w_j ⊗ p_j``: ``weights`` ``(B, Hkv, T, F)``
+    say how pair j enters the state's F rows (the low-rank form's ψ(k_j), the slots form's
+    assignment), ``payload`` ``(B, Hkv, T, P)`` what it adds (``[v_j, 1]``; ``[k_j, v_j, 1]``).
+    ``steps: (B, Hkv, T)`` is the step at which each pair is evicted (T: never). Evicted pairs
+    never return, so the state at step i is a prefix sum over pairs in eviction order,
+    accumulated in the same order as a decoding cache folds them: O(T·F·P) work, and memory for
+    one ``block`` of queries at a time: the state after the block before, plus the prefix sums
+    of the pairs the block's queries see leave (a whole sequence's prefix states are 4 GiB a
+    layer for an 8B model at 32k tokens). ``read(states, rows, fade)`` turns the states of the
+    queries ``rows`` ``(B, Hkv, rows, F, P)`` into tensors ``(B, Hkv, G, rows, ·)``, which are
+    concatenated over the blocks.
 
     ``decay`` (``(Hkv,)`` rates λ >= 0) weighs pair j by ``exp(-λ (i - j))`` for query i, as
-    the decoding cache's state decays by ``exp(-λ)`` per token. The running state is kept
+    a decoding cache's state decays by ``exp(-λ)`` per token. The running state is kept
     relative to the block's first query, and blocks are short enough that no weight exceeds
-    ``exp(EXP_LIMIT)``.
+    ``exp(EXP_LIMIT)``; ``read`` gets each query's state as of the block's first query and
+    ``fade`` ``(1, Hkv, 1, rows, 1)``, the factor by which it fades on to the query itself
+    (None without decay), to apply where it costs least (on the read, not the states).
     """
     t = steps.shape[-1]
     sorted_steps, order = steps.sort(dim=-1, stable=True)
-    psi_sorted = psi_k.gather(2, order.unsqueeze(-1).expand_as(psi_k))
-    v_sorted = value.gather(2, order.unsqueeze(-1).expand_as(value))
+    weights_sorted = weights.gather(2, order.unsqueeze(-1).expand_as(weights))
+    payload_sorted = payload.gather(2, order.unsqueeze(-1).expand_as(payload))
     queries = torch.arange(t, device=steps.device)
     evicted_by = torch.searchsorted(
         sorted_steps.contiguous(), queries.expand_as(steps).contiguous(), right=True
     )
-    rate = None if decay is None else decay.view(-1, 1).to(psi_k.dtype)
+    rate = None if decay is None else decay.view(-1, 1).to(weights.dtype)
     size = min(block or QUERY_BLOCK, t if rate is None else _decay_block(rate, t))
-    b, hkv, r, d = *psi_k.shape[:2], psi_k.shape[-1], value.shape[-1]
-    state_h, state_z = psi_k.new_zeros(b, hkv, r, d), psi_k.new_zeros(b, hkv, r)
+    b, hkv, f, p = *weights.shape[:2], weights.shape[-1], payload.shape[-1]
+    state = weights.new_zeros(b, hkv, f, p)
     done = torch.zeros(b, hkv, dtype=torch.long, device=steps.device)  # pairs in the state
     parts = []
     for start in range(0, t, size):
         rows = slice(start, min(t, start + size))
         if rate is not None and start:  # the state moves on to this block's first query
-            fade = (-rate * size).exp()
-            state_h, state_z = state_h * fade[..., None], state_z * fade
-        new = _Pairs(psi_sorted, v_sorted, order, done, evicted_by[..., rows.stop - 1])
-        psi_w = new.psi  # pair j's weight as seen from query ``start``
+            state = state * (-rate * size).exp()[..., None]
+        new = _Pairs(weights_sorted, payload_sorted, order, done, evicted_by[..., rows.stop - 1])
+        w = new.weights  # pair j's weight as seen from query ``start``
         if rate is not None:
-            psi_w = psi_w * (rate * (new.positions - start)).exp().unsqueeze(-1)
+            w = w * (rate * (new.positions - start)).exp().unsqueeze(-1)
         # state after c of the block's new pairs, c = 0..n
-        prefix_h = torch.cat(
-            [
-                state_h[:, :, None],
-                state_h[:, :, None] + torch.einsum("bhtr,bhtd->bhtrd", psi_w, new.values).cumsum(2),
-            ],
-            2,
-        )
-        prefix_z = torch.cat([state_z[:, :, None], state_z[:, :, None] + psi_w.cumsum(2)], 2)
+        added = torch.einsum("bhtf,bhtp->bhtfp", w, new.payload).cumsum(2)
+        prefix = torch.cat([state[:, :, None], state[:, :, None] + added], 2)
         seen = evicted_by[..., rows] - done.unsqueeze(-1)  # (B, Hkv, rows) in 0..n
-        num, den = _read_states(phi_q[..., rows, :], prefix_h, prefix_z, seen)
-        if rate is not None:  # and from there on to each query of the block
-            to_query = (-rate * (queries[rows] - start)).exp()[None, :, None, :, None]
-            num, den = num * to_query, den * to_query
-        parts.append((num, den))
-        state_h, state_z, done = prefix_h[:, :, -1], prefix_z[:, :, -1], new.upto
-    return torch.cat([n for n, _ in parts], 3), torch.cat([d for _, d in parts], 3)
+        states = prefix.gather(2, seen[..., None, None].expand(*seen.shape, f, p))
+        fade = None  # and from there on to each query of the block
+        if rate is not None:
+            fade = (-rate * (queries[rows] - start)).exp()[None, :, None, :, None]
+        parts.append(read(states, rows, fade))
+        state, done = prefix[:, :, -1], new.upto
+    return tuple(torch.cat(blocks, 3) for blocks in zip(*parts, strict=True))
 
 
-# Queries whose low-rank terms are computed together: their states are (block x R x D) per head.
+# Queries whose states are computed together: their states are (block x F x P) per head.
 QUERY_BLOCK = 512
 # exp() of at most this: far from float32's limit (88), so products and sums stay finite.
 EXP_LIMIT = 60.0
@@ -241,8 +243,8 @@ class _Pairs:
 
     def __init__(
         self,
-        psi_sorted: torch.Tensor,
-        v_sorted: torch.Tensor,
+        weights_sorted: torch.Tensor,
+        payload_sorted: torch.Tensor,
         order: torch.Tensor,
         done: torch.Tensor,
         upto: torch.Tensor,
@@ -250,22 +252,37 @@ class _Pairs:
         count = int((upto - done).max())
         index = done.unsqueeze(-1) + torch.arange(count, device=done.device)
         real = index < upto.unsqueeze(-1)
-        index = index.clamp(max=order.shape[-1] - 1)
+        index = index.clamp(max=order.shape[-1] - 1).unsqueeze(-1)
         self.upto = upto
-        self.positions = order.gather(-1, index)
-        psi = psi_sorted.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, psi_sorted.shape[-1]))
-        self.psi = psi * real.unsqueeze(-1)
-        self.values = v_sorted.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, v_sorted.shape[-1]))
+        self.positions = order.gather(-1, index[..., 0])
+        weights = weights_sorted.gather(2, index.expand(-1, -1, -1, weights_sorted.shape[-1]))
+        self.weights = weights * real.unsqueeze(-1)
+        self.payload = payload_sorted.gather(2, index.expand(-1, -1, -1, payload_sorted.shape[-1]))
 
 
-def _read_states(
-    phi_q: torch.Tensor, prefix_h: torch.Tensor, prefix_z: torch.Tensor, seen: torch.Tensor
+def lowrank_parallel(
+    phi_q: torch.Tensor,
+    psi_k: torch.Tensor,
+    value: torch.Tensor,
+    steps: torch.Tensor,
+    decay: torch.Tensor | None = None,
+    block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """φ(q)·H and φ(q)·z for queries that have seen ``seen`` of the prefix states."""
-    h_i = prefix_h.gather(2, seen[..., None, None].expand(*seen.shape, *prefix_h.shape[-2:]))
-    z_i = prefix_z.gather(2, seen.unsqueeze(-1).expand(*seen.shape, prefix_z.shape[-1]))
-    num = torch.einsum("bhgtr,bhtrd->bhgtd", phi_q, h_i)
-    den = torch.einsum("bhgtr,bhtr->bhgt", phi_q, z_i).unsqueeze(-1)
+    """The low-rank terms ``(φ(q)·H_i, φ(q)·z_i)`` of every query at once: ``phi_q: (B, Hkv,
+    G, T, R)``, ``psi_k: (B, Hkv, T, R)``, ``H_i = Σ_{steps[j] <= i} ψ(k_j)ᵀ v_j`` and ``z_i``
+    alike, as the prefix states ``Σ ψ(k_j) ⊗ [v_j, 1]`` of :func:`prefix_states` (its
+    ``steps``, ``decay`` and ``block``)."""
+    payload = torch.cat([value, value.new_ones(*value.shape[:-1], 1)], -1)
+
+    def read(
+        states: torch.Tensor, rows: slice, fade: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        phi = phi_q[..., rows, :]
+        num = torch.einsum("bhgtr,bhtrd->bhgtd", phi, states[..., :-1])
+        den = torch.einsum("bhgtr,bhtr->bhgt", phi, states[..., -1]).unsqueeze(-1)
+        return (num, den) if fade is None else (num * fade, den * fade)
+
+    num, den = prefix_states(psi_k, payload, steps, read, decay, block)
     return num, den
 
 
@@ -278,50 +295,23 @@ def lowrank_recurrent(
     return num, den
 
 
-def less_parallel(
-    sparse_out: torch.Tensor,
-    lse: torch.Tensor,
-    phi_q: torch.Tensor,
-    psi_k: torch.Tensor,
-    value: torch.Tensor,
-    steps: torch.Tensor,
-    decay: torch.Tensor | None = None,
+def join_summary(
+    out: torch.Tensor, lse: torch.Tensor, summary: tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
-    """LESS's output for every query at once: the sparse part plus every pair evicted by each
-    query's step (attention's parallel form and the training loss both use this). The state
-    and the combine run in the kernels' dtype (fp32), the output is in ``sparse_out``'s."""
-    num, den = lowrank_parallel(phi_q, psi_k, value.to(psi_k.dtype), steps, decay)
-    dtype = num.dtype
-    return combine(sparse_out.to(dtype), lse.to(dtype), num, den).to(sparse_out.dtype)
-
-
-def less_recurrent(
-    sparse_out: torch.Tensor,
-    lse: torch.Tensor,
-    phi_q: torch.Tensor,
-    state_h: torch.Tensor,
-    state_z: torch.Tensor,
-) -> torch.Tensor:
-    """LESS's output from the running fp32 state (decoding), in ``sparse_out``'s dtype."""
-    num, den = lowrank_recurrent(phi_q.float(), state_h, state_z)
-    return combine(sparse_out.float(), lse.float(), num, den).to(sparse_out.dtype)
-
-
-def combine(
-    sparse_out: torch.Tensor, lse: torch.Tensor, num: torch.Tensor, den: torch.Tensor
-) -> torch.Tensor:
-    """Merge both parts in log space: the exp-sums of the kept logits are never formed.
-
-    ``o = (e^lse · o_sparse + num) / (e^lse + den)``, with ``den >= 0`` because φ, ψ >= 0.
-    """
-    return join_attention(sparse_out, lse, *state_summary(num, den))
+    """The kept pairs' attention ``(out, lse)`` joined with a summary of the evicted ones (a
+    state form's or merge slots' ``(out, lse)``, fp32), computed in the summary's dtype and
+    returned in ``out``'s: a 16-bit model's kept part is joined at the state's precision."""
+    mean, log_mass = summary
+    dtype = mean.dtype
+    return join_attention(out.to(dtype), lse.to(dtype), mean, log_mass).to(out.dtype)
 
 
 def state_summary(num: torch.Tensor, den: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What LESS's state claims of each query's evicted pairs: their softmax-weighted mean
     value ``num / den`` and the log of their attention mass (exp-sum of their logits) ``log
-    den``; 0 and -inf where ``den`` is 0. Apart from :func:`combine` so analyses can set
-    either claim against the truth."""
+    den``; 0 and -inf where ``den`` is 0. ``o = (e^lse·o_sparse + num) / (e^lse + den)`` is
+    :func:`join_attention` of the sparse part and this (``den >= 0`` as φ, ψ >= 0), and
+    analyses set either claim against the truth."""
     has_lowrank = den > 0
     safe_den = den.clamp_min(torch.finfo(den.dtype).tiny)  # keeps log and division finite
     mean = torch.where(has_lowrank, num / safe_den, 0.0)

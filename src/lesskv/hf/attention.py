@@ -33,6 +33,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lesskv.core import eviction, math
+from lesskv.core.forms import StateForm
 from lesskv.core.memory import release_freed_memory
 from lesskv.core.merge import merge_parallel
 from lesskv.core.policies import Policy, Slots, keep_mask_from_steps, state_steps
@@ -51,11 +52,11 @@ Observer = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], None]
 @dataclass(frozen=True)
 class LayerSetup:
     """What one attention layer does in the parallel form: no policy means full attention;
-    the evicted pairs go into LESS's state (``kernels``), merge slots, or nowhere."""
+    the evicted pairs go into LESS's state (``kernels``: its form), merge slots, or nowhere."""
 
     policy: Policy | None = None
     extra_tokens: int = 0
-    kernels: nn.Module | None = None
+    kernels: StateForm | None = None
     merge_slots: int = 0
     # Sees (module, query, key, value) on every call: how training records post-RoPE states.
     observer: Observer | None = None
@@ -228,10 +229,10 @@ def _sparse_parallel(
         return out
     kernels, entering = setup.kernels, state_steps(steps, window)
     if kernels is None:
-        slots = merge_parallel(q, key, value, entering, setup.merge_slots, scale)
-        return math.join_attention(out.float(), lse.float(), *slots).to(out.dtype)
-    phi_q, psi_k, decay = kernels.phi(q), kernels.psi(key), kernels.decay_rate()
-    return math.less_parallel(out, lse, phi_q, psi_k, value, entering, decay)
+        summary = merge_parallel(q, key, value, entering, setup.merge_slots, scale)
+    else:
+        summary = kernels.parallel(q, key, value, entering)
+    return math.join_summary(out, lse, summary)
 
 
 def layer_output(

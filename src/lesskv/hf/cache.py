@@ -3,9 +3,10 @@
 Each layer holds a fixed number of slots per KV head (the budget): keys, values, the real
 position of the token in each slot, the policy's score, and whether the slot holds a token at
 all. A decoding step writes the new token into the slot of the pair the policy evicts, in
-place, and folds the evicted pair into the low-rank state (``H += ψ(k)ᵀv``, ``z += ψ(k)``,
-fp32), or, for the training-free ``merge`` method, into merge slots
-(:class:`~lesskv.core.merge.MergeSlots`). Storage is O(budget + R) per head however long
+place, and folds the evicted pair into LESS's state (its kernels' form,
+:class:`~lesskv.core.forms.StateForm`: for the paper's, ``H += ψ(k)ᵀv``, ``z += ψ(k)``; fp32),
+or, for the training-free ``merge`` method, into merge slots
+(:class:`~lesskv.core.merge.MergeSlots`). Storage is O(budget + state) per head however long
 generation runs.
 
 A multi-token call (the prompt, or a chunk of it) attends over the slots plus the new tokens
@@ -23,10 +24,10 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from lesskv.core.budget import DEFAULT_RANK, Budget
+from lesskv.core.budget import Budget
 from lesskv.core.decoding import compile_by_default
+from lesskv.core.forms import State, StateForm
 from lesskv.core.graphs import CapturedStep, require_cuda
-from lesskv.core.kernels import LayerKernels
 from lesskv.core.merge import MergeSlots
 from lesskv.core.policies import LambdaShape, Policy, make_policy
 from lesskv.errors import LessKVError
@@ -53,8 +54,7 @@ class LessLayer(CacheLayerMixin):
     def __init__(
         self,
         policy: Policy,
-        kernels: LayerKernels | None,
-        rank: int,
+        kernels: StateForm | None,
         context: int,
         extra: int = 0,
         merge_slots: int = 0,
@@ -63,7 +63,7 @@ class LessLayer(CacheLayerMixin):
         cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
-        self.policy, self.kernels, self.rank, self.context = policy, kernels, rank, context
+        self.policy, self.kernels, self.context = policy, kernels, context
         self.extra = extra  # Baseline+'s additional pairs
         self.merge_slots = merge_slots
         # A sliding window: pairs that fall out of it leave the cache and enter no summary
@@ -91,8 +91,8 @@ class LessLayer(CacheLayerMixin):
         self.scores = torch.zeros(b, hkv, self.capacity, dtype=torch.float32, device=dev)
         self.valid = torch.zeros(b, hkv, self.capacity, dtype=torch.bool, device=dev)
         self.real_seen = torch.zeros(b, dtype=torch.long, device=dev)  # non-padding tokens
-        self.state_h = torch.zeros(b, hkv, self.rank, d, dtype=torch.float32, device=dev)
-        self.state_z = torch.zeros(b, hkv, self.rank, dtype=torch.float32, device=dev)
+        # LESS's state, in its kernels' form (none without kernels)
+        self.state: State = () if self.kernels is None else self.kernels.empty(b, dev)
         if self.merge_slots:
             self.merge = MergeSlots.empty(b, hkv, self.merge_slots, d, dev)
         self.dtype, self.device = dt, dev
@@ -141,8 +141,7 @@ class LessLayer(CacheLayerMixin):
         self.keys = self.values = self.pending = None
 
     def _per_batch(self) -> list[str]:
-        names = ["keys", "values", "positions", "scores", "valid", "real_seen"]
-        return [*names, "state_h", "state_z"]
+        return ["keys", "values", "positions", "scores", "valid", "real_seen"]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -152,6 +151,7 @@ class LessLayer(CacheLayerMixin):
             indices = indices.to(self.device)
             for name in self._per_batch():
                 setattr(self, name, getattr(self, name)[indices])
+            self.state = tuple(tensor[indices] for tensor in self.state)
             if self.merge is not None:
                 self.merge = self.merge.select(indices)
 
@@ -161,13 +161,13 @@ class LessLayer(CacheLayerMixin):
             self.batch_select_indices(rows.repeat_interleave(repeats))
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held: kept K/V and the summary of the evicted pairs (the LESS state, counted
-        only when kernels are attached, or the merge slots)."""
-        kv = self.keys.numel() * self.keys.element_size() * 2 if self.is_initialized else 0
-        state = 0
-        if self.is_initialized and self.kernels is not None:
-            state = (self.state_h.numel() + self.state_z.numel()) * 4
-        if self.is_initialized and self.merge is not None:
+        """Bytes held: kept K/V and the summary of the evicted pairs (the LESS state's
+        tensors, or the merge slots)."""
+        if not self.is_initialized:
+            return {"kv": 0, "state": 0}
+        kv = self.keys.numel() * self.keys.element_size() * 2
+        state = sum(tensor.numel() * tensor.element_size() for tensor in self.state)
+        if self.merge is not None:
             state = self.merge.nbytes()
         return {"kv": kv, "state": state}
 
@@ -196,7 +196,6 @@ class LessCache(Cache):
         policy: str | Policy = "h2o",
         budget: Budget | str | float | None = None,
         kernels: LessKernels | None = None,
-        rank: int | None = None,
         extra_tokens: int = 0,
         merge_slots: int = 0,
         compile: bool | None = None,
@@ -216,7 +215,6 @@ class LessCache(Cache):
         attention.enable(model)
         if kernels is not None:
             kernels.check_compatible(model)
-            rank = kernels.meta.rank
         context = max_context(model)
         if not policy.budget.is_fraction and policy.budget.tokens(context) > context:
             raise LessKVError(
@@ -230,13 +228,12 @@ class LessCache(Cache):
         native = keeps_native_windows(windows)
         for i, (module, window) in enumerate(zip(modules, windows, strict=True)):
             if window is not None and native:  # the layer's own rule: the newest ``window``, and
-                # no summary of what leaves (rank 1: the smallest state, never written)
+                # no summary of what leaves
                 rule = LambdaShape(window, sinks=0)
                 layers.append(
                     LessLayer(
                         rule,
                         None,
-                        1,
                         context,
                         window=window,
                         compile=compile,
@@ -249,7 +246,6 @@ class LessCache(Cache):
                 LessLayer(
                     policy,
                     layer_kernels,
-                    rank or DEFAULT_RANK,
                     context,
                     extra=extra_tokens,
                     merge_slots=merge_slots,

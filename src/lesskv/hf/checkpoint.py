@@ -1,6 +1,6 @@
-"""Kernel checkpoints: all layers' φ/ψ plus what they were trained for, saved and loaded like a
-Hugging Face checkpoint (``save_pretrained`` / ``from_pretrained``), and the sets that ship
-with lesskv for the built-in default model."""
+"""Kernel checkpoints: all layers' learned state forms plus what they were trained for, saved
+and loaded like a Hugging Face checkpoint (``save_pretrained`` / ``from_pretrained``), and the
+sets that ship with lesskv for the built-in default model."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK, STATES, Budget, builtin_model
-from lesskv.core.kernels import KernelShape, LayerKernels
+from lesskv.core.forms import KernelShape
+from lesskv.core.kernels import make_kernels
 from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError, one_line
 from lesskv.hf.modules import attention_modules, kv_heads, model_fingerprint, policy_layers
@@ -49,8 +50,8 @@ class KernelMeta:
     finetune: dict[str, object] = field(default_factory=dict)  # set by `lesskv finetune`
     # How `lesskv train` trained them: the loss, the data's size and the schedule.
     training: dict[str, object] = field(default_factory=dict)
-    # The state's form (lesskv.core.kernels.STATES). Configs saved before the field existed
-    # hold the paper's form and load as such (from_pretrained).
+    # The state's form (lesskv.core.budget.STATES, built by lesskv.core.kernels). Configs
+    # saved before the field existed hold the paper's form and load as such (from_pretrained).
     state: str = STATES[0]
     # The layers that have kernels: those where the policy runs (hf.modules.policy_layers),
     # not the local layers of a model mixing local and global ones. Empty (configs saved
@@ -130,7 +131,7 @@ class LessKernels(nn.Module):
             raise LessKVError(f"{len(layers)} layers given for {meta.num_layers} attention layers")
         self.meta = meta
         self.layers = nn.ModuleList(
-            (LayerKernels(meta.layer_shape) if layers is None else layers[i])
+            (make_kernels(meta.layer_shape) if layers is None else layers[i])
             if i in meta.kernel_layers
             else NoKernels()
             for i in range(meta.num_layers)

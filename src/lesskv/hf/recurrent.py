@@ -19,7 +19,6 @@ import torch
 
 from lesskv.core import math
 from lesskv.core.decoding import SlotBuffers, compiled_layer_step, priority, unexpired
-from lesskv.core.state import age, fading, fold
 
 if TYPE_CHECKING:
     from lesskv.hf.cache import LessLayer
@@ -46,16 +45,15 @@ def recurrent_attention(
     """The recurrent LESS attention for one call; returns ``(B, Hkv, G, q, D)``.
 
     Decoding (one token, already inserted by ``update``): exact softmax over the valid slots
-    plus φ(q)·(H, z), one compiled step (:meth:`LessLayer.attend_one`). A chunk: slots are
-    fully visible, the chunk is causal (and padded as transformers' mask says); afterwards
-    the layer compresses back to its budget.
+    joined with what the state reads, one compiled step (:func:`attend_one`). A chunk: slots
+    are fully visible, the chunk is causal (and padded as transformers' mask says);
+    afterwards the layer compresses back to its budget.
     """
     q = math.group_queries(query, key.shape[1])
     if key.shape[2] == layer.capacity:  # decoding
         out, lse = attend_one(layer, q, scale)
         if layer.merge is not None:
-            slots = layer.merge.attend(q, scale)
-            out = math.join_attention(out.float(), lse.float(), *slots).to(out.dtype)
+            out = math.join_summary(out, lse, layer.merge.attend(q, scale))
         return out
     if layer.seen == 0 and attention_mask is None:
         prompt = _prompt_attention(layer, q, key, value, scale)
@@ -80,12 +78,10 @@ def recurrent_attention(
         # fused attention for the output; probabilities only for a policy that scores
         out, lse = math.sparse_attention(block_q, block_k, block_v, block_visible, scale)
         if layer.kernels is not None:  # a chunk reads the state before folding its evictions
-            phi = layer.kernels.phi(block_q)
-            phi = phi * fading(layer.kernels, ages[:, None, None, rows, None].float())
-            out = math.less_recurrent(out, lse, phi, layer.state_h, layer.state_z)
+            summary = layer.kernels.read(layer.state, block_q, ahead=ages[:, rows])
+            out = math.join_summary(out, lse, summary)
         elif layer.merge is not None:
-            slots = layer.merge.attend(block_q, scale)
-            out = math.join_attention(out.float(), lse.float(), *slots).to(out.dtype)
+            out = math.join_summary(out, lse, layer.merge.attend(block_q, scale))
         outputs.append(out)
         if layer.policy.uses_attention:
             probs = math.probabilities(block_q, block_k, lse, scale, block_visible)
@@ -171,7 +167,7 @@ def attend_one(
     log-sum-exp; the merge slots take the evicted pair afterwards."""
     key, value = layer.pending
     layer.pending = None
-    less = None if layer.kernels is None else (layer.kernels, layer.state_h, layer.state_z)
+    less = None if layer.kernels is None else (layer.kernels, layer.state)
     split = layer.policy.split(layer.capacity)
     args = layer.policy, split, layer.window, query, key, value, _buffers(layer), scale, less
     step = compiled_layer_step if layer.captured is None else layer.captured
@@ -190,11 +186,11 @@ def _evict(
     weight: torch.Tensor,
 ) -> None:
     """Pairs ``(B, Hkv, N, D)`` at ``positions`` ``(B, Hkv, N)`` leave the slots: into the
-    LESS state (``ψ(k)ᵀ v``, faded by the distance to the newest token) or the merge slots, if
-    the layer has one (``weight`` 0 skips a pair)."""
+    LESS state (at their distance to the newest token) or the merge slots, if the layer has
+    one (``weight`` 0 skips a pair)."""
     if layer.kernels is not None:
         distance = (layer.real_seen - 1).view(-1, 1, 1) - positions
-        fold(layer.kernels, layer.state_h, layer.state_z, keys, values, weight, distance)
+        layer.kernels.fold(layer.state, keys, values, weight, distance)
     if layer.merge is not None:
         _merge(layer, keys, values, positions, weight)
 
@@ -241,7 +237,7 @@ def compress(
     newest = layer.real_seen - 1
     valid = unexpired(valid, positions, newest, layer.window)
     if layer.kernels is not None:
-        age(layer.kernels, layer.state_h, layer.state_z, new_valid.long().sum(1))
+        layer.kernels.age(layer.state, new_valid.long().sum(1))
     split = layer.policy.split(layer.capacity)
     order = priority(layer.policy, split, scores, positions, valid, newest)
     kept = order.topk(layer.capacity, dim=-1, sorted=False).indices.sort(-1).values

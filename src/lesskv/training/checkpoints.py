@@ -11,7 +11,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from lesskv.core.kernels import LayerKernels
+from lesskv.core.forms import StateForm
+from lesskv.core.kernels import make_kernels
 from lesskv.errors import LessKVError, one_line, short_path
 from lesskv.hf.checkpoint import KernelMeta, LessKernels, atomic_write
 
@@ -28,7 +29,7 @@ def layer_path(out: Path, layer: int) -> Path:
     return out / LAYERS_DIR / f"layer_{layer:03d}.safetensors"
 
 
-def save_layer(out: Path, layer: int, kernels: LayerKernels, losses: dict[str, float]) -> None:
+def save_layer(out: Path, layer: int, kernels: StateForm, losses: dict[str, float]) -> None:
     path = layer_path(out, layer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in kernels.state_dict().items()}
@@ -40,10 +41,10 @@ def assemble(out: Path, meta: KernelMeta) -> LessKernels | None:
     """Once every kernel layer exists, write the single from_pretrained-able checkpoint."""
     if missing_layers(out, meta.kernel_layers):
         return None
-    layers: list[LayerKernels | None] = [None] * meta.num_layers
+    layers: list[StateForm | None] = [None] * meta.num_layers
     for i in meta.kernel_layers:
         path = layer_path(out, i)
-        layer = LayerKernels(meta.layer_shape)
+        layer = make_kernels(meta.layer_shape)
         try:
             layer.load_state_dict(load_file(path))
             with open(path, "rb") as f:  # losses live in the safetensors header

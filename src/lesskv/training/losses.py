@@ -11,11 +11,12 @@ from torch import nn
 
 from lesskv.core import math as math_ops
 from lesskv.core.distribution import attention_kl
-from lesskv.core.kernels import LayerKernels
+from lesskv.core.forms import StateForm
+from lesskv.core.forms.lowrank import LowRankForm
 
 
 def layer_loss(
-    kernels: LayerKernels | None,
+    kernels: StateForm | None,
     o_proj: nn.Module,
     batch: dict[str, torch.Tensor],
     budget: int,
@@ -32,8 +33,7 @@ def layer_loss(
     if kernels is not None:
         q = math_ops.group_queries(query, kv_heads)
         lse = batch["lse"].view(b, kv_heads, hq // kv_heads, t, 1)
-        phi_q, psi_k, decay = kernels.phi(q), kernels.psi(key), kernels.decay_rate()
-        out = math_ops.less_parallel(out, lse, phi_q, psi_k, value, batch["steps"], decay)
+        out = math_ops.join_summary(out, lse, kernels.parallel(q, key, value, batch["steps"]))
     # in fp32 whatever the model's dtype (the kernels and the stored activations are fp32)
     weight, bias = o_proj.weight.float(), None if o_proj.bias is None else o_proj.bias.float()
     projected = F.linear(
@@ -43,7 +43,7 @@ def layer_loss(
 
 
 def layer_kl(
-    kernels: LayerKernels,
+    kernels: LowRankForm,
     batch: dict[str, torch.Tensor],
     budget: int,
     kv_heads: int,

@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from lesskv.core.budget import DEFAULT_HIDDEN, DEFAULT_RANK, SELECTIONS, STATES
-from lesskv.core.kernels import KernelShape, LayerKernels
+from lesskv.core.forms import KernelShape, StateForm
+from lesskv.core.kernels import make_kernels
 from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError
 from lesskv.hf import attention
@@ -171,7 +172,7 @@ def train_layer(
     layer: int,
     log: Callable[[str], None] = print,
     scale: float | None = None,
-) -> tuple[LayerKernels, dict[str, float]]:
+) -> tuple[StateForm, dict[str, float]]:
     """Train one layer's kernels on ``o_proj``'s device from its activations at every window
     length (one store each; a batch never mixes lengths); returns the best-validation (or,
     with ``config.select == "last"``, the last) epoch's kernels and their losses. Every
@@ -182,7 +183,7 @@ def train_layer(
     val = _batches(stores, [v for v, _ in splits], config.batch_size)
     generator = torch.Generator().manual_seed(config.seed + layer)
     torch.manual_seed(config.seed + layer)
-    kernels = LayerKernels(shape).to(o_proj.weight.device)
+    kernels = make_kernels(shape).to(o_proj.weight.device)
     optimizer = torch.optim.Adam(kernels.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_halving_epochs, gamma=0.5)
     kv = shape.kv_heads
@@ -266,7 +267,7 @@ def train_kernels(
     meta = _kernel_meta(model, policy, config, command)
     # a rank or width too large for memory fails now, not once the activations are recorded
     with torch.device(modules[requested[0]].o_proj.weight.device):
-        LayerKernels(meta.layer_shape)
+        make_kernels(meta.layer_shape)
 
     def plan() -> tuple[list[int], Claim]:
         claim = claim_output_dir(out, config, overwrite, shared=True)

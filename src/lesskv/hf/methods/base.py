@@ -73,7 +73,6 @@ class Method:
         return LessCache(
             model,
             policy,
-            rank=rank,
             extra_tokens=self.extra_tokens(rank, head_dim),
             merge_slots=self.merge_slots(rank, head_dim),
             **options,

@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from lesskv.core.forms.lowrank import LowRankForm
 from lesskv.hf.attention import LayerSetup
 from lesskv.hf.cache import LessCache
 from lesskv.hf.checkpoint import KernelMeta, LessKernels
@@ -16,17 +17,17 @@ from lesskv.hf.methods.base import PAIR_SUMMARY_BYTES, Method
 from lesskv.hf.modules import attention_modules, attention_scale
 
 
-class RandomFeatures(nn.Module):
+class RandomFeatures(LowRankForm):
     """``φ(x) = exp(x·W − |x|²/2) / √R`` with ``x = q·√scale`` (keys alike) and ``W ~ N(0, I)``
     per KV head, fixed by ``seed``. ``φ(q)·ψ(k)`` is then an unbiased estimate of
     ``exp(q·k·scale)``, the weight each evicted pair had in attention. The state does not
     fade (the paper's form)."""
 
     def __init__(self, kv_heads: int, head_dim: int, rank: int, scale: float, seed: int) -> None:
-        super().__init__()
+        super().__init__(kv_heads, head_dim, rank)
         generator = torch.Generator().manual_seed(seed)
         self.register_buffer("w", torch.randn(kv_heads, head_dim, rank, generator=generator))
-        self.root, self.rank = scale**0.5, rank
+        self.root = scale**0.5
 
     def _features(self, x: torch.Tensor, pattern: str) -> torch.Tensor:
         x = x.float() * self.root
@@ -34,11 +35,9 @@ class RandomFeatures(nn.Module):
         return torch.exp(projected - x.square().sum(-1, keepdim=True) / 2) / self.rank**0.5
 
     def phi(self, q: torch.Tensor) -> torch.Tensor:
-        """``(B, Hkv, G, T, D)`` queries → ``(B, Hkv, G, T, R)``."""
         return self._features(q, "bhgtd,hdr->bhgtr")
 
     def psi(self, k: torch.Tensor) -> torch.Tensor:
-        """``(B, Hkv, T, D)`` keys → ``(B, Hkv, T, R)``."""
         return self._features(k, "bhtd,hdr->bhtr")
 
     def decay_rate(self) -> torch.Tensor:
