@@ -13,6 +13,8 @@ import torch
 from test_state import _step_inputs
 
 from lesskv.core import decoding, state
+from lesskv.core.forms import KernelShape
+from lesskv.core.kernels import FORMS, make_kernels
 from lesskv.core.policies import POLICIES, make_policy
 
 SLOTS, SCALE = 7, 0.25
@@ -127,6 +129,28 @@ def test_the_step_is_one_graph_that_writes_only_in_place(policy, window):
             whole(*inputs)
     assert [t.data_ptr() for t in (*slots, *inputs[-1][1])] == pointers
     assert (slots.real_seen == 23).all()
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_every_forms_step_compiles_to_one_graph_that_decodes_as_eager(form):
+    """Any state form keeps the step one graph (no break: what a CUDA graph needs) whose
+    compiled code gives the eager step's outputs and state."""
+    *head, _ = _inputs()
+    torch.manual_seed(2)
+    kernels = make_kernels(KernelShape(6, 2, 16, rank=4, hidden=8, state=form)).eval()
+    with torch.no_grad():
+        for parameter in kernels.parameters():
+            parameter.normal_(0, 0.3)
+    held = tuple(torch.rand_like(t) for t in kernels.empty(2, torch.device("cpu")))
+    inputs = (*head, (kernels, held))
+    torch._dynamo.reset()
+    whole = torch.compile(decoding.layer_step, fullgraph=True, dynamic=True, backend="eager")
+    _run(whole, inputs)
+    step = decoding.Compiled(decoding.layer_step)
+    compiled, eager = _run(step, inputs), _run(step, inputs, enabled=False)
+    assert not step.failed
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_a_failing_compiler_falls_back_to_eager_with_one_warning(monkeypatch):

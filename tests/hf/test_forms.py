@@ -2,12 +2,13 @@
 the tiny layouts of ``SHAPES`` and every policy: decoding token by token through a real
 LessCache gives the teacher-forced form's logits, the cache holds exactly the kept pairs plus
 the forms' own ``nbytes``, and an untrained form starts as the plain policy where its
-initialisation makes it one (the others must learn: tests/training)."""
+initialisation makes it one (every form must learn to beat Baseline+: tests/training)."""
 
 import pytest
 import torch
 
-from helpers import BUDGET, SHAPES, decode_steps, make_tiny_model, prompt
+from helpers import BUDGET, SHAPES, decode_steps, left_padded, make_tiny_model, prompt
+from lesskv.core.budget import STATES
 from lesskv.core.kernels import FORMS
 from lesskv.core.policies import POLICIES, make_policy
 from lesskv.hf.cache import LessCache
@@ -16,8 +17,13 @@ from lesskv.hf.compat import cache_argument
 from lesskv.hf.methods import set_method
 from lesskv.hf.modules import attention_modules
 
-# Forms whose untrained kernels add (next to) nothing to the plain policy.
-START_AS_THE_POLICY = {"decay", "paper"}
+# Forms whose untrained kernels add (next to) nothing to the plain policy; ``slots`` starts as
+# a soft merge of the evicted pairs instead.
+START_AS_THE_POLICY = ["decay", "paper"]
+
+
+def test_every_state_name_has_its_form():
+    assert set(FORMS) == set(STATES) and set(START_AS_THE_POLICY) <= set(FORMS)
 
 
 def form_kernels(model, state, policy="h2o", trained=True):
@@ -58,6 +64,30 @@ def test_decoding_equals_the_teacher_forced_form(kind, policy, state):
     assert not torch.allclose(parallel, baseline, atol=1e-3)  # the state did take part
 
 
+@pytest.mark.parametrize("state", sorted(FORMS))
+def test_a_left_padded_batch_generates_as_each_row_alone(state):
+    """A prompt's compression (many pairs folded at once, padding at weight 0) and then
+    decoding: each row of a left-padded batch generates what it generates alone."""
+    model = make_tiny_model("llama-gqa")
+    kernels = form_kernels(model, state)
+    rows = [prompt(20, seed=1), prompt(14, seed=2)]
+
+    def generate(ids, attention_mask=None):
+        cache = LessCache(model, make_policy("h2o", BUDGET), kernels=kernels)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            max_new_tokens=12,
+            do_sample=False,
+            **cache_argument(model, cache),
+        )
+        return out[:, ids.shape[1] :]
+
+    together = generate(*left_padded(rows))
+    for i, row in enumerate(rows):
+        assert torch.equal(together[i], generate(row)[0])
+
+
 @pytest.mark.parametrize("kind", SHAPES)
 @pytest.mark.parametrize("state", sorted(FORMS))
 def test_the_cache_holds_the_kept_pairs_and_the_forms_own_bytes(kind, state):
@@ -81,10 +111,8 @@ def test_the_cache_holds_the_kept_pairs_and_the_forms_own_bytes(kind, state):
 
 @pytest.mark.parametrize("kind", SHAPES)
 @pytest.mark.parametrize("policy", sorted(POLICIES))
-@pytest.mark.parametrize("state", sorted(FORMS))
+@pytest.mark.parametrize("state", START_AS_THE_POLICY)
 def test_an_untrained_form_is_the_plain_policy(kind, policy, state):
-    if state not in START_AS_THE_POLICY:
-        pytest.skip(f"{state} starts as a summary of its own; training must make it useful")
     model, pol = make_tiny_model(kind), make_policy(policy, BUDGET)
     ids = prompt(40, batch=2)
     untrained = form_kernels(model, state, policy, trained=False)

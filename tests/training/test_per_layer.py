@@ -12,6 +12,7 @@ import torch
 from helpers import SHAPES, decode_steps
 from helpers import TRAINING_T as T
 from helpers import training_setup as setup
+from lesskv.core.kernels import FORMS
 from lesskv.core.policies import POLICIES
 from lesskv.errors import LessKVError
 from lesskv.hf.checkpoint import LessKernels, NoKernels
@@ -31,6 +32,26 @@ def test_training_beats_baseline_plus_on_validation(tmp_path, name):
         assert loss < kernels.meta.baseline_plus_val_loss[layer], f"layer {layer}"
     loaded = LessKernels.from_pretrained(tmp_path, model, policy=name)
     assert loaded.meta.val_loss == kernels.meta.val_loss
+    assert not (tmp_path / "activations").exists()
+
+
+@pytest.mark.parametrize("state", sorted(FORMS))
+def test_every_state_form_trains_below_baseline_plus_and_loads_as_itself(tmp_path, state):
+    """Each --kernel form learns what eviction loses better than Baseline+'s extra pairs, and
+    its checkpoint records and rebuilds that form."""
+    model, windows, policy, config = setup(state=state)
+    kernels = train_kernels(model, windows, policy, config, tmp_path, progress=False)
+    for layer, loss in kernels.meta.val_loss.items():
+        assert loss < kernels.meta.baseline_plus_val_loss[layer], f"layer {layer}"
+    loaded = LessKernels.from_pretrained(tmp_path, model, policy="h2o")
+    assert loaded.meta.state == state
+    assert all(isinstance(layer, FORMS[state]) for layer in loaded.layers)
+
+
+def test_a_loss_the_form_cannot_give_is_refused_before_any_work(tmp_path):
+    model, windows, policy, config = setup(state="slots", loss="kl")
+    with pytest.raises(LessKVError, match="--loss kl needs each evicted pair's weight"):
+        train_kernels(model, windows, policy, config, tmp_path, progress=False)
     assert not (tmp_path / "activations").exists()
 
 

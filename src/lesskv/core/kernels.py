@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from lesskv.core.forms import KernelShape, StateForm
 from lesskv.core.forms.lowrank import LayerKernels
+from lesskv.core.forms.slots import SlotsForm
 
 __all__ = ["FORMS", "KernelShape", "LayerKernels", "make_kernels"]
 
@@ -19,6 +20,7 @@ __all__ = ["FORMS", "KernelShape", "LayerKernels", "make_kernels"]
 FORMS: dict[str, Callable[[KernelShape], StateForm]] = {
     "decay": LayerKernels,
     "paper": LayerKernels,
+    "slots": SlotsForm,
 }
 
 

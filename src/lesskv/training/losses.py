@@ -13,6 +13,7 @@ from lesskv.core import math as math_ops
 from lesskv.core.distribution import attention_kl
 from lesskv.core.forms import StateForm
 from lesskv.core.forms.lowrank import LowRankForm
+from lesskv.errors import LessKVError
 
 
 def layer_loss(
@@ -43,7 +44,7 @@ def layer_loss(
 
 
 def layer_kl(
-    kernels: LowRankForm,
+    kernels: StateForm,
     batch: dict[str, torch.Tensor],
     budget: int,
     kv_heads: int,
@@ -51,6 +52,7 @@ def layer_kl(
 ) -> torch.Tensor:
     """KL between each query's true attention weights and LESS's implied ones
     (:func:`lesskv.core.distribution.attention_kl`), at positions >= budget."""
+    check_loss(kernels, "kl")
     q = math_ops.group_queries(batch["query"], kv_heads)
     key = batch["key"]
     phi_q, psi_k, decay = kernels.phi(q), kernels.psi(key), kernels.decay_rate()
@@ -80,3 +82,13 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     ),
     "mse+kl": _mse_and_kl,
 }
+
+
+def check_loss(kernels: StateForm, loss: str) -> None:
+    """Refuse a loss the form cannot give: the KL needs a weight for every evicted pair, which
+    the low-rank forms have (``φ(q)·ψ(k)``) and the others do not."""
+    if loss != "mse" and not isinstance(kernels, LowRankForm):
+        raise LessKVError(
+            f"--loss {loss} needs each evicted pair's weight, which only the low-rank state "
+            f"forms (decay, paper) give: use --loss mse for {type(kernels).__name__}"
+        )

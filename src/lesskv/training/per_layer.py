@@ -54,7 +54,7 @@ from lesskv.hf.modules import attention_modules, attention_scale, policy_layers
 from lesskv.training.checkpoints import LAYERS_DIR, assemble, missing_layers, save_layer
 from lesskv.training.collection import collect_activations
 from lesskv.training.distributed import Worker, decided_by_rank0, shard
-from lesskv.training.losses import LOSSES, layer_loss
+from lesskv.training.losses import LOSSES, check_loss, layer_loss
 from lesskv.training.run import Claim, claim_output_dir, freeze, snapshot
 from lesskv.training.store import (
     ActivationStore,
@@ -86,7 +86,7 @@ class TrainConfig:
     seed: int = 0
     data: str = ""
     spread: bool = False  # windows from evenly spaced places of each source, not its start
-    state: str = STATES[0]  # the kernels' state form: learned decay, or the paper's
+    state: str = STATES[0]  # the kernels' state form (core.budget.STATES)
     upstream: str = ""  # kernels the layers run while recording (collect_activations)
     loss: str = "mse"  # what each layer's kernels minimise: one of LOSSES
     select: str = SELECTIONS[0]  # keep the best-validation epoch's kernels, or the last's
@@ -265,9 +265,10 @@ def train_kernels(
     sizes = {layer: layer_store_bytes(model, layer, windows) for layer in requested}
     check_store_budget(sizes, budget, processes)
     meta = _kernel_meta(model, policy, config, command)
-    # a rank or width too large for memory fails now, not once the activations are recorded
+    # a rank or width too large for memory, or a loss the form cannot give, fails now, not
+    # once the activations are recorded
     with torch.device(modules[requested[0]].o_proj.weight.device):
-        make_kernels(meta.layer_shape)
+        check_loss(make_kernels(meta.layer_shape), config.loss)
 
     def plan() -> tuple[list[int], Claim]:
         claim = claim_output_dir(out, config, overwrite, shared=True)

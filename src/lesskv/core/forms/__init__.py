@@ -14,7 +14,9 @@ one softmax over both sets, whatever the form.
 The forms (:func:`lesskv.core.kernels.make_kernels` builds the one a :class:`KernelShape` names):
 
 * :mod:`~lesskv.core.forms.lowrank`: the paper's state ``H = Σ ψ(k)ᵀv``, ``z = Σ ψ(k)`` read
-  with ``φ(q)``; ``decay`` (the default) fades each pair with its distance, ``paper`` does not.
+  with ``φ(q)``; ``decay`` (the default) fades each pair with its distance, ``paper`` does not;
+* :mod:`~lesskv.core.forms.slots`: ``slots``, a few learned clusters of keys and values read
+  through the layer's own softmax with an explicit log-mass.
 """
 
 from __future__ import annotations
