@@ -4,6 +4,7 @@ sets (assembled, or an unfinished run's layers), --layers and --no-end-to-end.""
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ from lesskv.analysis.layers import (
 )
 from lesskv.cli import main
 from lesskv.core import math as attention_math
-from lesskv.core.kernels import LayerKernels
+from lesskv.core.forms.lowrank import LowRankForm
+from lesskv.core.kernels import LayerKernels, make_kernels
 from lesskv.core.policies import keep_mask_from_steps, make_policy
 from lesskv.errors import LessKVError
 from lesskv.evaluation import perplexity
@@ -32,12 +34,13 @@ from lesskv.hf.modules import attention_scale, policy_layers
 from lesskv.training.checkpoints import save_layer
 
 
-class ExactState(nn.Module):
+class ExactState(LowRankForm):
     """A state whose ``(num, den)`` are the truth: one feature per position, so that
     ``φ(q)·ψ(k_j) = exp(q·k_j·scale)`` exactly for the keys it was built on."""
 
     def __init__(self, key: torch.Tensor, scale: float) -> None:
-        super().__init__()
+        _, hkv, t, d = key.shape
+        super().__init__(hkv, d, t)
         self.key, self.scale = key, scale
 
     def phi(self, q: torch.Tensor) -> torch.Tensor:
@@ -172,6 +175,24 @@ def test_an_unfinished_run_loads_as_a_candidate_lacking_its_untrained_layers(set
         load_candidate(tmp_path / "run", model, make_policy("lambda", 8))
     with pytest.raises(LessKVError, match="holds neither kernels"):
         load_candidate(tmp_path, model, policy)
+
+
+def test_a_run_of_another_state_form_is_probed_through_its_own_read(setting, tmp_path):
+    """A `--kernel slots` run loads as slots (no φ/ψ) and the probe reads it through the form's
+    teacher-forced `parallel`: its shares are measured, and differ from the low-rank set's."""
+    model, policy, kernels, windows = setting
+    shape = replace(kernels[1].shape, state="slots")
+    torch.manual_seed(0)
+    save_layer(tmp_path / "run", 1, make_kernels(shape).eval(), {"val_loss": 0.5})
+    config = {"policy": "h2o", "state": "slots", "rank": 4, "hidden": 16}
+    (tmp_path / "run" / "run.json").write_text(json.dumps(config))
+    layers = load_candidate(tmp_path / "run", model, policy)
+    assert layers[0] is None and type(layers[1]) is type(make_kernels(shape))
+    report = diagnose_layers(
+        model, windows, policy, kernels, {}, candidates={"slots": layers}, progress=False
+    )
+    share = report.removed["slots"][1]
+    assert math.isfinite(share) and share != report.removed["less"][1]
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from lesskv.core.kernels import KernelShape, LayerKernels
+from lesskv.core.kernels import KernelShape, make_kernels
 from lesskv.core.policies import Policy
 from lesskv.errors import LessKVError, one_line, short_path
 from lesskv.hf.checkpoint import CONFIG_FILE, KernelMeta, LessKernels
@@ -33,15 +33,15 @@ def load_candidate(folder: Path, model: PreTrainedModel, policy: Policy) -> list
             f"training run's per-layer files ({LAYERS_DIR}/)"
         )
     shape = KernelMeta.for_model(model, "", policy="", budget="").layer_shape
-    shape = replace(shape, state=_run_state(folder, policy))
+    shape = _run_shape(folder, policy, shape)
     return [
         _trained_layer(layer_path(folder, i), shape) for i in range(len(attention_modules(model)))
     ]
 
 
-def _run_state(folder: Path, policy: Policy) -> str:
-    """The state form the run in ``folder`` trains (its run file; runs from before the form
-    existed trained the paper's), once its policy is checked."""
+def _run_shape(folder: Path, policy: Policy, shape: KernelShape) -> KernelShape:
+    """The state form, rank and width the run in ``folder`` trains (its run file; runs from
+    before the form existed trained the paper's), once its policy is checked."""
     path = folder / RUN_FILE
     try:
         config = json.loads(path.read_text())
@@ -53,18 +53,22 @@ def _run_state(folder: Path, policy: Policy) -> str:
             f"candidate {short_path(folder)} trains kernels for policy {trained!r}, not "
             f"{policy.name!r}: pass the matching --policy"
         )
-    return config.get("state", "paper")
+    sizes = {k: config[k] for k in ("rank", "hidden") if isinstance(config.get(k), int)}
+    return replace(shape, state=config.get("state", "paper"), **sizes)
 
 
-def _trained_layer(path: Path, shape: KernelShape) -> LayerKernels | None:
-    """A layer's kernels from its training file, at the hidden width and rank they were
-    trained with (read from the weights); None where the file is not written yet."""
+def _trained_layer(path: Path, shape: KernelShape) -> nn.Module | None:
+    """A layer's state form from its training file, the low-rank ones at the hidden width and
+    rank they were trained with (read from the weights); None where the file is not written
+    yet."""
     if not path.is_file():
         return None
     try:
         tensors = load_file(path)
-        _, hidden, rank = tensors["phi_mlp.w2"].shape
-        kernels = LayerKernels(replace(shape, hidden=hidden, rank=rank))
+        if "phi_mlp.w2" in tensors:
+            _, hidden, rank = tensors["phi_mlp.w2"].shape
+            shape = replace(shape, hidden=hidden, rank=rank)
+        kernels = make_kernels(shape)
         kernels.load_state_dict(tensors)
     except Exception as err:  # safetensors raises several types; a shape mismatch, KeyError
         raise LessKVError(

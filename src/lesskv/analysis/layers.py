@@ -157,20 +157,17 @@ def _mean_key_lse(
 def less_outputs(
     split: Split, kernels: nn.Module, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """One kernel set's LESS output (``""``: its state's mass and mean joined to the kept
-    pairs, as :func:`~lesskv.core.math.combine` does) and the same with the true mass
-    (``mass_exact``) or the true mean (``mean_exact``) in place of the state's."""
-    psi_k = kernels.psi(key)
-    num, den = attention_math.lowrank_parallel(
-        kernels.phi(q), psi_k, value.to(psi_k.dtype), split.steps, kernels.decay_rate()
-    )
-    mean, log_mass = attention_math.state_summary(num.float(), den.float())
+    """One kernel set's LESS output (``""``: its state's mass and mean, read through the
+    form's teacher-forced :meth:`~lesskv.core.forms.StateForm.parallel`, joined to the kept
+    pairs) and the same with the true mass (``mass_exact``) or the true mean (``mean_exact``)
+    in place of the state's: any state form is probed alike."""
+    mean, log_mass = kernels.parallel(q, key, value, split.steps)
     true_mean, true_log_mass = split.evicted
     join = functools.partial(attention_math.join_attention, *split.kept)
     return {
-        "": join(mean, log_mass),
-        "mass_exact": join(mean, true_log_mass),
-        "mean_exact": join(true_mean, log_mass),
+        "": join(mean.float(), log_mass.float()),
+        "mass_exact": join(mean.float(), true_log_mass),
+        "mean_exact": join(true_mean, log_mass.float()),
     }
 
 

@@ -121,7 +121,9 @@ def add_kernel_options(train: argparse.ArgumentParser) -> None:
         default=STATES[0],
         help="the state's form: 'decay' (default) learns how fast each head's evicted pairs "
         "fade with distance, which keeps LESS calibrated far beyond the training length; "
-        "'paper' is the paper's state, every evicted pair weighing the same forever",
+        "'paper' is the paper's state, every evicted pair weighing the same forever; 'slots' "
+        "(ours, not the paper's) soft-clusters the evicted pairs into a few mean keys and values "
+        "read through the layer's own softmax with a learned log-mass",
     )
     train.add_argument(
         "--loss",
