@@ -296,6 +296,7 @@ def test_a_folder_is_its_files_documents_in_name_order(tmp_path):
     write(tmp_path / ".hidden.txt", "not read")
     (tmp_path / "sub").mkdir()
     write(tmp_path / "sub" / "d.txt", "not read")
+    (tmp_path / "folder.txt").mkdir()  # a folder named like a text file is still a folder
     assert load_texts(str(tmp_path)) == ["book one", "book two", "page", "another"]
     assert load_texts(str(tmp_path), limit=3) == ["book one", "book two", "page"]
 

@@ -257,9 +257,14 @@ def _folder_texts(path: Path, field: str | None, limit: int | None) -> list[str]
     """The documents of every text or record file directly in ``path``, in name order (hidden
     files, subfolders and other file types are not read)."""
     suffixes = _TEXT_SUFFIXES + _RECORD_SUFFIXES
-    files = sorted(
-        f for f in path.iterdir() if f.suffix.lower() in suffixes and not f.name.startswith(".")
-    )
+    try:
+        files = sorted(
+            f
+            for f in path.iterdir()
+            if f.suffix.lower() in suffixes and not f.name.startswith(".") and not f.is_dir()
+        )
+    except OSError as exc:  # a folder this user may not list
+        raise LessKVError(f"cannot read folder {short_path(path)}: {exc.strerror or exc}") from None
     if not files:
         raise LessKVError(
             f"folder {short_path(path)} holds no .txt, .raw, .jsonl or .json file to read"
