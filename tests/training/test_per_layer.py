@@ -301,3 +301,25 @@ def test_batches_for_a_gpu_come_from_pinned_memory(tmp_path):
     for batch, chunk in zip(batches, chunks, strict=True):
         for name, tensor in store.read(chunk).items():
             assert batch[name].is_cuda and torch.equal(batch[name].cpu(), tensor), name
+
+
+def test_kept_activations_let_another_form_train_without_recording(tmp_path):
+    """``keep_activations`` leaves the recording in place; a run of another form whose folder
+    links it trains without one forward pass, to the kernels a run that records gets."""
+    model, windows, policy, config = setup(epochs=1)
+    train_kernels(
+        model, windows, policy, config, tmp_path / "a", progress=False, keep_activations=True
+    )
+    assert (tmp_path / "a" / "activations").is_dir()
+    shutil.copytree(tmp_path / "a" / "activations", tmp_path / "b" / "activations")
+    slots = replace(config, state="slots")
+    passes = []
+    hook = model.register_forward_pre_hook(lambda *_: passes.append(1))
+    try:
+        linked = train_kernels(model, windows, policy, slots, tmp_path / "b", progress=False)
+    finally:
+        hook.remove()
+    recorded = train_kernels(model, windows, policy, slots, tmp_path / "c", progress=False)
+    assert passes == [] and not (tmp_path / "b" / "activations").exists()
+    for a, b in zip(linked.state_dict().values(), recorded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

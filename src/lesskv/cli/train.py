@@ -95,6 +95,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "count (default: half the free space where --out is): layers are collected in groups "
         "that fit, one more forward pass per group; any budget trains the same kernels",
     )
+    train.add_argument(
+        "--keep-activations",
+        action="store_true",
+        help="keep the recorded activations in OUT/activations once each layer is trained "
+        "(instead of deleting them): another run on the same data, policy and layers whose "
+        "--out holds a copy or hard links of them (cp -al) skips recording, e.g. to train "
+        "another --kernel form on one recording",
+    )
     train.add_argument("--seed", type=non_negative_int, default=0)
     train.add_argument("--out", type=Path, required=True, help="output kernel folder")
     train.add_argument(
@@ -271,6 +279,7 @@ def _train(
         worker=worker,
         upstream=upstream,
         store_budget=args.store_budget,
+        keep_activations=args.keep_activations,
     )
     if worker is not None and worker.rank != 0:
         return

@@ -15,6 +15,7 @@ from lesskv.core.forms import StateForm
 from lesskv.core.kernels import make_kernels
 from lesskv.errors import LessKVError, one_line, short_path
 from lesskv.hf.checkpoint import KernelMeta, LessKernels, atomic_write
+from lesskv.training.run import RECORDING
 
 LAYERS_DIR = "layers"  # in the run folder: each trained layer's kernels, one file each
 
@@ -37,8 +38,9 @@ def save_layer(out: Path, layer: int, kernels: StateForm, losses: dict[str, floa
     atomic_write(path, lambda p: save_file(tensors, p, metadata=metadata))
 
 
-def assemble(out: Path, meta: KernelMeta) -> LessKernels | None:
-    """Once every kernel layer exists, write the single from_pretrained-able checkpoint."""
+def assemble(out: Path, meta: KernelMeta, keep_activations: bool = False) -> LessKernels | None:
+    """Once every kernel layer exists, write the single from_pretrained-able checkpoint (and
+    delete what is left of the recorded activations, unless ``keep_activations``)."""
     if missing_layers(out, meta.kernel_layers):
         return None
     layers: list[StateForm | None] = [None] * meta.num_layers
@@ -59,5 +61,6 @@ def assemble(out: Path, meta: KernelMeta) -> LessKernels | None:
         layers[i] = layer
     kernels = LessKernels(meta, layers).eval()
     kernels.save_pretrained(out)
-    shutil.rmtree(out / "activations", ignore_errors=True)
+    if not keep_activations:
+        shutil.rmtree(out / RECORDING, ignore_errors=True)
     return kernels

@@ -55,7 +55,7 @@ from lesskv.training.checkpoints import LAYERS_DIR, assemble, missing_layers, sa
 from lesskv.training.collection import collect_activations
 from lesskv.training.distributed import Worker, decided_by_rank0, shard
 from lesskv.training.losses import LOSSES, check_loss, layer_loss
-from lesskv.training.run import Claim, claim_output_dir, freeze, snapshot
+from lesskv.training.run import RECORDING, Claim, claim_output_dir, freeze, snapshot
 from lesskv.training.store import (
     ActivationStore,
     check_store_budget,
@@ -235,6 +235,7 @@ def train_kernels(
     worker: Worker | None = None,
     upstream: Sequence[nn.Module] | None = None,
     store_budget: int | None = None,
+    keep_activations: bool = False,
 ) -> LessKernels | None:
     """Train (or finish training) kernels into ``out_dir``; returns them once all layers exist.
     ``layers``: those to train now (all by default), less the local layers of a mixed model
@@ -243,6 +244,8 @@ def train_kernels(
     ``upstream`` kernels every layer trains on the inputs it sees when all run LESS.
     ``store_budget``: bytes of activations on disk at once (default: half the free space
     there), which sizes the groups of layers collected together; it never changes the result.
+    ``keep_activations``: leave the recorded activations in ``out_dir/activations`` (another
+    run with the same data and policy, its ``activations`` linked there, skips recording).
 
     Under torchrun (``worker``), the missing layers are split across the ranks: rank 0 alone
     claims ``out_dir`` (which every rank must share), lists what is missing and, after all
@@ -283,7 +286,16 @@ def train_kernels(
     )
     with undone:
         _train_layers(
-            model, windows, policy, config, out, groups, meta, progress and lead, upstream
+            model,
+            windows,
+            policy,
+            config,
+            out,
+            groups,
+            meta,
+            progress and lead,
+            upstream,
+            keep_activations,
         )
     if worker is not None:
         dist.barrier()
@@ -293,7 +305,7 @@ def train_kernels(
                 f"layers {lost} are not in {out} although every rank finished: "
                 "--out must be a folder that all nodes share"
             )
-    return assemble(out, meta) if lead else None
+    return assemble(out, meta, keep_activations) if lead else None
 
 
 def trainable_layers(
@@ -326,9 +338,11 @@ def _train_layers(
     meta: KernelMeta,
     progress: bool,
     upstream: Sequence[nn.Module] | None,
+    keep_activations: bool = False,
 ) -> None:
     """Group by group: collect the group's activations (one pass per window length), then
-    train and save each of its layers, deleting its activations once it is saved."""
+    train and save each of its layers, deleting its activations once it is saved (unless
+    ``keep_activations``)."""
     todo = [layer for group in groups for layer in group]
     if not todo:
         return
@@ -344,7 +358,7 @@ def _train_layers(
                 length,
                 group,
                 policy,
-                out / "activations",
+                out / RECORDING,
                 config.rank,
                 progress,
                 set(split_windows(len(length), config)[0]),
@@ -359,7 +373,7 @@ def _train_layers(
                 stores, module.o_proj, shape, config, layer, bar.write, attention_scale(module)
             )
             save_layer(out, layer, kernels, losses)
-            for store in stores:
+            for store in [] if keep_activations else stores:
                 shutil.rmtree(store.dir, ignore_errors=True)
             bar.update()
     bar.write(f"trained {len(todo)} layer(s) in {time.time() - started:.0f} s")

@@ -20,6 +20,9 @@ from lesskv.hf.checkpoint import atomic_write
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
+# Recorded activations: a fresh run may find them already there, linked from a run that kept
+# them (train_kernels' keep_activations), and records only what they lack.
+RECORDING = "activations"
 _held: dict[Path, int] = {}  # run folders this process has locked -> the lock file's descriptor
 
 
@@ -111,7 +114,7 @@ def _claim(out: Path, config: object, overwrite: bool) -> bool:
                 "choose another --out or pass --overwrite"
             )
         _empty(out)
-    elif theirs is None and any(p.name != LOCK_FILE for p in out.iterdir()):
+    elif theirs is None and any(p.name not in (LOCK_FILE, RECORDING) for p in out.iterdir()):
         if not overwrite:
             raise LessKVError(f"{out} is not empty; choose another --out or pass --overwrite")
         _empty(out)
