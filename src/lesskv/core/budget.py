@@ -20,7 +20,7 @@ BUILTIN_MODELS = {
 # paper's low-rank state with a learned decay with distance (the default), the paper's, where
 # every evicted pair weighs the same forever, learned slots read through the layer's softmax,
 # or the paper's state with exponential feature maps.
-STATES = ("decay", "paper", "slots", "exp", "exp-signed")
+STATES = ("decay", "paper", "slots", "exp")
 # Which epoch's kernels a training run keeps: the best on its validation windows, or the last.
 SELECTIONS = ("best", "last")
 # The sparse policies (lesskv.core.policies.POLICIES), named here so that help texts need no torch.

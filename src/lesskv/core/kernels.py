@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from lesskv.core.forms import KernelShape, StateForm
-from lesskv.core.forms.exp import ExpKernels, SignedExpKernels
+from lesskv.core.forms.exp import ExpKernels
 from lesskv.core.forms.lowrank import LayerKernels
 from lesskv.core.forms.slots import SlotsForm
 
@@ -23,7 +23,6 @@ FORMS: dict[str, Callable[[KernelShape], StateForm]] = {
     "paper": LayerKernels,
     "slots": SlotsForm,
     "exp": ExpKernels,
-    "exp-signed": SignedExpKernels,
 }
 
 

@@ -268,21 +268,18 @@ def lowrank_parallel(
     steps: torch.Tensor,
     decay: torch.Tensor | None = None,
     block: int | None = None,
-    phi_h: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The low-rank terms ``(φ(q)·H_i, φ(q)·z_i)`` of every query at once: ``phi_q: (B, Hkv,
     G, T, R)``, ``psi_k: (B, Hkv, T, R)``, ``H_i = Σ_{steps[j] <= i} ψ(k_j)ᵀ v_j`` and ``z_i``
     alike, as the prefix states ``Σ ψ(k_j) ⊗ [v_j, 1]`` of :func:`prefix_states` (its
-    ``steps``, ``decay`` and ``block``). ``phi_h``: other features to read ``H`` with
-    (default φ)."""
+    ``steps``, ``decay`` and ``block``)."""
     payload = torch.cat([value, value.new_ones(*value.shape[:-1], 1)], -1)
-    phi_h = phi_q if phi_h is None else phi_h
 
     def read(
         states: torch.Tensor, rows: slice, fade: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         phi = phi_q[..., rows, :]
-        num = torch.einsum("bhgtr,bhtrd->bhgtd", phi_h[..., rows, :], states[..., :-1])
+        num = torch.einsum("bhgtr,bhtrd->bhgtd", phi, states[..., :-1])
         den = torch.einsum("bhgtr,bhtr->bhgt", phi, states[..., -1]).unsqueeze(-1)
         return (num, den) if fade is None else (num * fade, den * fade)
 
@@ -291,14 +288,10 @@ def lowrank_parallel(
 
 
 def lowrank_recurrent(
-    phi_q: torch.Tensor,
-    state_h: torch.Tensor,
-    state_z: torch.Tensor,
-    phi_h: torch.Tensor | None = None,
+    phi_q: torch.Tensor, state_h: torch.Tensor, state_z: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Low-rank terms from the running state: ``H: (B, Hkv, R, D)``, ``z: (B, Hkv, R)``
-    (``H`` read with ``phi_h``, default φ)."""
-    num = torch.einsum("bhgqr,bhrd->bhgqd", phi_q if phi_h is None else phi_h, state_h)
+    """Low-rank terms from the running state: ``H: (B, Hkv, R, D)``, ``z: (B, Hkv, R)``."""
+    num = torch.einsum("bhgqr,bhrd->bhgqd", phi_q, state_h)
     den = torch.einsum("bhgqr,bhr->bhgq", phi_q, state_z).unsqueeze(-1)
     return num, den
 

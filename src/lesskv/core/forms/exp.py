@@ -60,22 +60,3 @@ class ExpKernels(LowRankForm):
 
 def _exp(x: torch.Tensor) -> torch.Tensor:
     return x.clamp_max(MAX_EXPONENT).exp()
-
-
-class SignedExpKernels(ExpKernels):
-    """``exp-signed``: the ``exp`` form whose mean is not confined to a convex mix of the ranks'
-    means. ``H`` is read with ``φ(q) ⊙ (1 + L(q))``, ``L`` linear per query head and 0 at
-    the start (the ``exp`` form), so the mean ``Σ_r p_r(q)(1 + L_r(q)) H_r / z_r`` may leave the
-    ranks' hull, as the rank-R oracle's correction does; the mass ``φ(q)·z`` is unchanged.
-    Same state and memory."""
-
-    def __init__(self, shape: KernelShape) -> None:
-        super().__init__(shape)
-        self.lift = nn.Parameter(torch.zeros(shape.query_heads, shape.head_dim, shape.rank))
-        self.lift_bias = nn.Parameter(torch.zeros(shape.query_heads, shape.rank))
-
-    def mean_features(self, q: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-        b, hkv, g, t, d = q.shape
-        lift = q.reshape(b, hkv * g, t, d).to(self.lift.dtype) @ self.lift
-        lift = lift + self.lift_bias.unsqueeze(-2)
-        return phi * (1 + lift.view(b, hkv, g, t, -1))

@@ -53,11 +53,6 @@ class LowRankForm(nn.Module, ABC):
     def psi(self, k: torch.Tensor) -> torch.Tensor:
         """``(B, Hkv, T, D)`` keys → ``(B, Hkv, T, R)`` non-negative features."""
 
-    def mean_features(self, q: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
-        """The features ``(B, Hkv, G, T, R)`` that read ``H`` for queries ``q`` whose mass
-        features are ``phi``: φ itself, so the mean is a convex mix of the ranks' means."""
-        return phi
-
     @abstractmethod
     def decay_rate(self) -> torch.Tensor:
         """λ >= 0 per KV head ``(Hkv,)``; all zeros where the state does not fade."""
@@ -95,10 +90,7 @@ class LowRankForm(nn.Module, ABC):
         phi = self.phi(query)
         if ahead is not None:
             phi = phi * fading(self.decay_rate(), ahead[:, None, None, :, None].float())
-        phi_h = self.mean_features(query, phi).float()
-        return less_math.state_summary(
-            *less_math.lowrank_recurrent(phi.float(), *state, phi_h=phi_h)
-        )
+        return less_math.state_summary(*less_math.lowrank_recurrent(phi.float(), *state))
 
     def parallel(
         self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, steps: torch.Tensor
@@ -106,12 +98,7 @@ class LowRankForm(nn.Module, ABC):
         phi_q = self.phi(query)  # before ψ: training draws φ's dropout first
         psi_k = self.psi(keys)
         num, den = less_math.lowrank_parallel(
-            phi_q,
-            psi_k,
-            values.to(psi_k.dtype),
-            steps,
-            self.decay_rate(),
-            phi_h=self.mean_features(query, phi_q),
+            phi_q, psi_k, values.to(psi_k.dtype), steps, self.decay_rate()
         )
         return less_math.state_summary(num, den)
 
