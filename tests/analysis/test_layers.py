@@ -126,7 +126,10 @@ def test_cli_writes_the_diagnosis_and_refuses_bad_numbers(tmp_path, capsys):
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln and "it/s]" not in ln]
         assert len(err) == 1 and err[0].startswith("lesskv: error:") and words in err[0]
     assert main([*args, "--oracle-rank", "4"]) == 0
-    assert "less_removed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "less_removed" in printed and "matching_removed" not in printed
+    assert main([*args, "--oracle-rank", "4", "--matching"]) == 0
+    assert "matching_removed" in capsys.readouterr().out
     saved = json.loads((out / "layers.json").read_text())
     assert saved["oracle_rank"] == 4 and len(saved["rows"]) == 2
     assert (out / "layers.png").read_bytes().startswith(b"\x89PNG")

@@ -17,7 +17,9 @@ layer (or from one layer on) does to the model's perplexity.
   (:func:`lesskv.core.math.state_summary`); ``mass_exact`` is the share removed with the true
   ``M`` and the state's mean, ``mean_exact`` with the state's mass and the true ``O_ev``.
   ``mean_key_mass``, training-free, counts the evicted pairs at their mean key's weight
-  (``n·exp(q·k̄·scale)``) beside the true ``O_ev``.
+  (``n·exp(q·k̄·scale)``) beside the true ``O_ev``; ``matching``, training-free too, is
+  attention matching's compaction into as many pseudo-pairs as the state's memory holds
+  (:mod:`lesskv.analysis.matching`, a bound: it keeps reference queries a cache would not).
 * **End to end**: mean NLL with LESS in layer ``l`` only (the others the plain policy), and in
   layers ``>= l`` (the plain policy below): which layers' states the model's loss feels.
 """
@@ -35,9 +37,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from lesskv.analysis.matching import attention_matching
 from lesskv.analysis.plots import evicting_budget, plt, save_figure, save_json
 from lesskv.core import math as attention_math
-from lesskv.core.budget import DEFAULT_RANK
+from lesskv.core.budget import DEFAULT_RANK, merge_slots_in_state
 from lesskv.core.policies import Policy, keep_mask_from_steps
 from lesskv.errors import LessKVError
 from lesskv.evaluation.perplexity import mean_nll
@@ -48,7 +51,7 @@ from lesskv.hf.modules import attention_modules, attention_scale, on_layer_devic
 # What stands in for the evicted pairs beside each kernel set's own output: the true M or O_ev.
 HALVES = ("mass_exact", "mean_exact")
 # Names a candidate kernel set cannot take: the report's other rows use them.
-RESERVED = ("baseline", "baseline+", "less", "mean_key_mass", "oracle")
+RESERVED = ("baseline", "baseline+", "less", "mean_key_mass", "matching", "oracle")
 # The top panel's lines (baseline+ C1, less C2, as in the bottom panel); grey is the error's.
 LINE_COLORS = ("C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9")
 
@@ -180,10 +183,12 @@ def _squared_errors(
     kernel_sets: Mapping[str, nn.Module],
     rank: int,
     oracle_rank: int,
+    matching: bool = False,
 ) -> dict[str, float]:
     """``||O_full - O_x||^2`` on one layer's inputs for the plain policy, Baseline+ (at a
-    rank-``rank`` state's memory), the mean-key mass, the rank-``oracle_rank`` oracle, and
-    each kernel set (``NAME``, ``NAME/mass_exact``, ``NAME/mean_exact``)."""
+    rank-``rank`` state's memory), the mean-key mass, attention matching (with
+    ``matching``), the rank-``oracle_rank`` oracle, and each kernel set (``NAME``,
+    ``NAME/mass_exact``, ``NAME/mean_exact``)."""
     scale = attention_scale(module)
     q = attention_math.group_queries(query, key.shape[1])
     split = split_attention(policy, q, key, value, scale)
@@ -195,6 +200,10 @@ def _squared_errors(
             *split.kept, split.evicted[0], split.mean_key_lse
         ),
     }
+    if matching:
+        slots = merge_slots_in_state(rank, key.shape[-1])
+        matched = attention_matching(q, key, value, split.steps, scale, slots)
+        outputs["matching"] = attention_math.join_attention(*split.kept, *matched)
     for name, kernels in kernel_sets.items():
         for half, out in less_outputs(split, kernels, q, key, value).items():
             outputs[f"{name}/{half}" if half else name] = out
@@ -217,6 +226,7 @@ def sparse_error_shares(
     rank: int = DEFAULT_RANK,
     oracle_rank: int = 8,
     progress: bool = True,
+    matching: bool = False,
 ) -> tuple[list[float], dict[str, list[float]], dict[str, dict[str, list[float]]]]:
     """Per layer of ``layers`` (default: every one where the policy runs), the sparse error
     summed over ``windows``, the share of it each of Baseline+, the kernel sets (one module
@@ -235,7 +245,9 @@ def sparse_error_shares(
             for name, kernels in kernel_sets.items()
             if kernels[i] is not None
         }
-        errors = _squared_errors(module, query, key, value, policy, present, rank, oracle_rank)
+        errors = _squared_errors(
+            module, query, key, value, policy, present, rank, oracle_rank, matching
+        )
         for name, error in errors.items():
             totals[i][name] = totals[i].get(name, 0.0) + error
 
@@ -244,7 +256,7 @@ def sparse_error_shares(
             model(window[None].to(model.device))
     layer_totals = [totals.get(i, {}) for i in range(len(modules))]
     sparse = [total.get("baseline", math.nan) for total in layer_totals]
-    names = ["baseline+", *kernel_sets, "mean_key_mass", "oracle"]
+    names = ["baseline+", *kernel_sets, "mean_key_mass", *["matching"] * matching, "oracle"]
     removed = {name: [_removed(total, name) for total in layer_totals] for name in names}
     decomposed = {
         name: {
@@ -302,6 +314,7 @@ def diagnose_layers(
     progress: bool = True,
     candidates: Mapping[str, Sequence[nn.Module | None]] | None = None,
     layers: Sequence[int] | None = None,
+    matching: bool = False,
 ) -> LayerDiagnosis:
     """The whole diagnosis over ``windows`` ``(N, T)`` of the layers among ``layers`` (default
     all) where the policy runs, for the shipped ``kernels`` (``less``) and each of
@@ -316,7 +329,7 @@ def diagnose_layers(
         raise LessKVError(f"the policy runs in none of layers {list(layers)} (it runs in {runs})")
     kernel_sets = {"less": kernels, **(candidates or {})}
     sparse, removed, decomposed = sparse_error_shares(
-        model, windows, policy, kernel_sets, chosen, rank, oracle_rank, progress
+        model, windows, policy, kernel_sets, chosen, rank, oracle_rank, progress, matching
     )
     probed = chosen[::layer_step] if reference else []
     only, after = (
@@ -353,6 +366,7 @@ def plot_layers(report: LayerDiagnosis, out_dir: str | Path) -> Path:
         "baseline+": "Baseline+ (equal memory)",
         "less": "LESS",
         "mean_key_mass": "mean-key mass, true mean (no training)",
+        "matching": "attention matching (no training; a bound)",
         "oracle": f"rank-{report.oracle_rank} oracle",
     }
     for k, (name, shares) in enumerate(report.removed.items()):

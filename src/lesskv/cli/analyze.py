@@ -143,6 +143,13 @@ def add_layers_parser(analyses: argparse._SubParsersAction) -> None:
         "--layer-step", type=positive_int, default=1, help="end-to-end rows every this many layers"
     )
     layers.add_argument(
+        "--matching",
+        action="store_true",
+        help="also score attention matching (training-free: the evicted pairs compacted into "
+        "pseudo-pairs by NNLS masses and least-squares values, at the state's memory; a bound "
+        "that keeps reference queries; slow: a small solve per head every 64 tokens)",
+    )
+    layers.add_argument(
         "--layers",
         default=None,
         help="probe only these layers, 'a:b' (a..b-1) or one number, as `lesskv train "
@@ -310,6 +317,7 @@ def run_layers(args: argparse.Namespace) -> None:
         model_name=args.model,
         candidates=candidates,
         layers=layers,
+        matching=args.matching,
     )
     report.candidates = {name: str(folder) for name, folder in folders.items()}
     json_path, png_path = report.save(args.out), plot_layers(report, args.out)
