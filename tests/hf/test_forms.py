@@ -17,8 +17,8 @@ from lesskv.hf.compat import cache_argument
 from lesskv.hf.methods import set_method
 from lesskv.hf.modules import attention_modules
 
-# Forms whose untrained kernels add (next to) nothing to the plain policy; ``slots`` and ``exp``
-# start as a merge of the evicted pairs instead.
+# Forms whose untrained kernels add (next to) nothing to the plain policy; ``slots`` starts as
+# a soft merge of the evicted pairs instead.
 START_AS_THE_POLICY = ["decay", "paper"]
 
 

@@ -131,8 +131,7 @@ def add_kernel_options(train: argparse.ArgumentParser) -> None:
         "fade with distance, which keeps LESS calibrated far beyond the training length; "
         "'paper' is the paper's state, every evicted pair weighing the same forever; 'slots' "
         "(ours, not the paper's) soft-clusters the evicted pairs into a few mean keys and values "
-        "read through the layer's own softmax with a learned log-mass; 'exp' (ours) is the "
-        "paper's state with exponential feature maps, read as a softmax over its ranks",
+        "read through the layer's own softmax with a learned log-mass",
     )
     train.add_argument(
         "--loss",

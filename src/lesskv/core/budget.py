@@ -18,9 +18,8 @@ BUILTIN_MODELS = {
 }
 # The forms of LESS's state (lesskv.core.forms, built by name in lesskv.core.kernels): the
 # paper's low-rank state with a learned decay with distance (the default), the paper's, where
-# every evicted pair weighs the same forever, learned slots read through the layer's softmax,
-# or the paper's state with exponential feature maps.
-STATES = ("decay", "paper", "slots", "exp")
+# every evicted pair weighs the same forever, or learned slots read through the layer's softmax.
+STATES = ("decay", "paper", "slots")
 # Which epoch's kernels a training run keeps: the best on its validation windows, or the last.
 SELECTIONS = ("best", "last")
 # The sparse policies (lesskv.core.policies.POLICIES), named here so that help texts need no torch.

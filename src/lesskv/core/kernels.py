@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from lesskv.core.forms import KernelShape, StateForm
-from lesskv.core.forms.exp import ExpKernels
 from lesskv.core.forms.lowrank import LayerKernels
 from lesskv.core.forms.slots import SlotsForm
 
@@ -22,7 +21,6 @@ FORMS: dict[str, Callable[[KernelShape], StateForm]] = {
     "decay": LayerKernels,
     "paper": LayerKernels,
     "slots": SlotsForm,
-    "exp": ExpKernels,
 }
 
 

@@ -16,9 +16,7 @@ The forms (:func:`lesskv.core.kernels.make_kernels` builds the one a :class:`Ker
 * :mod:`~lesskv.core.forms.lowrank`: the paper's state ``H = Σ ψ(k)ᵀv``, ``z = Σ ψ(k)`` read
   with ``φ(q)``; ``decay`` (the default) fades each pair with its distance, ``paper`` does not;
 * :mod:`~lesskv.core.forms.slots`: ``slots``, a few learned clusters of keys and values read
-  through the layer's own softmax with an explicit log-mass;
-* :mod:`~lesskv.core.forms.exp`: ``exp``, the paper's state with exponential φ and ψ, read as
-  a softmax over its ranks.
+  through the layer's own softmax with an explicit log-mass.
 """
 
 from __future__ import annotations
