@@ -240,8 +240,8 @@ def train_kernels(
     """Train (or finish training) kernels into ``out_dir``; returns them once all layers exist.
     ``layers``: those to train now (all by default), less the local layers of a mixed model
     (:func:`trainable_layers`). ``windows``: ``(N, T)`` token windows, or one such tensor per
-    window length; with
-    ``upstream`` kernels every layer trains on the inputs it sees when all run LESS.
+    window length; with ``upstream`` kernels every layer trains on the inputs it sees when all
+    run LESS.
     ``store_budget``: bytes of activations on disk at once (default: half the free space
     there), which sizes the groups of layers collected together; it never changes the result.
     ``keep_activations``: leave the recorded activations in ``out_dir/activations`` (another
@@ -254,13 +254,7 @@ def train_kernels(
     """
     out = Path(out_dir)
     windows = [windows] if isinstance(windows, torch.Tensor) else list(windows)
-    modules = attention_modules(attention.enable(model))
-    if not hasattr(modules[0], "o_proj"):  # the targets and the loss are o_proj's outputs
-        raise LessKVError(
-            f"per-layer training reads each attention layer's o_proj, which "
-            f"{type(modules[0]).__name__} does not have (Falcon, GPT-NeoX, OPT and GPT-2 name "
-            "theirs otherwise): training for this family is not supported yet"
-        )
+    modules = _trainable_modules(model)
     lead = worker is None or worker.rank == 0
     requested = trainable_layers(model, layers, announce=lead)
     processes = 1 if worker is None else worker.world_size
@@ -306,6 +300,19 @@ def train_kernels(
                 "--out must be a folder that all nodes share"
             )
     return assemble(out, meta, keep_activations) if lead else None
+
+
+def _trainable_modules(model: PreTrainedModel) -> list[nn.Module]:
+    """The model's attention modules, which must have the ``o_proj`` whose outputs are the
+    targets and the loss."""
+    modules = attention_modules(attention.enable(model))
+    if not hasattr(modules[0], "o_proj"):
+        raise LessKVError(
+            f"per-layer training reads each attention layer's o_proj, which "
+            f"{type(modules[0]).__name__} does not have (Falcon, GPT-NeoX, OPT and GPT-2 name "
+            "theirs otherwise): training for this family is not supported yet"
+        )
+    return modules
 
 
 def trainable_layers(
