@@ -4,6 +4,7 @@ of the same methods)."""
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from lesskv.core import math as attention_math
 from lesskv.core.policies import make_policy
 from lesskv.errors import LessKVError
 from lesskv.evaluation.perplexity import mean_nll
-from lesskv.hf.methods import observing, using_method
+from lesskv.hf.attention import using_setups
+from lesskv.hf.methods import layer_setups, observing, using_method
 from lesskv.hf.modules import attention_modules, attention_scale, policy_layers
 
 
@@ -64,14 +66,26 @@ def test_shares_are_what_the_layer_outputs_say(setting):
 
 
 def test_end_to_end_rows_are_whole_model_runs(setting):
-    """LESS from layer 0 on is LESS everywhere; from the last layer on is LESS in it alone."""
+    """LESS from layer 0 on is LESS everywhere; from the last layer on is LESS in it alone;
+    a layer changed to full attention, the oracle or a kernel set is that whole-model run; a
+    set lacking the layer gives NaN."""
     model, policy, kernels, windows = setting
     last = len(kernels) - 1
-    only, after = end_to_end(model, windows, policy, kernels, [0, last], progress=False)
+    partial = [None] * last + [kernels[last]]
+    sets = {"less": kernels, "partial": partial}
+    only, after = end_to_end(model, windows, policy, sets, [0, last], progress=False)
     with using_method(model, "less", policy=policy, kernels=kernels), torch.no_grad():
         everywhere = mean_nll(model, windows)
     assert after[0] == pytest.approx(everywhere, abs=1e-6)
-    assert only[1] == pytest.approx(after[1], abs=1e-6)
+    assert only["less"][1] == pytest.approx(after[1], abs=1e-6)
+    assert math.isnan(only["partial"][0]) and only["partial"][1] == only["less"][1]
+    plain = layer_setups(model, "baseline", policy)
+    modules = attention_modules(model)
+    for name, setup in (("full", None), ("oracle", replace(plain[modules[0]], oracle_rank=8))):
+        setups = {m: s for m, s in plain.items() if m is not modules[0]}
+        setups.update({modules[0]: setup} if setup else {})
+        with using_setups(model, setups), torch.no_grad():
+            assert only[name][0] == pytest.approx(mean_nll(model, windows), abs=1e-6)
 
 
 @pytest.mark.parametrize("kind", SHAPES)
@@ -102,6 +116,8 @@ def test_report_rows_figure_and_refusal(setting, tmp_path):
     rows = report.rows()
     assert [row["layer"] for row in rows] == list(range(len(kernels)))
     assert math.isnan(rows[1]["less_only_dnll"]) and not math.isnan(rows[0]["less_only_dnll"])
+    full, less = rows[0]["full_only_dnll"], rows[0]["less_only_dnll"]
+    assert rows[0]["less_only_gap"] == pytest.approx(less / full)
     assert plot_layers(report, tmp_path).stat().st_size > 0
     assert report.save(tmp_path).exists()
     with pytest.raises(LessKVError, match="nothing is evicted"):

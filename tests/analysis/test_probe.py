@@ -145,7 +145,7 @@ def test_layers_restricts_the_probe_and_the_end_to_end_rows(setting, tmp_path):
     report = diagnose_layers(model, windows, policy, kernels, reference, layers=[1], progress=False)
     assert math.isnan(report.sparse_error[0]) and not math.isnan(report.sparse_error[1])
     assert all(math.isnan(shares[0]) for shares in report.removed.values())
-    assert report.layers_probed == [1] and len(report.only) == 1
+    assert report.layers_probed == [1] and len(report.only["full"]) == 1
     assert [row["layer"] for row in report.table()[0]] == [1]
     assert plot_layers(report, tmp_path).stat().st_size > 0
     with pytest.raises(LessKVError, match="runs in none of layers"):

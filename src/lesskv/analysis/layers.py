@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -44,7 +44,7 @@ from lesskv.core.budget import DEFAULT_RANK, merge_slots_in_state
 from lesskv.core.policies import Policy, keep_mask_from_steps
 from lesskv.errors import LessKVError
 from lesskv.evaluation.perplexity import mean_nll
-from lesskv.hf.attention import layer_output, using_setups
+from lesskv.hf.attention import LayerSetup, layer_output, using_setups
 from lesskv.hf.methods import get_method, layer_setups, observing
 from lesskv.hf.modules import attention_modules, attention_scale, on_layer_device, policy_layers
 
@@ -75,17 +75,18 @@ class LayerDiagnosis:
     decomposed: dict[str, dict[str, list[float]]]
     reference: dict[str, float]  # mean NLL: full, baseline, baseline+, less (empty: not run)
     layers_probed: list[int]  # the end-to-end rows' layers
-    only: list[float]  # mean NLL with LESS in that layer alone
+    # full, oracle, less and each candidate -> mean NLL with that layer alone changed to it
+    only: dict[str, list[float]]
     from_layer: list[float]  # mean NLL with LESS in that layer and every one after it
     candidates: dict[str, str] = field(default_factory=dict)  # name -> where its kernels are
 
     def rows(self) -> list[dict]:
-        """One row per layer: the shares, then the end-to-end change of mean NLL against the
-        plain policy (negative: LESS there helps), where that layer was probed."""
+        """One row per layer: the shares, then where that layer was probed the end-to-end
+        change of mean NLL against the plain policy with it alone changed (negative: helps),
+        each as a share of full attention's change there too (``_gap``: the NLL's analogue
+        of ``_removed``), and with LESS from it on."""
         base = self.reference.get("baseline", math.nan)
-        probed = dict(
-            zip(self.layers_probed, zip(self.only, self.from_layer, strict=True), strict=True)
-        )
+        probed = {layer: k for k, layer in enumerate(self.layers_probed)}
         rows = []
         for layer, error in enumerate(self.sparse_error):
             row = {"layer": layer, "sparse_error": error}
@@ -94,8 +95,20 @@ class LayerDiagnosis:
                 row.update(
                     {f"{name}_{h}": s[layer] for h, s in self.decomposed.get(name, {}).items()}
                 )
-            only, after = probed.get(layer, (math.nan, math.nan))
-            row.update({"less_only_dnll": only - base, "less_from_dnll": after - base})
+            k = probed.get(layer)
+            change = {
+                n: nlls[k] - base if k is not None else math.nan for n, nlls in self.only.items()
+            }
+            row.update({f"{n}_only_dnll": d for n, d in change.items()})
+            full = change.get("full", math.nan)
+            row.update(
+                {
+                    f"{n}_only_gap": d / full if full else math.nan
+                    for n, d in change.items()
+                    if n != "full"
+                }
+            )
+            row["less_from_dnll"] = self.from_layer[k] - base if k is not None else math.nan
             rows.append(row)
         return rows
 
@@ -103,7 +116,7 @@ class LayerDiagnosis:
         """The printed table: the measured layers' rows and their columns, the end-to-end
         ones only where they ran."""
         rows = [row for row in self.rows() if not math.isnan(row["sparse_error"])]
-        columns = [c for c in rows[0] if self.reference or not c.endswith("_dnll")]
+        columns = [c for c in rows[0] if self.reference or not c.endswith(("_dnll", "_gap"))]
         return rows, columns
 
     def save(self, out_dir: str | Path) -> Path:
@@ -280,24 +293,47 @@ def end_to_end(
     model: PreTrainedModel,
     windows: torch.Tensor,
     policy: Policy,
-    kernels: Sequence[nn.Module],
+    kernel_sets: Mapping[str, Sequence[nn.Module | None]],
     layers: Sequence[int],
+    oracle_rank: int = 8,
     progress: bool = True,
-) -> tuple[list[float], list[float]]:
-    """Mean NLL with LESS in each of ``layers`` alone, and from each of them on (the plain
-    policy in every other layer where the policy runs)."""
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Mean NLL with one layer of ``layers`` changed at a time, the plain policy in every
+    other layer where the policy runs: to full attention (the part of the gap that layer
+    holds), to the rank-``oracle_rank`` oracle, and to each kernel set (NaN where a set lacks
+    the layer); then with the first set (the shipped ``less``) from each layer on."""
     modules = attention_modules(model)
-    index = {module: i for i, module in enumerate(modules)}
-    plain = layer_setups(model, "baseline", policy)
-    less = layer_setups(model, "less", policy, kernels)
-    only, after = [], []
-    total = 2 * len(layers) * len(windows)
-    with tqdm(total=total, desc="LESS per layer", unit="win", disable=not progress) as bar:
+    plain = {modules.index(m): s for m, s in layer_setups(model, "baseline", policy).items()}
+    less = get_method("less")
+    changes: dict[str, dict[int, LayerSetup | None]] = {
+        "full": dict.fromkeys(plain),
+        "oracle": {i: replace(s, oracle_rank=oracle_rank) for i, s in plain.items()},
+    }
+    for name, kernels in kernel_sets.items():
+        changes[name] = {
+            i: less.layer_setup(policy, modules[i], on_layer_device(kernels[i], modules[i]), 0)
+            for i in plain
+            if kernels[i] is not None
+        }
+
+    def nll(changed: dict[int, LayerSetup | None], chosen: set[int]) -> float:
+        if not chosen <= changed.keys():
+            bar.update(len(windows))
+            return math.nan
+        setups = {i: changed[i] if i in chosen else s for i, s in plain.items()}
+        kept = {modules[i]: s for i, s in setups.items() if s is not None}
+        with using_setups(model, kept):
+            return mean_nll(model, windows, bar=bar)
+
+    only: dict[str, list[float]] = {name: [] for name in changes}
+    after = []
+    total = (len(changes) + 1) * len(layers) * len(windows)
+    with tqdm(total=total, desc="one layer changed", unit="win", disable=not progress) as bar:
         for layer in layers:
-            for chosen, nlls in (({layer}, only), (set(range(layer, len(modules))), after)):
-                setups = {m: less[m] if index[m] in chosen else s for m, s in plain.items()}
-                with using_setups(model, setups):
-                    nlls.append(mean_nll(model, windows, bar=bar))
+            for name, changed in changes.items():
+                only[name].append(nll(changed, {layer}))
+            first = changes[next(iter(kernel_sets))]
+            after.append(nll(first, {i for i in plain if i >= layer}))
     return only, after
 
 
@@ -333,7 +369,9 @@ def diagnose_layers(
     )
     probed = chosen[::layer_step] if reference else []
     only, after = (
-        end_to_end(model, windows, policy, kernels, probed, progress) if probed else ([], [])
+        end_to_end(model, windows, policy, kernel_sets, probed, oracle_rank, progress)
+        if probed
+        else ({}, [])
     )
     return LayerDiagnosis(
         model=model_name or model.config.model_type,
@@ -391,21 +429,24 @@ def plot_layers(report: LayerDiagnosis, out_dir: str | Path) -> Path:
 
 
 def _plot_end_to_end(report: LayerDiagnosis, axis: plt.Axes) -> None:
-    """The change of mean NLL with LESS in one layer / from one layer on, and every layer's
-    references as lines."""
+    """The change of mean NLL with one layer changed (to full attention, the oracle, each
+    kernel set) and with LESS from one layer on; every layer's references as lines."""
     base = report.reference["baseline"]
-    axis.bar(
-        report.layers_probed,
-        [x - base for x in report.only],
-        color="C2",
-        alpha=0.6,
-        label="LESS in this layer only",
-    )
+    width = 0.8 / len(report.only)
+    for k, (name, nlls) in enumerate(report.only.items()):
+        axis.bar(
+            [layer - 0.4 + (k + 0.5) * width for layer in report.layers_probed],
+            [x - base for x in nlls],
+            width,
+            color=LINE_COLORS[k % len(LINE_COLORS)] if name != "full" else "C0",
+            alpha=0.7,
+            label=f"{name} in this layer only",
+        )
     axis.plot(
         report.layers_probed,
         [x - base for x in report.from_layer],
         "s-",
-        color="C4",
+        color="C7",
         label="LESS in this layer and after",
     )
     for name, color in (("less", "C2"), ("baseline+", "C1"), ("full", "C0")):
@@ -414,4 +455,4 @@ def _plot_end_to_end(report: LayerDiagnosis, axis: plt.Axes) -> None:
         )
     axis.set_ylabel("mean NLL - plain policy's")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=7, ncol=2)
