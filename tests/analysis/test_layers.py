@@ -88,6 +88,38 @@ def test_end_to_end_rows_are_whole_model_runs(setting):
             assert only[name][0] == pytest.approx(mean_nll(model, windows), abs=1e-6)
 
 
+def plain_error(module, query, key, value, policy) -> float:
+    """``||O_full - O_sparse||^2`` of one layer's call, by hand."""
+    t = key.shape[2]
+    q = attention_math.group_queries(query, key.shape[1])
+    scale = attention_scale(module)
+    full = attention_math.sparse_output(q, key, value, torch.ones(t, t).tril().bool(), scale)
+    steps = policy.eviction_steps(attention_math.causal_logits(q, key, scale), policy.slots(t), t)
+    keep = torch.ones(t, t).tril().bool() & (torch.arange(t)[:, None] < steps[..., None, :])
+    out, _ = attention_math.sparse_attention(q, key, value, keep[:, :, None], scale)
+    return (full - out).square().sum().item()
+
+
+def test_inputs_read_each_layer_where_the_method_runs(setting):
+    """Layer 0 sees the embeddings whatever runs; the last layer, read with the plain policy
+    running, has the error its inputs under that policy's forward give (by hand)."""
+    model, policy, kernels, windows = setting
+    sets = {"less": kernels}
+    plain = layer_setups(model, "baseline", policy)
+    clean = sparse_error_shares(model, windows, policy, sets, progress=False)[0]
+    sparse = sparse_error_shares(model, windows, policy, sets, progress=False, inputs=plain)[0]
+    assert sparse[0] == pytest.approx(clean[0], rel=1e-5)
+    last = attention_modules(model)[-1]
+    seen = []
+    observer = lambda *call: seen.append(call)  # noqa: E731
+    setups = {**plain, last: replace(plain[last], observer=observer)}
+    with using_setups(model, setups), torch.no_grad():
+        for window in windows:
+            model(window[None])
+    assert sparse[-1] == pytest.approx(sum(plain_error(*c, policy) for c in seen), rel=1e-4)
+    assert sparse[-1] != pytest.approx(clean[-1], rel=1e-3)
+
+
 @pytest.mark.parametrize("kind", SHAPES)
 def test_every_layout_is_diagnosed_where_the_policy_runs(kind, tmp_path):
     """Whatever the hidden size against heads x head_dim, and in a model mixing local and
@@ -144,8 +176,10 @@ def test_cli_writes_the_diagnosis_and_refuses_bad_numbers(tmp_path, capsys):
     assert main([*args, "--oracle-rank", "4"]) == 0
     printed = capsys.readouterr().out
     assert "less_removed" in printed and "matching_removed" not in printed
-    assert main([*args, "--oracle-rank", "4", "--matching"]) == 0
+    assert "less_only_gap" in printed and "oracle_only_dnll" in printed
+    assert main([*args, "--oracle-rank", "4", "--matching", "--inputs", "baseline"]) == 0
     assert "matching_removed" in capsys.readouterr().out
     saved = json.loads((out / "layers.json").read_text())
     assert saved["oracle_rank"] == 4 and len(saved["rows"]) == 2
+    assert saved["inputs"] == "baseline"
     assert (out / "layers.png").read_bytes().startswith(b"\x89PNG")

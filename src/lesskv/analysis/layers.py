@@ -26,9 +26,10 @@ layer (or from one layer on) does to the model's perplexity.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -79,6 +80,7 @@ class LayerDiagnosis:
     only: dict[str, list[float]]
     from_layer: list[float]  # mean NLL with LESS in that layer and every one after it
     candidates: dict[str, str] = field(default_factory=dict)  # name -> where its kernels are
+    inputs: str = "full"  # the method every layer ran while the shares were measured
 
     def rows(self) -> list[dict]:
         """One row per layer: the shares, then where that layer was probed the end-to-end
@@ -240,6 +242,7 @@ def sparse_error_shares(
     oracle_rank: int = 8,
     progress: bool = True,
     matching: bool = False,
+    inputs: Mapping[nn.Module, LayerSetup] | None = None,
 ) -> tuple[list[float], dict[str, list[float]], dict[str, dict[str, list[float]]]]:
     """Per layer of ``layers`` (default: every one where the policy runs), the sparse error
     summed over ``windows``, the share of it each of Baseline+, the kernel sets (one module
@@ -264,7 +267,7 @@ def sparse_error_shares(
         for name, error in errors.items():
             totals[i][name] = totals[i].get(name, 0.0) + error
 
-    with observing(model, observe, chosen):
+    with _reading(model, observe, chosen, inputs):
         for window in tqdm(windows, desc="layer errors", unit="win", disable=not progress):
             model(window[None].to(model.device))
     layer_totals = [totals.get(i, {}) for i in range(len(modules))]
@@ -278,6 +281,24 @@ def sparse_error_shares(
         for name in kernel_sets
     }
     return sparse, removed, decomposed
+
+
+def _reading(
+    model: PreTrainedModel,
+    observe: Callable[..., None],
+    layers: Sequence[int],
+    inputs: Mapping[nn.Module, LayerSetup] | None,
+) -> contextlib.AbstractContextManager:
+    """A forward that shows ``observe`` each of ``layers``: full attention everywhere, or
+    the ``inputs`` setups (what a method runs), so each layer is read on the inputs it gets
+    at inference."""
+    if inputs is None:
+        return observing(model, observe, layers)
+    modules = attention_modules(model)
+    setups = dict(inputs)
+    for i in layers:
+        setups[modules[i]] = replace(setups.get(modules[i], LayerSetup()), observer=observe)
+    return using_setups(model, setups)
 
 
 def _removed(total: dict[str, float], name: str) -> float:
@@ -351,12 +372,15 @@ def diagnose_layers(
     candidates: Mapping[str, Sequence[nn.Module | None]] | None = None,
     layers: Sequence[int] | None = None,
     matching: bool = False,
+    inputs: str = "full",
 ) -> LayerDiagnosis:
     """The whole diagnosis over ``windows`` ``(N, T)`` of the layers among ``layers`` (default
     all) where the policy runs, for the shipped ``kernels`` (``less``) and each of
     ``candidates`` (a name, one module or None per layer). ``reference`` holds the mean NLL of
     full, baseline, Baseline+ and LESS on the same windows; end-to-end rows every
-    ``layer_step``-th measured layer, none with an empty ``reference`` (the fast probe)."""
+    ``layer_step``-th measured layer, none with an empty ``reference`` (the fast probe).
+    ``inputs`` is the method every layer runs while the measured ones are read: ``full``
+    (clean inputs, what training sees) or ``baseline`` / ``less`` (those at inference)."""
     n, t = windows.shape
     budget_tokens = evicting_budget(policy, t)
     runs = policy_layers(model)
@@ -364,8 +388,9 @@ def diagnose_layers(
     if not chosen:
         raise LessKVError(f"the policy runs in none of layers {list(layers)} (it runs in {runs})")
     kernel_sets = {"less": kernels, **(candidates or {})}
+    running = None if inputs == "full" else layer_setups(model, inputs, policy, kernels, rank)
     sparse, removed, decomposed = sparse_error_shares(
-        model, windows, policy, kernel_sets, chosen, rank, oracle_rank, progress, matching
+        model, windows, policy, kernel_sets, chosen, rank, oracle_rank, progress, matching, running
     )
     probed = chosen[::layer_step] if reference else []
     only, after = (
@@ -388,6 +413,7 @@ def diagnose_layers(
         layers_probed=probed,
         only=only,
         from_layer=after,
+        inputs=inputs,
     )
 
 

@@ -119,14 +119,18 @@ def add_layers_parser(analyses: argparse._SubParsersAction) -> None:
         "layers",
         help="the per-layer probe: the share of the sparse error LESS (and candidate kernels) "
         "removes beside a rank-r oracle, and LESS in one layer / from one layer on, end to end",
-        description="On --windows windows read by a full-attention pass: per layer, the error "
+        description="On --windows windows read by a full-attention pass (or see --inputs): "
+        "per layer, the error "
         "||O_full - O_sparse||^2 of the plain policy and the share of it that Baseline+, LESS "
         "(the --kernels set and each --candidates set) and the rank --oracle-rank oracle "
         "remove; per kernel set also the share with the true mass of the evicted pairs "
         "(mass_exact) or their true mean value (mean_exact) in place of the state's, and "
-        "once the training-free mean-key mass. Then, unless --no-end-to-end, the mean NLL "
-        "with LESS in one layer only, and in that layer and every later one (the plain policy "
-        "elsewhere), every --layer-step layers. Writes layers.png and layers.json to --out.",
+        "once the training-free mean-key mass. Then, unless --no-end-to-end, every "
+        "--layer-step layers, the mean NLL with one layer changed (the plain policy "
+        "elsewhere) to full attention, the oracle, LESS and each candidate, each also as a "
+        "share of full attention's change there (*_only_gap: what the loss feels of the "
+        "layer's *_removed), and with LESS in that layer and every later one. Writes "
+        "layers.png and layers.json to --out.",
     )
     add_model_args(layers)
     add_dtype_arg(layers)
@@ -154,6 +158,14 @@ def add_layers_parser(analyses: argparse._SubParsersAction) -> None:
         default=None,
         help="probe only these layers, 'a:b' (a..b-1) or one number, as `lesskv train "
         "--layers`; default all",
+    )
+    layers.add_argument(
+        "--inputs",
+        choices=("full", "baseline", "less"),
+        default="full",
+        help="what every layer runs while the shares are measured: full attention (clean "
+        "inputs, what training sees; default), or the plain policy / LESS, so each layer is "
+        "read on the inputs it gets at inference",
     )
     layers.add_argument(
         "--no-end-to-end",
@@ -318,6 +330,7 @@ def run_layers(args: argparse.Namespace) -> None:
         candidates=candidates,
         layers=layers,
         matching=args.matching,
+        inputs=args.inputs,
     )
     report.candidates = {name: str(folder) for name, folder in folders.items()}
     json_path, png_path = report.save(args.out), plot_layers(report, args.out)
