@@ -8,25 +8,35 @@ it takes the gradient ``g`` of the mean NLL with respect to one layer's attentio
 change ``sum g·(O_x - O_plain)``, beside full attention's (``O_full``): the share of the
 layer's gap the correction closes to first order. It also reports how the gap spreads over
 positions (the share of full attention's first-order gain held by the top 1% / 10% of
-positions) and how much of each correction's error reduction falls where the loss looks.
+positions), and where the gain sits: the evicted pairs' share of attention and the top
+evicted key's share of their mass, weighted by the gain and on average.
+
+With ``--fit STEPS`` it also fits a copy of the first kernel set's layer on the scored
+windows themselves (a capacity test, not generalisation) twice from the same start: on the
+output MSE (how lesskv trains) and on the loss-weighted error ``sum (g·(O_x - O_full))^2``
+(plus a tenth of the MSE), and scores both, with their real NLL change (that layer alone
+changed, the plain policy elsewhere) beside full attention's.
 
     OMP_NUM_THREADS=1 python docs/loss_direction_probe.py --layers 17 20 23 --windows 4
+    OMP_NUM_THREADS=1 python docs/loss_direction_probe.py --layers 23 --fit 150
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from lesskv.analysis.candidates import load_candidate
-from lesskv.analysis.layers import less_outputs, split_attention
+from lesskv.analysis.layers import end_to_end, less_outputs, split_attention
 from lesskv.cli.common import load_kernels
 from lesskv.core import math as attention_math
 from lesskv.core.policies import keep_mask_from_steps, make_policy
 from lesskv.data import load_texts, token_windows
+from lesskv.evaluation.perplexity import mean_nll
 from lesskv.hf.attention import using_setups
 from lesskv.hf.loading import load_model
 from lesskv.hf.methods import layer_setups
@@ -35,7 +45,7 @@ from lesskv.hf.modules import attention_modules, attention_scale
 
 def layer_gradient(model, window, setups, module):
     """The NLL's gradient at ``module``'s attention output ``(1, Hkv, G, T, D)`` and the
-    layer's post-RoPE query, key and value, with ``setups`` running."""
+    layer's grouped query, key and value, with ``setups`` running."""
     seen, grabbed = [], []
 
     def grab(_, args):
@@ -55,7 +65,24 @@ def layer_gradient(model, window, setups, module):
     _, query, key, value = seen[0]
     t, d = query.shape[2], query.shape[3]
     g = grabbed[0].grad.view(1, t, -1, d).transpose(1, 2)
-    return attention_math.group_queries(g, key.shape[1]), query.detach(), key, value
+    kv = key.shape[1]
+    return (
+        attention_math.group_queries(g, kv),
+        attention_math.group_queries(query.detach(), kv),
+        key.detach(),
+        value.detach(),
+    )
+
+
+def read_layer(model, windows, plain, module, policy):
+    """Per window: the gradient, the layer's inputs and its attention split at eviction."""
+    reads = []
+    for window in windows:
+        g, q, key, value = layer_gradient(model, window, plain, module)
+        with torch.no_grad():
+            split = split_attention(policy, q, key, value, attention_scale(module))
+        reads.append((g, q, key, value, split))
+    return reads
 
 
 @torch.no_grad()
@@ -81,6 +108,85 @@ def recall_stats(split, q, key, scale, gain):
     )
 
 
+def fit(kernels, reads, weighted: bool, steps: int, lr: float = 3e-3):
+    """A copy of ``kernels`` fitted on ``reads`` to the output MSE, or (``weighted``) to the
+    loss-weighted error plus a tenth of the MSE, each relative to the plain policy's."""
+    fitted = copy.deepcopy(kernels).float().eval().requires_grad_(True)
+    optimizer = torch.optim.Adam(fitted.parameters(), lr=lr)
+    scales = []
+    for g, _q, _k, _v, split in reads:
+        e0 = split.full() - split.kept[0]
+        scales.append(((g * e0).sum(-1).square().sum(), e0.square().sum()))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        for (g, q, key, value, split), (gain0, mse0) in zip(reads, scales, strict=True):
+            error = split.full() - less_outputs(split, fitted, q, key, value)[""]
+            loss = error.square().sum() / mse0
+            if weighted:
+                loss = (g * error).sum(-1).square().sum() / gain0 + 0.1 * loss
+            (loss / len(reads)).backward()
+        optimizer.step()
+    return fitted.requires_grad_(False)
+
+
+def probe_table(layer, reads, sets, module):
+    """The table's rows for one layer (see the module's docstring)."""
+    totals: dict[str, list[float]] = {}
+    top_mass, where = [0.0, 0.0], [0.0] * 6
+    for g, q, key, value, split in reads:
+        with torch.no_grad():
+            full, base = split.full(), split.kept[0]
+            residual = (full - base).reshape(1, -1, *full.shape[-2:])
+            outs = {
+                "full": full,
+                "oracle": base + attention_math.truncated(residual, 8).reshape(full.shape),
+            }
+            for name, kernels in sets.items():
+                if kernels[layer] is not None:
+                    for half, out in less_outputs(split, kernels[layer], q, key, value).items():
+                        outs[f"{name}/{half}" if half else name] = out
+            gain = g * (full - base)
+            for k, part in enumerate(recall_stats(split, q, key, attention_scale(module), gain)):
+                where[k] += part
+            gain_t = gain.sum((0, 1, 2, 4))  # per position
+            order = gain_t.abs().argsort(descending=True)
+            top = order[: max(1, len(order) // 10)]
+            top_mass[0] += gain_t[order[: max(1, len(order) // 100)]].sum().item()
+            top_mass[1] += gain_t[top].sum().item()
+            err0 = (full - base).square().sum((0, 1, 2, 4))
+            for name, out in outs.items():
+                err = (full - out).square().sum((0, 1, 2, 4))
+                row = totals.setdefault(name, [0.0] * 5)
+                for k, part in enumerate(
+                    (
+                        (g * (out - base)).sum(),
+                        err.sum(),
+                        err0.sum(),
+                        err[top].sum(),
+                        err0[top].sum(),
+                    )
+                ):
+                    row[k] += part.item()
+    whole = totals["full"][0]
+    for name, (d, err, err0, err_top, err0_top) in totals.items():
+        print(
+            f"| {layer} | {name} | {d / len(reads):+.4f} | {d / whole:.1%} | {1 - err / err0:.1%} "
+            f"| {1 - err_top / err0_top:.1%} |"
+        )
+    print(
+        f"| {layer} | top 1% / 10% positions hold | {top_mass[0] / whole:.1%} / "
+        f"{top_mass[1] / whole:.1%} of full's first-order gain | | | |"
+    )
+    print(
+        f"| {layer} | evicted share of attention, gain-weighted / mean | "
+        f"{where[0] / where[1]:.3f} / {where[2] / where[5]:.3f} | | | |"
+    )
+    print(
+        f"| {layer} | top evicted key's share of the evicted mass, gain-weighted / mean | "
+        f"{where[3] / where[1]:.3f} / {where[4] / where[5]:.3f} | | | |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -92,6 +198,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[17, 20, 23])
     parser.add_argument("--kernels", default=None, help="a kernel folder (default: shipped)")
     parser.add_argument("--candidates", nargs="*", default=[], metavar="NAME=FOLDER")
+    parser.add_argument("--fit", type=int, default=0, metavar="STEPS")
     args = parser.parse_args()
     budget = float(args.budget) if "." in args.budget else int(args.budget)
     policy = make_policy(args.policy, budget)
@@ -107,69 +214,30 @@ def main() -> None:
     )
     plain = layer_setups(model, "baseline", policy)
     modules = attention_modules(model)
-    print(
-        "| layer | x | first-order dNLL | share of full's | error removed | "
-        "error removed, top-10% positions |"
+    header = (
+        "| layer | x | first-order dNLL | share of full's | error removed "
+        "| error removed, top-10% positions |"
     )
-    print("|---|---|---|---|---|---|")
     for layer in args.layers:
-        module = modules[layer]
-        totals: dict[str, list[float]] = {}
-        top_mass = [0.0, 0.0]
-        where = [0.0] * 6
-        for window in windows:
-            g, query, key, value = layer_gradient(model, window, plain, module)
-            with torch.no_grad():
-                q = attention_math.group_queries(query, key.shape[1])
-                split = split_attention(policy, q, key, value, attention_scale(module))
-                full, base = split.full(), split.kept[0]
-                residual = (full - base).reshape(1, -1, *full.shape[-2:])
-                outs = {
-                    "full": full,
-                    "oracle": base + attention_math.truncated(residual, 8).reshape(full.shape),
-                }
-                for name, kernels in sets.items():
-                    if kernels[layer] is None:
-                        continue
-                    for half, out in less_outputs(split, kernels[layer], q, key, value).items():
-                        outs[f"{name}/{half}" if half else name] = out
-                recall = recall_stats(split, q, key, attention_scale(module), g * (full - base))
-                for k, value_ in enumerate(recall):
-                    where[k] += value_
-                gain_t = (g * (full - base)).sum((0, 1, 2, 4))  # per position
-                order = gain_t.abs().argsort(descending=True)
-                k1, k10 = max(1, len(order) // 100), max(1, len(order) // 10)
-                top_mass[0] += gain_t[order[:k1]].sum().item()
-                top_mass[1] += gain_t[order[:k10]].sum().item()
-                top = order[:k10]
-                for name, out in outs.items():
-                    err = (full - out).square().sum((0, 1, 2, 4))
-                    err0 = (full - base).square().sum((0, 1, 2, 4))
-                    row = totals.setdefault(name, [0.0] * 5)
-                    row[0] += (g * (out - base)).sum().item() / len(windows)
-                    row[1] += err.sum().item()
-                    row[2] += err0.sum().item()
-                    row[3] += err[top].sum().item()
-                    row[4] += err0[top].sum().item()
-        full_gain = totals["full"][0]
-        for name, (d, err, err0, err_top, err0_top) in totals.items():
-            print(
-                f"| {layer} | {name} | {d:+.4f} | {d / full_gain:.1%} | {1 - err / err0:.1%} | "
-                f"{1 - err_top / err0_top:.1%} |"
+        print(header + "\n|---|---|---|---|---|---|")
+        reads = read_layer(model, windows, plain, modules[layer], policy)
+        start = next(iter(sets.values()))[layer]
+        fitted = {}
+        for name, weighted in (("mse-fit", False), ("loss-fit", True)) if args.fit else ():
+            fitted[name] = [None] * len(modules)
+            fitted[name][layer] = fit(start, reads, weighted, args.fit)
+        probe_table(layer, reads, {**sets, **fitted}, modules[layer])
+        if fitted:
+            only, _ = end_to_end(
+                model, windows, policy, {**sets, **fitted}, [layer], progress=False
             )
-        whole = full_gain * len(windows)
-        print(
-            f"| {layer} | evicted share of attention, gain-weighted / mean | "
-            f"{where[0] / where[1]:.3f} / {where[2] / where[5]:.3f} | | | |"
-        )
-        print(
-            f"| {layer} | top evicted key's share of the evicted mass, gain-weighted / mean | "
-            f"{where[3] / where[1]:.3f} / {where[4] / where[5]:.3f} | | | |"
-        )
-        print(
-            f"| {layer} | top 1% / 10% positions hold | {top_mass[0] / whole:.1%} / "
-            f"{top_mass[1] / whole:.1%} of full's first-order gain | | | |"
-        )
+            with using_setups(model, plain), torch.no_grad():
+                base = mean_nll(model, windows)
+            gap = only["full"][0] - base
+            changes = [
+                f"{n} {v[0] - base:+.4f} ({(v[0] - base) / gap:.1%})" for n, v in only.items()
+            ]
+            print("real NLL change, that layer alone: " + ", ".join(changes))
 
 
 if __name__ == "__main__":
