@@ -20,8 +20,11 @@ layer (or from one layer on) does to the model's perplexity.
   (``n·exp(q·k̄·scale)``) beside the true ``O_ev``; ``matching``, training-free too, is
   attention matching's compaction into as many pseudo-pairs as the state's memory holds
   (:mod:`lesskv.analysis.matching`, a bound: it keeps reference queries a cache would not).
-* **End to end**: mean NLL with LESS in layer ``l`` only (the others the plain policy), and in
-  layers ``>= l`` (the plain policy below): which layers' states the model's loss feels.
+* **End to end**: mean NLL with layer ``l`` alone changed (the others the plain policy) to
+  full attention, the oracle, LESS and each candidate, each also as a share of full
+  attention's change (``X_only_gap``: the part of the layer's gap X closes, which is what the
+  loss feels of ``X_removed``; the oracle's two shares agree, a learned state's need not), and
+  LESS in layers ``>= l`` (the plain policy below).
 """
 
 from __future__ import annotations
@@ -332,7 +335,9 @@ def end_to_end(
     }
     for name, kernels in kernel_sets.items():
         changes[name] = {
-            i: less.layer_setup(policy, modules[i], on_layer_device(kernels[i], modules[i]), 0)
+            i: less.layer_setup(
+                policy, modules[i], on_layer_device(kernels[i], modules[i]), DEFAULT_RANK
+            )
             for i in plain
             if kernels[i] is not None
         }
