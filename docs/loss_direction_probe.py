@@ -12,13 +12,16 @@ positions), and where the gain sits: the evicted pairs' share of attention and t
 evicted key's share of their mass, weighted by the gain and on average.
 
 With ``--fit STEPS`` it also fits a copy of the first kernel set's layer on the scored
-windows themselves (a capacity test, not generalisation) twice from the same start: on the
+windows themselves (a capacity test), or on ``--fit-windows`` windows of ``--fit-data``
+(generalisation), twice from the same start: on the
 output MSE (how lesskv trains) and on the loss-weighted error ``sum (g·(O_x - O_full))^2``
 (plus a tenth of the MSE), and scores both, with their real NLL change (that layer alone
 changed, the plain policy elsewhere) beside full attention's.
 
     OMP_NUM_THREADS=1 python docs/loss_direction_probe.py --layers 17 20 23 --windows 4
-    OMP_NUM_THREADS=1 python docs/loss_direction_probe.py --layers 23 --fit 150
+    OMP_NUM_THREADS=1 python docs/loss_direction_probe.py --layers 23 --fit 300
+    OMP_NUM_THREADS=1 python docs/loss_direction_probe.py --layers 23 --fit 150 \
+        --fit-data ../shared/data/c4/c4_en_train_first1000.jsonl --fit-windows 8
 """
 
 from __future__ import annotations
@@ -199,6 +202,10 @@ def main() -> None:
     parser.add_argument("--kernels", default=None, help="a kernel folder (default: shipped)")
     parser.add_argument("--candidates", nargs="*", default=[], metavar="NAME=FOLDER")
     parser.add_argument("--fit", type=int, default=0, metavar="STEPS")
+    parser.add_argument(
+        "--fit-data", default=None, help="fit on windows of this text (default: the scored ones)"
+    )
+    parser.add_argument("--fit-windows", type=int, default=8)
     args = parser.parse_args()
     budget = float(args.budget) if "." in args.budget else int(args.budget)
     policy = make_policy(args.policy, budget)
@@ -221,11 +228,17 @@ def main() -> None:
     for layer in args.layers:
         print(header + "\n|---|---|---|---|---|---|")
         reads = read_layer(model, windows, plain, modules[layer], policy)
+        fit_reads = reads
+        if args.fit and args.fit_data:
+            fit_windows = token_windows(
+                tokenizer, load_texts(args.fit_data), args.seq_len, max_windows=args.fit_windows
+            )
+            fit_reads = read_layer(model, fit_windows, plain, modules[layer], policy)
         start = next(iter(sets.values()))[layer]
         fitted = {}
         for name, weighted in (("mse-fit", False), ("loss-fit", True)) if args.fit else ():
             fitted[name] = [None] * len(modules)
-            fitted[name][layer] = fit(start, reads, weighted, args.fit)
+            fitted[name][layer] = fit(start, fit_reads, weighted, args.fit)
         probe_table(layer, reads, {**sets, **fitted}, modules[layer])
         if fitted:
             only, _ = end_to_end(
