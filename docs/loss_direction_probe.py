@@ -111,22 +111,31 @@ def recall_stats(split, q, key, scale, gain):
     )
 
 
-def fit(kernels, reads, weighted: bool, steps: int, lr: float = 3e-3):
+def weighted_error(g: torch.Tensor, error: torch.Tensor, per_head: bool) -> torch.Tensor:
+    """``Σ (g·error)²`` per (head, position), or per position (``g·error`` summed over the
+    heads first: each token's first-order NLL change, which ``o_proj``'s output gradient
+    gives alone)."""
+    dims = (-1,) if per_head else (1, 2, 4)
+    return (g * error).sum(dims).square().sum()
+
+
+def fit(kernels, reads, weighted: bool, steps: int, lr: float = 3e-3, per_head: bool = True):
     """A copy of ``kernels`` fitted on ``reads`` to the output MSE, or (``weighted``) to the
-    loss-weighted error plus a tenth of the MSE, each relative to the plain policy's."""
+    loss-weighted error (:func:`weighted_error`) plus a tenth of the MSE, each relative to the
+    plain policy's."""
     fitted = copy.deepcopy(kernels).float().eval().requires_grad_(True)
     optimizer = torch.optim.Adam(fitted.parameters(), lr=lr)
     scales = []
     for g, _q, _k, _v, split in reads:
         e0 = split.full() - split.kept[0]
-        scales.append(((g * e0).sum(-1).square().sum(), e0.square().sum()))
+        scales.append((weighted_error(g, e0, per_head), e0.square().sum()))
     for _ in range(steps):
         optimizer.zero_grad()
         for (g, q, key, value, split), (gain0, mse0) in zip(reads, scales, strict=True):
             error = split.full() - less_outputs(split, fitted, q, key, value)[""]
             loss = error.square().sum() / mse0
             if weighted:
-                loss = (g * error).sum(-1).square().sum() / gain0 + 0.1 * loss
+                loss = weighted_error(g, error, per_head) / gain0 + 0.1 * loss
             (loss / len(reads)).backward()
         optimizer.step()
     return fitted.requires_grad_(False)
@@ -206,6 +215,11 @@ def main() -> None:
         "--fit-data", default=None, help="fit on windows of this text (default: the scored ones)"
     )
     parser.add_argument("--fit-windows", type=int, default=8)
+    parser.add_argument(
+        "--fits",
+        default="mse-fit,loss-fit",
+        help="which fits: mse-fit, loss-fit (weighted per head), position-fit (per position)",
+    )
     args = parser.parse_args()
     budget = float(args.budget) if "." in args.budget else int(args.budget)
     policy = make_policy(args.policy, budget)
@@ -236,9 +250,11 @@ def main() -> None:
             fit_reads = read_layer(model, fit_windows, plain, modules[layer], policy)
         start = next(iter(sets.values()))[layer]
         fitted = {}
-        for name, weighted in (("mse-fit", False), ("loss-fit", True)) if args.fit else ():
+        kinds = {"mse-fit": (False, True), "loss-fit": (True, True), "position-fit": (True, False)}
+        for name in args.fits.split(",") if args.fit else ():
+            weighted, per_head = kinds[name]
             fitted[name] = [None] * len(modules)
-            fitted[name][layer] = fit(start, fit_reads, weighted, args.fit)
+            fitted[name][layer] = fit(start, fit_reads, weighted, args.fit, per_head=per_head)
         probe_table(layer, reads, {**sets, **fitted}, modules[layer])
         if fitted:
             only, _ = end_to_end(
