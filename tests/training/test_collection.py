@@ -11,6 +11,8 @@ from helpers import TRAINING_T as T
 from helpers import training_setup as setup
 from lesskv.core import math
 from lesskv.core.policies import POLICIES, make_policy
+from lesskv.errors import LessKVError
+from lesskv.hf.methods import using_method
 from lesskv.hf.modules import attention_modules
 from lesskv.training import collection
 from lesskv.training.collection import collect_activations
@@ -115,3 +117,39 @@ def test_an_interrupted_collection_runs_only_the_missing_windows(tmp_path):
         for name, array in whole[layer].arrays.items():
             assert np.array_equal(array, resumed[layer].arrays[name], equal_nan=True), name
         assert np.array_equal(whole[layer].steps, resumed[layer].steps)
+
+
+@pytest.mark.parametrize("kind", SHAPES)
+def test_grads_are_the_plain_policys_nll_gradient_at_the_output(tmp_path, kind):
+    """With grads, each window's stored ``grad`` is the gradient of its summed NLL at the
+    layer's o_proj output with the plain policy in every layer (a finite difference along a
+    random direction agrees), at the model's hidden size; a recording made without them is
+    refused, not read as zeros."""
+    model, windows, policy, _ = setup(kind=kind)
+    model = model.double()
+    stores = collect_activations(
+        model, windows[:1], [1], policy, tmp_path, 4, progress=False, grads=True
+    )
+    grad = stores[1].read([0])["grad"][0].double()
+    assert grad.shape == (T, model.config.hidden_size) and grad.abs().sum() > 0
+    torch.manual_seed(0)
+    direction = torch.randn(T, model.config.hidden_size, dtype=torch.float64)
+    o_proj, ids = attention_modules(model)[1].o_proj, windows[:1]
+
+    def nll(eps: float) -> float:
+        hook = o_proj.register_forward_hook(lambda m, args, out: out + eps * direction)
+        try:
+            with using_method(model, "baseline", policy=policy), torch.no_grad():
+                logits = model(input_ids=ids).logits[0, :-1]
+        finally:
+            hook.remove()
+        return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+
+    eps = 1e-3
+    expected = (grad * direction).sum().item()  # fp32/fp16 storage: a loose match
+    assert (nll(eps) - nll(-eps)) / (2 * eps) == pytest.approx(expected, rel=2e-2)
+    with pytest.raises(LessKVError, match="without the NLL's gradients"):
+        collect_activations(model, windows[:1], [1], policy, tmp_path / "plain", 4, progress=False)
+        collect_activations(
+            model, windows[:1], [1], policy, tmp_path / "plain", 4, progress=False, grads=True
+        )

@@ -135,11 +135,14 @@ def add_kernel_options(train: argparse.ArgumentParser) -> None:
     )
     train.add_argument(
         "--loss",
-        choices=("mse", "kl", "mse+kl"),
+        choices=("mse", "kl", "mse+kl", "weighted"),
         default="mse",
         help="what each layer's kernels minimise: the output MSE (the paper's), the KL between "
-        "the true attention weights and LESS's implied ones, or both (the share of the plain "
-        "policy's output error left, plus the KL)",
+        "the true attention weights and LESS's implied ones, both (the share of the plain "
+        "policy's output error left, plus the KL), or 'weighted' (ours): each position's "
+        "output error as the next-token loss feels it, through the NLL's gradient with the "
+        "plain policy running, plus a tenth of the MSE; its recording runs each window once "
+        "more, forward and backward, and stores the gradients",
     )
 
 

@@ -45,6 +45,7 @@ def collect_activations(
     progress: bool = True,
     validation: Collection[int] | None = None,
     upstream: Sequence[nn.Module] | None = None,
+    grads: bool = False,
 ) -> dict[int, ActivationStore]:
     """Run the model once over ``windows`` and record each layer in ``layers``: its post-RoPE
     Q/K/V, its full-attention output after ``o_proj`` (the target), and the policy's sparse
@@ -54,16 +55,19 @@ def collect_activations(
 
     The model runs full attention (the paper's recipe), or with ``upstream`` kernels LESS in
     every layer, so that each layer is recorded on the inputs it gets at inference, when the
-    layers before it are sparse too; its target stays full attention over those inputs."""
+    layers before it are sparse too; its target stays full attention over those inputs. With
+    ``grads``, also the NLL's gradient at each output (:func:`_record_grads`)."""
     modules = attention_modules(model)
     n, t = windows.shape
-    stores = {layer: layer_store(model, layer, root, n, t, policy) for layer in layers}
+    stores = {layer: layer_store(model, layer, root, n, t, policy, grads) for layer in layers}
     seen: dict[int, tuple[torch.Tensor, ...]] = {}
     scratch: dict[tuple[int, ...], torch.Tensor] = {}  # logits buffers, reused across windows
     current = {"index": 0}
     last_layer = max(layers)
 
     def record_target(layer: int, output: torch.Tensor) -> None:
+        if torch.is_grad_enabled():  # the gradients' pass (_record_grads) records no target
+            return
         stores[layer].write(current["index"], target=output[0])
         if layer == last_layer:
             raise _StopForward  # later layers and the LM head are not needed
@@ -79,11 +83,8 @@ def collect_activations(
                 module.layer_idx, module.o_proj(full.flatten(1, 2).transpose(1, 2).flatten(2))
             )
 
-    handles = []
-    if upstream is None:  # full attention runs in the model: its o_proj outputs are the targets
-        for i in layers:
-            hook = functools.partial(lambda i, module, args, out: record_target(i, out), i)
-            handles.append(modules[i].o_proj.register_forward_hook(hook))
+    # full attention runs in the model: its o_proj outputs are the targets
+    handles = _target_hooks(modules, layers, record_target) if upstream is None else []
     extra = get_method("baseline+").extra_tokens(rank, modules[0].head_dim)
     start = min(store.complete for store in stores.values())  # windows already collected
     bar = tqdm(
@@ -106,6 +107,8 @@ def collect_activations(
                 for group in _simulation_groups(seen, t):
                     _record_sparse(group, seen, stores, i, policy, budgets, scratch)
                 seen.clear()
+                if grads:
+                    _record_grads(model, windows[i : i + 1], layers, policy, stores, i)
                 for store in stores.values():
                     store.mark_complete(i + 1)
     finally:
@@ -130,6 +133,50 @@ def _recording(
     for i in layers:
         setups[modules[i]] = replace(setups[modules[i]], observer=observe)
     return attention.using_setups(model, setups)
+
+
+def _target_hooks(
+    modules: Sequence[nn.Module], layers: list[int], record: Callable[[int, torch.Tensor], None]
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """``record(layer, output)`` on every forward of each of ``layers``' ``o_proj``."""
+    return [
+        modules[i].o_proj.register_forward_hook(
+            functools.partial(lambda i, module, args, out: record(i, out), i)
+        )
+        for i in layers
+    ]
+
+
+@torch.enable_grad()
+def _record_grads(
+    model: PreTrainedModel,
+    window: torch.Tensor,
+    layers: list[int],
+    policy: Policy,
+    stores: dict[int, ActivationStore],
+    index: int,
+) -> None:
+    """Store the gradient of ``window``'s summed next-token NLL at each of ``layers``'
+    ``o_proj`` outputs, the plain policy running in every layer (the point LESS corrects): what
+    ``--loss weighted`` weighs each position's error by (its first-order loss change)."""
+    modules = attention_modules(model)
+    outputs: dict[int, torch.Tensor] = {}
+
+    def grab(layer: int, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        outputs[layer] = output.detach().requires_grad_(True)
+        return outputs[layer]
+
+    handles = [modules[i].o_proj.register_forward_hook(functools.partial(grab, i)) for i in layers]
+    ids = window.to(model.device)
+    try:
+        with attention.using_setups(model, layer_setups(model, "baseline", policy)):
+            logits = model(input_ids=ids).logits[0, :-1].float()
+        torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer in layers:
+        stores[layer].write(index, grad=outputs[layer].grad[0])
 
 
 def _simulation_groups(seen: dict[int, tuple], t: int) -> list[list[int]]:

@@ -259,7 +259,8 @@ def train_kernels(
     requested = trainable_layers(model, layers, announce=lead)
     processes = 1 if worker is None else worker.world_size
     budget = (default_store_budget(out) if store_budget is None else store_budget) // processes
-    sizes = {layer: layer_store_bytes(model, layer, windows) for layer in requested}
+    grads = config.loss == "weighted"
+    sizes = {layer: layer_store_bytes(model, layer, windows, grads) for layer in requested}
     check_store_budget(sizes, budget, processes)
     meta = _kernel_meta(model, policy, config, command)
     # a rank or width too large for memory, or a loss the form cannot give, fails now, not
@@ -370,6 +371,7 @@ def _train_layers(
                 progress,
                 set(split_windows(len(length), config)[0]),
                 upstream,
+                grads=config.loss == "weighted",
             )
             for length in windows
         ]

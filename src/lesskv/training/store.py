@@ -42,6 +42,7 @@ class ActivationStore:
         hidden: int,
         kept: int,
         dtype: torch.dtype = torch.float32,
+        grads: bool = False,
     ) -> None:
         self.dir = root / f"len_{t}" / f"layer_{layer:03d}"
         self.kept = kept  # pairs the policy keeps: the loss counts positions from here on
@@ -53,7 +54,13 @@ class ActivationStore:
                 f"{self.dir} holds activations stored as {other[0].split('.')[1]} (another "
                 f"model dtype); this run stores {self.suffix}: use another --out or --overwrite"
             )
-        shapes = self.shapes(n, hq, hkv, t, d, hidden)
+        shapes = self.shapes(n, hq, hkv, t, d, hidden, grads)
+        started = (self.dir / COMPLETE_FILE).exists()
+        if grads and started and not (self.dir / f"grad.{self.suffix}").exists():
+            raise LessKVError(
+                f"{short_path(self.dir)} holds activations recorded without the NLL's gradients, "
+                "which --loss weighted needs: use another --out or --overwrite"
+            )
         self.steps = self._memmap(self.dir / "steps.i32", np.int32, shapes.pop("steps"))
         self.arrays = {
             name: self._memmap(self.dir / f"{name}.{self.suffix}", self.numpy_dtype, shape)
@@ -63,11 +70,12 @@ class ActivationStore:
 
     @staticmethod
     def shapes(
-        n: int, hq: int, hkv: int, t: int, d: int, hidden: int
+        n: int, hq: int, hkv: int, t: int, d: int, hidden: int, grads: bool = False
     ) -> dict[str, tuple[int, ...]]:
         """Each array's shape for ``n`` windows (``steps`` int32, the others 2-byte values);
         the target is ``o_proj``'s output, of the model's ``hidden`` size, which need not be
-        ``hq * d`` (Gemma 3, Qwen3)."""
+        ``hq * d`` (Gemma 3, Qwen3); with ``grads``, ``grad`` is the window's summed NLL's
+        gradient at that output with the plain policy running (``--loss weighted``)."""
         return {
             "query": (n, hq, t, d),
             "key": (n, hkv, t, d),
@@ -77,12 +85,15 @@ class ActivationStore:
             "lse": (n, hq, t),
             "plus_out": (n, hq, t, d),
             "steps": (n, hkv, t),
+            **({"grad": (n, t, hidden)} if grads else {}),
         }
 
     @classmethod
-    def nbytes(cls, n: int, hq: int, hkv: int, t: int, d: int, hidden: int) -> int:
+    def nbytes(
+        cls, n: int, hq: int, hkv: int, t: int, d: int, hidden: int, grads: bool = False
+    ) -> int:
         """Bytes on disk of a store of these dimensions: what it costs before it exists."""
-        shapes = cls.shapes(n, hq, hkv, t, d, hidden)
+        shapes = cls.shapes(n, hq, hkv, t, d, hidden, grads)
         sizes = {name: math.prod(shape) for name, shape in shapes.items()}
         steps = sizes.pop("steps") * np.dtype(np.int32).itemsize
         return steps + sum(sizes.values()) * np.dtype(DEFAULT_STORED[1]).itemsize
@@ -164,12 +175,17 @@ def on_device(
 
 
 def layer_store(
-    model: PreTrainedModel, layer: int, root: Path, n: int, t: int, policy: Policy
+    model: PreTrainedModel,
+    layer: int,
+    root: Path,
+    n: int,
+    t: int,
+    policy: Policy,
+    grads: bool = False,
 ) -> ActivationStore:
     kept = policy.slots(t).total
-    return ActivationStore(
-        root, layer, **_dimensions(model, layer, n, t), kept=kept, dtype=model.dtype
-    )
+    dims = _dimensions(model, layer, n, t)
+    return ActivationStore(root, layer, **dims, kept=kept, dtype=model.dtype, grads=grads)
 
 
 def _dimensions(model: PreTrainedModel, layer: int, n: int, t: int) -> dict[str, int]:
@@ -180,9 +196,13 @@ def _dimensions(model: PreTrainedModel, layer: int, n: int, t: int) -> dict[str,
     return {"n": n, "hq": hq, "hkv": hkv, "t": t, "d": module.head_dim, "hidden": hidden}
 
 
-def layer_store_bytes(model: PreTrainedModel, layer: int, windows: Sequence[torch.Tensor]) -> int:
+def layer_store_bytes(
+    model: PreTrainedModel, layer: int, windows: Sequence[torch.Tensor], grads: bool = False
+) -> int:
     """Disk bytes of ``layer``'s stores for ``windows`` (one ``(N, T)`` tensor per length)."""
-    return sum(ActivationStore.nbytes(**_dimensions(model, layer, *w.shape)) for w in windows)
+    return sum(
+        ActivationStore.nbytes(**_dimensions(model, layer, *w.shape), grads=grads) for w in windows
+    )
 
 
 def store_groups(sizes: dict[int, int], budget: int) -> list[list[int]]:
