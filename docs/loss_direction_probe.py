@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -42,7 +41,7 @@ from lesskv.data import load_texts, token_windows
 from lesskv.evaluation.perplexity import mean_nll
 from lesskv.hf.attention import using_setups
 from lesskv.hf.loading import load_model
-from lesskv.hf.methods import layer_setups
+from lesskv.hf.methods import layer_setups, observing
 from lesskv.hf.modules import attention_modules, attention_scale
 
 
@@ -57,9 +56,9 @@ def layer_gradient(model, window, setups, module):
         return (x, *args[1:])
 
     hook = module.o_proj.register_forward_pre_hook(grab)
-    observed = {**setups, module: replace(setups[module], observer=lambda *c: seen.append(c))}
+    layer = attention_modules(model).index(module)
     try:
-        with using_setups(model, observed):
+        with observing(model, lambda *call: seen.append(call), [layer], setups):
             ids = window[None]
             loss = model(ids, labels=ids).loss
         loss.backward()

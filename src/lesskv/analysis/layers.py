@@ -29,10 +29,9 @@ layer (or from one layer on) does to the model's perplexity.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -270,7 +269,7 @@ def sparse_error_shares(
         for name, error in errors.items():
             totals[i][name] = totals[i].get(name, 0.0) + error
 
-    with _reading(model, observe, chosen, inputs):
+    with observing(model, observe, chosen, inputs):
         for window in tqdm(windows, desc="layer errors", unit="win", disable=not progress):
             model(window[None].to(model.device))
     layer_totals = [totals.get(i, {}) for i in range(len(modules))]
@@ -284,24 +283,6 @@ def sparse_error_shares(
         for name in kernel_sets
     }
     return sparse, removed, decomposed
-
-
-def _reading(
-    model: PreTrainedModel,
-    observe: Callable[..., None],
-    layers: Sequence[int],
-    inputs: Mapping[nn.Module, LayerSetup] | None,
-) -> contextlib.AbstractContextManager:
-    """A forward that shows ``observe`` each of ``layers``: full attention everywhere, or
-    the ``inputs`` setups (what a method runs), so each layer is read on the inputs it gets
-    at inference."""
-    if inputs is None:
-        return observing(model, observe, layers)
-    modules = attention_modules(model)
-    setups = dict(inputs)
-    for i in layers:
-        setups[modules[i]] = replace(setups.get(modules[i], LayerSetup()), observer=observe)
-    return using_setups(model, setups)
 
 
 def _removed(total: dict[str, float], name: str) -> float:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -126,13 +125,8 @@ def _recording(
     rank: int,
 ) -> contextlib.AbstractContextManager:
     """Full attention with ``observe`` on ``layers``, or LESS with ``upstream`` everywhere."""
-    if upstream is None:
-        return observing(model, observe, layers)
-    setups = layer_setups(model, "less", policy, upstream, rank)
-    modules = attention_modules(model)
-    for i in layers:
-        setups[modules[i]] = replace(setups[modules[i]], observer=observe)
-    return attention.using_setups(model, setups)
+    running = None if upstream is None else layer_setups(model, "less", policy, upstream, rank)
+    return observing(model, observe, layers, running)
 
 
 def _target_hooks(

@@ -75,9 +75,14 @@ def layer_weighted(
         plain = _projected(None, o_proj, batch, kv_heads)[:, budget:] - target
         scales = [(grad * plain).sum(-1).square().mean(), plain.square().mean()]
     error = _projected(kernels, o_proj, batch, kv_heads)[:, budget:] - target
-    tiny = torch.finfo(error.dtype).tiny
-    weighted = (grad * error).sum(-1).square().mean() / scales[0].clamp_min(tiny)
-    return weighted + WEIGHTED_MSE * error.square().mean() / scales[1].clamp_min(tiny)
+    weighted = _share((grad * error).sum(-1).square().mean(), scales[0])
+    return weighted + WEIGHTED_MSE * _share(error.square().mean(), scales[1])
+
+
+def _share(loss: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+    """``loss`` as a share of the plain policy's: scale-free, where a layer's MSE alone spans
+    10^4 across layers."""
+    return loss / plain.clamp_min(torch.finfo(plain.dtype).tiny)
 
 
 def layer_kl(
@@ -97,14 +102,11 @@ def layer_kl(
 
 
 def _mse_and_kl(kernels, o_proj, batch, budget, kv_heads, scale) -> torch.Tensor:
-    """The share of the plain policy's output error left, plus the KL: both scale-free, where
-    a layer's MSE alone spans 10^4 across layers."""
+    """The share of the plain policy's output error left, plus the KL: both scale-free."""
     with torch.no_grad():
         sparse = layer_loss(None, o_proj, batch, budget, kv_heads)
     mse = layer_loss(kernels, o_proj, batch, budget, kv_heads)
-    return mse / sparse.clamp_min(torch.finfo(sparse.dtype).tiny) + layer_kl(
-        kernels, batch, budget, kv_heads, scale
-    )
+    return _share(mse, sparse) + layer_kl(kernels, batch, budget, kv_heads, scale)
 
 
 # What a layer's kernels can minimise, each called (kernels, o_proj, batch, budget, kv_heads,

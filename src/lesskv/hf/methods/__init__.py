@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from torch import nn
 from transformers import PreTrainedModel
@@ -83,15 +83,21 @@ def using_method(model: PreTrainedModel, method: str, **options) -> Iterator[Non
 
 @contextmanager
 def observing(
-    model: PreTrainedModel, observer: Observer, layers: Iterable[int] | None = None
+    model: PreTrainedModel,
+    observer: Observer,
+    layers: Iterable[int] | None = None,
+    running: Mapping[nn.Module, LayerSetup] | None = None,
 ) -> Iterator[None]:
-    """Full attention, with ``observer(module, query, key, value)`` seeing each layer in
-    ``layers`` (all by default) on every call: how training and analysis read post-RoPE
-    queries and keys."""
+    """Full attention, or the ``running`` setups (a method's, from :func:`layer_setups`), with
+    ``observer(module, query, key, value)`` seeing each layer in ``layers`` (all by default)
+    on every call: how training and analysis read post-RoPE queries and keys, on clean
+    inputs or on those a method gives each layer."""
     modules = attention_modules(enable(model))
     chosen = range(len(modules)) if layers is None else layers
-    setup = LayerSetup(observer=observer)
-    with using_setups(model, {modules[i]: setup for i in chosen}):
+    setups = dict(running or {})
+    for i in chosen:
+        setups[modules[i]] = replace(setups.get(modules[i], LayerSetup()), observer=observer)
+    with using_setups(model, setups):
         yield
 
 
